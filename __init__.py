@@ -1,0 +1,12 @@
+"""ComfyUI entry point of the Qwen identity pack (also the `qwen_identity` package when pip-installed).
+
+ComfyUI imports this folder as a package under whatever name the folder has; everything inside is
+imported relatively (ComfyUI owns the top-level name `nodes`).
+"""
+
+from .version import __version__
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_model_folders
+
+register_model_folders()
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

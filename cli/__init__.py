@@ -1,0 +1,67 @@
+"""`qwen-identity`: the command line over the core (extract, train, sweep, demo, eval, similarity).
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`.
+A `UserInputError` prints one line and exits 2; Ctrl-C exits 130; nothing prints a raw traceback
+unless QWEN_IDENTITY_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from ..core.errors import UserInputError
+from ..version import __version__
+
+# name -> (module, one-line help); a subcommand is listed once it works.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "the main job on a fresh machine: tiny offline models (or real ones) end to end"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own exit code 2, with the usage line
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qwen-identity", description="Qwen3-VL identity features -> residual head -> Qwen-Image.")
+    parser.add_argument("--version", action="version", version=f"qwen-identity {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        mod = importlib.import_module(f".{module}", __name__)
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UserInputError as e:
+        print(f"qwen-identity {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qwen-identity {args.command}: interrupted; finished outputs are kept, nothing half-written.",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: say so briefly
+        if os.environ.get("QWEN_IDENTITY_DEBUG"):
+            raise
+        print(f"qwen-identity {args.command}: internal error: {type(e).__name__}: {e}\n"
+              "This is a bug; rerun with QWEN_IDENTITY_DEBUG=1 for the traceback and report it.", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Errors a user can fix: they name the thing that is wrong and the fix.
+
+`UserInputError` is what the CLI turns into a one-line message and exit code 2 (no traceback), and
+what the nodes raise so ComfyUI shows the message in its error dialog.
+"""
+
+
+class UserInputError(ValueError):
+    """Bad input from the user (a path, a photo, a model, an argument) with a message that says the fix."""
+
+
+class ModelMismatchError(UserInputError):
+    """Two things that must agree (a head and the features or conditioning it meets) do not."""

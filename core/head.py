@@ -1,0 +1,177 @@
+"""The residual head (the POC's LinearResidualHead) and its one-file safetensors checkpoint.
+
+`ResidualHead` maps an identity vector f [B, D] to a residual R [B, K, H] = scale * reshape(W f + b).
+W and b start at zero and scale at 1, so an untrained head outputs exactly zero and gradients still
+reach W. The checkpoint is a single `.safetensors` file (never a pickle): tensors `proj.weight`
+[K*H, D], `proj.bias` [K*H], `scale` [1], and the metadata below as JSON under the key
+`qwen_identity` (safetensors metadata is str -> str).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import atomic_write
+from .errors import UserInputError
+
+FORMAT_NAME = "qwen-identity-residual-head"
+FORMAT_VERSION = 1
+METADATA_KEY = "qwen_identity"
+MAX_ELEMENTS = 2_000_000_000  # a head larger than this is not a head (absurd-shape guard)
+
+# Known text widths: which Qwen-Image generation a hidden size belongs to.
+TEXT_WIDTHS = {3584: "Qwen-Image / Qwen-Image-Edit (Qwen2.5-VL-7B text encoder, H=3584)",
+               4096: "Qwen-Image 2.1 (Qwen3-VL-8B text encoder, H=4096)"}
+FEATURE_WIDTHS = {2048: "Qwen3-VL-2B", 2560: "Qwen3-VL-4B", 4096: "Qwen3-VL-8B"}
+
+
+def describe_text_width(h: int) -> str:
+    return TEXT_WIDTHS.get(int(h), f"an unknown text encoder (H={h})")
+
+
+def describe_feature_width(d: int) -> str:
+    return FEATURE_WIDTHS.get(int(d), f"an unknown Qwen3-VL size (D={d})")
+
+
+@dataclass
+class HeadMeta:
+    """What a head was trained on; heads and features/conditioning are checked against it."""
+
+    feature_dim: int                      # D
+    tokens: int                           # K identity-token slots
+    hidden_size: int                      # H, the Qwen-Image text width
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    feature_settings: dict[str, Any] = field(default_factory=dict)  # source, layer, resolution, ...
+    qwen3_vl_model: str = ""
+    text_encoder_model: str = ""
+    base_prompt: str = ""
+    target: str = ""                      # "caption" | "zero" | ...
+    length_policy: str = ""
+    training_args: dict[str, Any] = field(default_factory=dict)
+    dataset_fingerprint: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    pack_version: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "head") -> "HeadMeta":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"{source}: its metadata is not valid JSON ({e}); the file is damaged or not a head.") from None
+        if not isinstance(data, dict):
+            raise UserInputError(f"{source}: its metadata is not a JSON object; the file is not a head.")
+        if data.get("format") != FORMAT_NAME:
+            raise UserInputError(f"{source}: not a Qwen identity head (format {data.get('format')!r}, expected {FORMAT_NAME!r}).")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise UserInputError(f"{source}: head format version {version!r} is not supported by this pack "
+                                 f"(it reads 1..{FORMAT_VERSION}); update the pack.")
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        for key in ("feature_dim", "tokens", "hidden_size"):
+            v = kwargs.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UserInputError(f"{source}: metadata field {key}={v!r} must be a positive integer.")
+        if kwargs["feature_dim"] * kwargs["tokens"] * kwargs["hidden_size"] > MAX_ELEMENTS:
+            raise UserInputError(f"{source}: metadata sizes D={kwargs['feature_dim']}, K={kwargs['tokens']}, "
+                                 f"H={kwargs['hidden_size']} are absurdly large; the file is not a usable head.")
+        return cls(**kwargs)
+
+
+class ResidualHead(nn.Module):
+    """Linear D -> K*H with a learnable scalar scale; zero output at initialisation."""
+
+    def __init__(self, feature_dim: int, tokens: int, hidden_size: int, meta: HeadMeta | None = None):
+        super().__init__()
+        self.proj = nn.Linear(feature_dim, tokens * hidden_size)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.meta = meta or HeadMeta(feature_dim=feature_dim, tokens=tokens, hidden_size=hidden_size)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.proj.in_features
+
+    @property
+    def tokens(self) -> int:
+        return self.meta.tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.meta.hidden_size
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [B, D] or [D] -> residual [B, K, H]."""
+        if features.ndim == 1:
+            features = features.unsqueeze(0)
+        if features.shape[-1] != self.feature_dim:
+            from .errors import ModelMismatchError
+
+            raise ModelMismatchError(
+                f"identity features have D={features.shape[-1]} ({describe_feature_width(features.shape[-1])}) "
+                f"but the head expects D={self.feature_dim} ({describe_feature_width(self.feature_dim)}): "
+                "extract features with the Qwen3-VL model the head was trained on, or pick a matching head.")
+        x = features.to(self.proj.weight.dtype)
+        out = self.scale * self.proj(x)
+        return out.view(features.shape[0], self.tokens, self.hidden_size)
+
+
+def save_head(head: ResidualHead, path: str | os.PathLike) -> Path:
+    """Write the head atomically as one safetensors file with its metadata."""
+    from safetensors.torch import save_file
+
+    head.meta.feature_dim, head.meta.tokens = head.feature_dim, head.tokens
+    tensors = {"proj.weight": head.proj.weight.detach().cpu().float().contiguous(),
+               "proj.bias": head.proj.bias.detach().cpu().float().contiguous(),
+               "scale": head.scale.detach().cpu().float().contiguous()}
+    metadata = {METADATA_KEY: head.meta.to_json(), "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_head(path: str | os.PathLike, device: torch.device | str = "cpu") -> ResidualHead:
+    """Load and validate a head file; every problem is a UserInputError that names the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"head file not found: {path}. Check the path, or put the head in ComfyUI/models/identity_heads/.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            keys = set(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys & {"proj.weight", "proj.bias", "scale"}}
+    except Exception as e:  # SafetensorError, OSError, header garbage, a pickle renamed .safetensors
+        raise UserInputError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}). "
+                             "Heads are .safetensors files written by `qwen-identity train`.") from None
+    if METADATA_KEY not in metadata:
+        raise UserInputError(f"{path} is a safetensors file but not a Qwen identity head (no '{METADATA_KEY}' metadata).")
+    meta = HeadMeta.from_json(metadata[METADATA_KEY], source=str(path))
+    d, k, h = meta.feature_dim, meta.tokens, meta.hidden_size
+    expected = {"proj.weight": (k * h, d), "proj.bias": (k * h,), "scale": (1,)}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise UserInputError(f"{path}: tensor {name!r} is missing; the file is damaged. Retrain or re-download it.")
+        if tuple(tensors[name].shape) != shape:
+            raise UserInputError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)} but the metadata "
+                                 f"(D={d}, K={k}, H={h}) requires {shape}; the file is damaged or edited.")
+        if not torch.isfinite(tensors[name]).all():
+            raise UserInputError(f"{path}: tensor {name!r} contains NaN or infinite values; the training diverged. "
+                                 "Retrain with a lower learning rate.")
+    head = ResidualHead(d, k, h, meta=meta)
+    with torch.no_grad():
+        head.proj.weight.copy_(tensors["proj.weight"])
+        head.proj.bias.copy_(tensors["proj.bias"])
+        head.scale.copy_(tensors["scale"])
+    return head.to(device).eval()

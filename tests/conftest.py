@@ -1,0 +1,88 @@
+"""Test kit: the network tripwire, the package under test, and tiny offline models (session-scoped).
+
+- The tripwire is installed before anything else imports; a session in which any code tried to
+  reach the network fails at the end even if the library swallowed the error.
+- The checkout is imported as `qwen_identity` (through a symlink), so tests always test this
+  working tree, as ComfyUI would load it; subprocesses get the same through `cli_env`.
+- `tiny_models` builds random-weight Qwen3-VL and Qwen-Image checkpoints once per session, in the
+  real on-disk layout; tests load them through the product's own loaders.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import netguard_core  # noqa: E402
+
+netguard_core.install()
+
+_PKG_ROOT = Path(tempfile.mkdtemp(prefix="qwen_identity_pkg_"))
+(_PKG_ROOT / "qwen_identity").symlink_to(ROOT, target_is_directory=True)
+sys.path.insert(0, str(_PKG_ROOT))
+
+import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if netguard_core.ATTEMPTS:
+        sys.stderr.write("\nnetwork access was attempted during the tests:\n  " + "\n  ".join(netguard_core.ATTEMPTS) + "\n")
+        session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def cli_env() -> dict:
+    """Environment for subprocesses: the same package, offline, with the tripwire."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE / "netguard"), str(_PKG_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Paths of the tiny Qwen3-VL and Qwen-Image checkpoints (built once per session)."""
+    from qwen_identity.tiny_models import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3vl_dir(tiny_models) -> Path:
+    return tiny_models.qwen3vl
+
+
+@pytest.fixture(scope="session")
+def tiny_qwenimage_dir(tiny_models) -> Path:
+    return tiny_models.qwen_image
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder(tiny_qwenimage_dir):
+    """(text_encoder, tokenizer) of the tiny Qwen-Image, loaded by the product's loader."""
+    from qwen_identity.core.prompt_encoding import load_text_encoder
+
+    return load_text_encoder(tiny_qwenimage_dir)
+
+
+@pytest.fixture
+def make_dataset(tmp_path):
+    """make_dataset(identities=3, views=2, **kw) -> list of seed_* folders under tmp_path/data."""
+    from qwen_identity.tiny_models.dataset import make_seed_dirs
+
+    def make(identities: int = 3, views: int = 2, **kw):
+        return make_seed_dirs(tmp_path / "data", identities=identities, views=views, **kw)
+
+    return make

@@ -1,0 +1,116 @@
+"""The folder is a ComfyUI node pack and an installable package with the `qwen-identity` command."""
+
+import ast
+import importlib.util
+import re
+import subprocess
+import sys
+import tomllib
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_DIRS = ["core", "nodes", "training", "cli", "tiny_models"]
+
+
+def python_files():
+    files = [ROOT / "__init__.py", ROOT / "version.py"]
+    for d in SOURCE_DIRS:
+        files += sorted((ROOT / d).rglob("*.py"))
+    return files
+
+
+def load_as_comfyui_does(name: str):
+    """ComfyUI's load_custom_node: spec_from_file_location(<name>, <folder>/__init__.py)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_imports_under_any_folder_name():
+    name = f"custom_nodes_pack_{uuid.uuid4().hex[:8]}"
+    mod = load_as_comfyui_does(name)
+    assert isinstance(mod.NODE_CLASS_MAPPINGS, dict)
+    assert isinstance(mod.NODE_DISPLAY_NAME_MAPPINGS, dict)
+    assert set(mod.NODE_DISPLAY_NAME_MAPPINGS) <= set(mod.NODE_CLASS_MAPPINGS)
+    for cls in mod.NODE_CLASS_MAPPINGS.values():
+        assert hasattr(cls, "INPUT_TYPES") and hasattr(cls, "FUNCTION") and hasattr(cls, "RETURN_TYPES")
+
+
+def test_no_absolute_import_of_comfyui_names_or_own_package():
+    """`nodes` belongs to ComfyUI; the pack imports its own modules relatively."""
+    banned = {"nodes", "qwen_identity"}
+    for f in python_files():
+        tree = ast.parse(f.read_text(), str(f))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module.split(".")[0]]
+            else:
+                continue
+            assert not banned & set(names), f"{f.relative_to(ROOT)}:{node.lineno} imports {names} absolutely"
+
+
+def test_core_never_imports_comfyui():
+    comfy = {"comfy", "folder_paths", "comfy_api", "comfy_extras", "server", "execution", "nodes"}
+    for f in sorted((ROOT / "core").rglob("*.py")):
+        tree = ast.parse(f.read_text(), str(f))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module.split(".")[0]]
+            elif isinstance(node, ast.ImportFrom) and node.level >= 2:
+                names = [(node.module or "").split(".")[0] or "<parent>"]
+                assert names[0] in {"version"}, f"{f.relative_to(ROOT)}:{node.lineno} reaches outside core: {names}"
+                continue
+            else:
+                continue
+            assert not comfy & set(names), f"{f.relative_to(ROOT)}:{node.lineno} imports ComfyUI ({names})"
+
+
+def test_pyproject_metadata():
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    from qwen_identity.version import __version__
+
+    assert data["project"]["version"] == __version__
+    assert data["project"]["scripts"]["qwen-identity"] == "qwen_identity.cli:main"
+    deps = " ".join(data["project"]["dependencies"])
+    for dep in ("torch", "transformers", "diffusers", "safetensors", "pillow", "numpy", "tqdm"):
+        assert re.search(rf"\b{dep}\b", deps), dep
+    comfy = data["tool"]["comfy"]
+    assert {"PublisherId", "DisplayName", "Icon"} <= set(comfy)
+    assert "test" in data["project"]["optional-dependencies"]
+
+
+def test_requirements_txt_matches_pyproject():
+    """ComfyUI users install requirements.txt; it must carry the runtime deps (torch is theirs)."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    req = {re.split(r"[<>=!~ ;\[]", line)[0].lower() for line in (ROOT / "requirements.txt").read_text().splitlines()
+           if line.strip() and not line.startswith("#")}
+    wanted = {re.split(r"[<>=!~ ;\[]", d)[0].lower() for d in data["project"]["dependencies"]} - {"torch", "torchvision"}
+    assert wanted <= req, wanted - req
+
+
+def test_cli_help_and_version(cli_env):
+    out = subprocess.run([sys.executable, "-m", "qwen_identity.cli", "--help"], env=cli_env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    from qwen_identity.cli import SUBCOMMANDS
+
+    for name in SUBCOMMANDS:
+        assert name in out.stdout
+    out = subprocess.run([sys.executable, "-m", "qwen_identity.cli", "--version"], env=cli_env, capture_output=True,
+                         text=True, timeout=120)
+    from qwen_identity.version import __version__
+
+    assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_cli_unknown_subcommand_exits_2(cli_env):
+    out = subprocess.run([sys.executable, "-m", "qwen_identity.cli", "frobnicate"], env=cli_env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "invalid choice" in out.stderr and "Traceback" not in out.stderr
