@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import platform
 import sys
 import time
@@ -18,25 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
+from .train import DEVICES, DTYPES, _finite_float
+
 DEFAULT_OUT = "outputs"
 DEFAULT_ALPHAS = "0.5,1.0,1.5"
-DEFAULT_BASE_PROMPT = "a portrait photo of a person, studio lighting, 85mm"
-DEFAULT_QWEN3_VL = "Qwen/Qwen3-VL-2B-Instruct"
-DEFAULT_QWEN_IMAGE = "Qwen/Qwen-Image"
-DEVICES = ("auto", "cuda", "cpu", "mps")
-DTYPES = ("auto", "fp16", "bf16", "fp32")
 HEAD_RELPATH = Path("checkpoints") / "linear_head.safetensors"
 VERSION_PACKAGES = ("torch", "transformers", "diffusers", "accelerate", "safetensors", "pillow", "numpy")
-
-
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
