@@ -238,7 +238,7 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
     return out, meta
 
 
-def _targets(cfg: TrainConfig, identities: list[Identity], captions: list[str], models: _Models,
+def _targets(cfg: TrainConfig, identities: list[Identity], captions: list[str], models: _Models, dist,
              say: Callable[[str], None]) -> Targets:
     if cfg.target == "zero":
         return zero_targets(len(identities), cfg.tokens, _text_encoder_hidden(models.qwen_image_dir()),
@@ -258,8 +258,9 @@ def _targets(cfg: TrainConfig, identities: list[Identity], captions: list[str], 
     say(f"encoding {len(prompts) + 1} prompts with Qwen-Image's text encoder (cached afterwards)")
     te, tok = models.text_encoder()
     targets = caption_targets(te, tok, cfg.base_prompt, captions, cfg.tokens)
-    ckpt.save_tensors(path, {"residuals": targets.residuals.contiguous(), "mask": targets.mask.to(torch.uint8)},
-                      {"prompts": json.dumps(prompts)})
+    if dist.is_main:
+        ckpt.save_tensors(path, {"residuals": targets.residuals.contiguous(), "mask": targets.mask.to(torch.uint8)},
+                          {"prompts": json.dumps(prompts)})
     return targets
 
 
@@ -292,7 +293,9 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
     dist = make_dist(device, "off" if cfg.distributed == "off" else cfg.distributed)
     if dist.device is not None and device.type != "cpu":
         device = dist.device
-    identities = load_identities(cfg.seed_dirs, single_view=cfg.single_view, warn=warn if dist.is_main else None,
+    if not dist.is_main:  # one voice under a multi-process launcher
+        say, warn, progress = (lambda m: None), (lambda m: None), (lambda name: (lambda done, total: None))
+    identities = load_identities(cfg.seed_dirs, single_view=cfg.single_view, warn=warn,
                                  progress=progress("photos"))
     train_ids, val_ids = split_identities(len(identities), cfg.val_fraction, cfg.loop.seed)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +306,7 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
     else:
         captions, caption_sources = [""] * len(identities), [""] * len(identities)
     feats, feature_meta = _features(cfg, identities, models, dist, progress, say)
-    targets = _targets(cfg, identities, captions, models, say)
+    targets = _targets(cfg, identities, captions, models, dist, say)
     models.release()
     d, (k, h) = int(feats[0].shape[-1]), targets.residuals.shape[1:]
     train, val = _stack(train_ids, feats, targets), _stack(val_ids, feats, targets)
@@ -340,7 +343,8 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
         if start_epoch >= cfg.loop.epochs:
             say(f"nothing to do: {state_path} already finished epoch {start_epoch} of --epochs {cfg.loop.epochs}. "
                 "Raise --epochs to train longer.")
-            return json.loads((cfg.out_dir / "metrics.json").read_text()) if (cfg.out_dir / "metrics.json").is_file() else {}
+            metrics_file = cfg.out_dir / "metrics.json"
+            return json.loads(metrics_file.read_text()) if dist.is_main and metrics_file.is_file() else {}
         say(f"resuming after epoch {start_epoch} of {cfg.loop.epochs}")
 
     n_train_views, n_val_views = len(train), len(val)
@@ -375,7 +379,7 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
             + (f", validation loss {m['val_loss']:.6g}" if m["val_loss"] is not None else ""))
 
     train_head(head, train, val if len(val) else None, cfg.loop, optimizer=optimizer, generator=generator,
-               start_epoch=start_epoch, history=history, dist=dist, device=device if dist.world == 1 else dist.device,
+               start_epoch=start_epoch, history=history, dist=dist, device=device,
                on_epoch_end=on_epoch_end, progress=progress("training"))
     dist.barrier()
-    return metrics_for(cfg.loop.epochs, history)
+    return metrics_for(cfg.loop.epochs, history) if dist.is_main else {}
