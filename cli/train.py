@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT, help=f'default: "{DEFAULT_BASE_PROMPT}"')
     g.add_argument("--feature-source", choices=FEATURE_SOURCES, default=DEFAULT_SOURCE,
                    help=f"Qwen3-VL feature source (default: {DEFAULT_SOURCE})")
+    g.add_argument("--features", default=None, metavar="FILE.safetensors",
+                   help="take features from this `qwen-identity extract` output where model, settings and photos match")
     g.add_argument("--layer", type=int, default=-1, help="llm_hidden only: hidden-state index (default: -1 = last)")
     g.add_argument("--resolution", choices=RESOLUTIONS, default=DEFAULT_RESOLUTION,
                    help=f"how photos are sized for Qwen3-VL (default: {DEFAULT_RESOLUTION})")
@@ -87,6 +89,7 @@ def config_from_args(args):
                        single_view=args.single_view, val_fraction=args.val_fraction,
                        feature_settings={"source": args.feature_source, "layer": args.layer,
                                          "resolution": args.resolution, "max_pixels": args.max_pixels},
+                       features_file=Path(args.features) if args.features else None,
                        device=args.device, dtype=args.dtype,
                        hf_token=args.hf_token or os.environ.get("HUGGINGFACE_TOKEN"),
                        cache_dir=args.cache_dir or os.environ.get("HF_HUB_CACHE"),

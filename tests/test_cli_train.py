@@ -169,3 +169,23 @@ def test_cli_subprocess_exit_code(cli_env, tmp_path):
                           "--out-dir", str(tmp_path / "o")], env=cli_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "seed directory not found" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_features_from_qwen_identity_extract_are_reused(train, make_dataset, tiny_models, tmp_path, monkeypatch):
+    dirs = make_dataset(identities=2, views=2, size=(64, 64))
+    feats = tmp_path / "features.safetensors"
+    assert main(["extract", "--seed-dirs", ",".join(map(str, dirs)), "--qwen3-vl-model", str(tiny_models.qwen3vl),
+                 "--out", str(feats), "--device", "cpu"]) == 0
+
+    def no_load(*a, **k):
+        raise AssertionError("Qwen3-VL was loaded although the extract file had every identity")
+
+    monkeypatch.setattr("qwen_identity.core.qwen3vl.load_qwen3vl", no_load)
+    code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), "--features", str(feats), "--epochs", "1",
+                         out=tmp_path / "o")
+    assert code == 0, err
+    assert "using features of 2 identities" in err
+    # other settings: the file is not used, extraction is needed (and refused here by the stub)
+    code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), "--features", str(feats), "--epochs", "1",
+                         "--resolution", "pixel_budget", out=tmp_path / "p")
+    assert "other feature settings" in err and code == 1

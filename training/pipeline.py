@@ -28,6 +28,7 @@ from ..core.atomic import atomic_write_json, atomic_write_text
 from ..core.dataset_fingerprint import cache_key, file_sha256
 from ..core.errors import UserInputError
 from ..core.head import HeadMeta, ResidualHead, save_head
+from ..core.out_dir_lock import OutDirLock
 from ..core.length_policy import POLICY_NAME
 from ..core.training_targets import Targets, caption_targets, compose_prompt, zero_targets
 from ..version import __version__
@@ -57,6 +58,7 @@ class TrainConfig:
     single_view: bool = False
     val_fraction: float = 0.2
     feature_settings: dict[str, Any] = field(default_factory=dict)  # FeatureSettings fields
+    features_file: Path | None = None  # a `qwen-identity extract` output to take features from
     device: str = "auto"
     dtype: str = "auto"
     hf_token: str | None = None
@@ -210,6 +212,8 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
     cached = load_feature_cache(path) if path.is_file() else {}
     model = _model_key(cfg.qwen3_vl_model)
     keys = [cache_key("features", model, settings.to_meta(), ident.photo_hashes) for ident in identities]
+    if cfg.features_file:
+        _adopt_extracted(cfg, settings, identities, keys, cached, say)
     todo = [i for i, k in enumerate(keys) if k not in cached]
     if todo:
         say(f"extracting Qwen3-VL features of {sum(len(identities[i].images) for i in todo)} photos "
@@ -236,6 +240,36 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
     meta = dict(cached[keys[0]].meta)
     meta.pop("n_images", None)
     return out, meta
+
+
+def _adopt_extracted(cfg: TrainConfig, settings, identities: list[Identity], keys: list[str], cached: dict,
+                     say: Callable[[str], None]) -> None:
+    """Take features from a `qwen-identity extract` file (entries keyed by the seed dir's absolute path) when
+    they were made by the same model name with the same settings from the same photo files."""
+    from ..core.features import feature_cache_key, load_feature_cache
+
+    extracted = load_feature_cache(cfg.features_file)
+    model_name = Path(str(cfg.qwen3_vl_model).rstrip("/")).name
+    wanted = settings.to_meta()
+    used = 0
+    for ident, key in zip(identities, keys):
+        entry = extracted.get(feature_cache_key(ident.path))
+        if entry is None or key in cached:
+            continue
+        meta = entry.meta
+        why = None
+        if meta.get("model_id") != model_name:
+            why = f"made by {meta.get('model_id')!r}, not {model_name!r}"
+        elif any(meta.get(k) != v for k, v in wanted.items()):
+            why = "made with other feature settings"
+        elif meta.get("photos") != [p.name for p in ident.photos] or entry.per_image.shape[0] != len(ident.photos):
+            why = "made from other photos"
+        if why:
+            say(f"not using {cfg.features_file} for {ident.path}: {why}; extracting again")
+            continue
+        cached[key] = entry
+        used += 1
+    say(f"using features of {used} identit{'y' if used == 1 else 'ies'} from {cfg.features_file}")
 
 
 def _targets(cfg: TrainConfig, identities: list[Identity], captions: list[str], models: _Models, dist,
@@ -298,7 +332,14 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
     identities = load_identities(cfg.seed_dirs, single_view=cfg.single_view, warn=warn,
                                  progress=progress("photos"))
     train_ids, val_ids = split_identities(len(identities), cfg.val_fraction, cfg.loop.seed)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:  # one writer per out-dir (other processes of a launcher only compute)
+        with OutDirLock(cfg.out_dir):
+            return _train(cfg, identities, train_ids, val_ids, device, dist, progress, say, warn)
+    return _train(cfg, identities, train_ids, val_ids, device, dist, progress, say, warn)
+
+
+def _train(cfg: TrainConfig, identities: list[Identity], train_ids: list[int], val_ids: list[int], device, dist,
+           progress: ProgressFactory, say: Callable[[str], None], warn: Callable[[str], None]) -> dict:
     models = _Models(cfg, device)
 
     if cfg.target == "caption":
