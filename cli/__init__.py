@@ -18,6 +18,7 @@ from ..version import __version__
 # name -> (module, one-line help); a subcommand is listed once it works.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "the main job on a fresh machine: tiny offline models (or real ones) end to end"),
+    "similarity": ("similarity", "face distance of two photos (dlib 128-d embeddings), same-person verdict, JSON"),
 }
 
 
