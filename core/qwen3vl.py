@@ -53,6 +53,7 @@ class Qwen3VLBundle:
     dtype: torch.dtype
     feature_dim: int           # D: merger output width == LLM width (2048 / 2560 / 4096 for 2B / 4B / 8B)
     path: Path | None = None   # the resolved folder
+    keep_loaded: bool = True   # nodes: keep it on `device` between runs (False: on the CPU except while extracting)
 
     @property
     def patch_multiple(self) -> int:
