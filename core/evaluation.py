@@ -186,12 +186,80 @@ def parse_alphas(alphas: Sequence[float]) -> list[float]:
     return sorted(set(values) | {BASELINE_ALPHA})
 
 
+@dataclass
+class References:
+    """The reference photos as the scorers see them (computed once per identity)."""
+
+    faces: list | None           # FaceResult per photo, or None when the face measure is off
+    vector: torch.Tensor | None  # normalised mean Qwen3-VL feature [D], or None
+    photos: int
+
+    def to_json(self) -> dict:
+        return {"photos": self.photos,
+                "with_face": None if self.faces is None else sum(r.has_face for r in self.faces)}
+
+
+def prepare_references(references: Sequence[Image.Image], scorers: Scorers) -> References:
+    if not references:
+        raise UserInputError("no reference photos given: the identity needs at least one photo.")
+    faces = scorers.face.analyze_many(references) if scorers.face is not None else None
+    vector = None
+    if scorers.image_features is not None:
+        feats = scorers.image_features(list(references))
+        vector = torch.nn.functional.normalize(feats.to(torch.float32).mean(dim=0), dim=0)
+    return References(faces=faces, vector=vector, photos=len(references))
+
+
+def score_images(images: Sequence[Image.Image], refs: References, scorers: Scorers,
+                 prompt: str | None = None, progress: Progress | None = None) -> dict:
+    """Every enabled measure for a set of images against one identity's references (see module doc)."""
+    from . import face_similarity as fs
+
+    images = list(images)
+    row: dict = {"images": len(images)}
+    summary: dict = {}
+    if scorers.face is not None:
+        faces = scorers.face.analyze_many(images, progress)
+        scored = fs.score_against_references(faces, refs.faces, scorers.threshold)
+        row["face"] = scored
+        summary["face_distance"] = _round(scored["mean_distance"])
+        summary["same_person_rate"] = _round(scored["same_person_rate"])
+        summary["images_with_face"] = scored["images_with_face"]
+        summary["face_diversity"] = _round(fs.mean_pairwise_distance(faces))
+    if scorers.image_features is not None:
+        feats = scorers.image_features(images)
+        cos = cosine_to_reference(refs.vector, feats)
+        row["qwen3vl_cosine"] = [_round(c) for c in cos]
+        summary["qwen3vl_cosine"] = _round(_mean(cos))
+        summary["qwen3vl_diversity"] = _round(mean_pairwise_cosine_distance(feats))
+    if scorers.prompt is not None and prompt:
+        p = [float(v) for v in scorers.prompt(images, prompt)]
+        row[PROMPT_PROXY_NAME] = [_round(v) for v in p]
+        summary[PROMPT_PROXY_NAME] = _round(_mean(p))
+    row["summary"] = summary
+    return row
+
+
+def notes_for(row: dict) -> list[str]:
+    """One short note per scored image: face distance (or "no face") and Qwen3-VL cosine."""
+    face = row["face"]["per_image"] if "face" in row else None
+    cos = row.get("qwen3vl_cosine")
+    notes = []
+    for i in range(row["images"]):
+        parts = []
+        if face is not None:
+            d = face[i]["distance"]
+            parts.append("no face" if not face[i]["has_face"] else "d=n/a" if d is None else f"d={d:.2f}")
+        if cos is not None:
+            parts.append(f"cos={cos[i]:.2f}")
+        notes.append(" ".join(parts))
+    return notes
+
+
 def evaluate_alpha_sweep(generate: Generate, alphas: Sequence[float], seeds: Sequence[int],
                          references: Sequence[Image.Image], prompt: str, scorers: Scorers,
                          progress: Progress | None = None, keep_images: bool = True) -> SweepEvaluation:
     """Generate one image per seed at every α (plus the α = 0 baseline) and score them (see module doc)."""
-    from . import face_similarity as fs
-
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise UserInputError("no generation seeds given: pass at least one seed.")
@@ -201,66 +269,27 @@ def evaluate_alpha_sweep(generate: Generate, alphas: Sequence[float], seeds: Seq
     total = len(alphas) + 1
     if progress:
         progress(0, total)
-
-    ref_faces = scorers.face.analyze_many(references) if scorers.face is not None else None
-    ref_vector = None
-    if scorers.image_features is not None:
-        ref_feats = scorers.image_features(list(references))
-        ref_vector = torch.nn.functional.normalize(ref_feats.to(torch.float32).mean(dim=0), dim=0)
-    ref_info = {"photos": len(references),
-                "with_face": None if ref_faces is None else sum(r.has_face for r in ref_faces)}
+    refs = prepare_references(references, scorers)
     if progress:
         progress(1, total)
-
     rows, kept = [], {}
     for step, alpha in enumerate(alphas, start=2):
         images = list(generate(alpha, seeds))
         if len(images) != len(seeds):
             raise RuntimeError(f"generate(alpha={alpha}) returned {len(images)} images for {len(seeds)} seeds")
-        row: dict = {"alpha": alpha, "baseline": alpha == BASELINE_ALPHA, "seeds": seeds}
-        summary: dict = {}
-        if scorers.face is not None:
-            faces = scorers.face.analyze_many(images)
-            scored = fs.score_against_references(faces, ref_faces, scorers.threshold)
-            row["face"] = scored
-            summary["face_distance"] = _round(scored["mean_distance"])
-            summary["same_person_rate"] = _round(scored["same_person_rate"])
-            summary["images_with_face"] = scored["images_with_face"]
-            summary["face_diversity"] = _round(fs.mean_pairwise_distance(faces))
-        if scorers.image_features is not None:
-            feats = scorers.image_features(images)
-            cos = cosine_to_reference(ref_vector, feats)
-            row["qwen3vl_cosine"] = [_round(c) for c in cos]
-            summary["qwen3vl_cosine"] = _round(_mean(cos))
-            summary["qwen3vl_diversity"] = _round(mean_pairwise_cosine_distance(feats))
-        if scorers.prompt is not None:
-            p = [float(v) for v in scorers.prompt(images, prompt)]
-            row[PROMPT_PROXY_NAME] = [_round(v) for v in p]
-            summary[PROMPT_PROXY_NAME] = _round(_mean(p))
-        row["summary"] = summary
+        row = {"alpha": alpha, "baseline": alpha == BASELINE_ALPHA, "seeds": seeds,
+               **score_images(images, refs, scorers, prompt)}
         rows.append(row)
         if keep_images:
             kept[alpha] = images
         if progress:
             progress(step, total)
-    return SweepEvaluation(alphas=alphas, seeds=seeds, rows=rows, references=ref_info, images=kept)
+    return SweepEvaluation(alphas=alphas, seeds=seeds, rows=rows, references=refs.to_json(), images=kept)
 
 
 def cell_notes_for(evaluation: SweepEvaluation) -> list[str]:
-    """One short note per grid cell (rows α, columns seeds): face distance and Qwen3-VL cosine."""
-    notes = []
-    for row in evaluation.rows:
-        face = row.get("face", {}).get("per_image") if "face" in row else None
-        cos = row.get("qwen3vl_cosine")
-        for i in range(len(row["seeds"])):
-            parts = []
-            if face is not None:
-                d = face[i]["distance"]
-                parts.append("no face" if not face[i]["has_face"] else "d=n/a" if d is None else f"d={d:.2f}")
-            if cos is not None:
-                parts.append(f"cos={cos[i]:.2f}")
-            notes.append(" ".join(parts))
-    return notes
+    """One note per grid cell (rows α, columns seeds), α-major like the grid."""
+    return [note for row in evaluation.rows for note in notes_for(row)]
 
 
 # --- the plot ----------------------------------------------------------------------------------
