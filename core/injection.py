@@ -189,3 +189,20 @@ def inject(conditioning: list, residual: torch.Tensor, alphas: Sequence[float], 
         for w in outside:
             out.append([embeds.repeat(n, 1, 1), _with_window(_repeat_extra(extra, n, batch), w)])
     return out
+
+
+def format_alphas(alphas: Sequence[float]) -> str:
+    return ",".join(f"{a:g}" for a in alphas)
+
+
+def inject_identity(conditioning: list, head, identity, alphas: Sequence[float], start_at: float = 0.0,
+                    end_at: float = 1.0, mode: str = DEFAULT_MODE) -> tuple[list, list[str]]:
+    """Check head vs features and conditioning, then inject; returns (conditioning, warnings)."""
+    from .head import check_head_features, check_head_hidden
+
+    warnings = check_head_features(head, identity)
+    for item in conditioning if isinstance(conditioning, list) else []:
+        if isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor) and item[0].ndim == 3:
+            check_head_hidden(head, item[0].shape[-1])
+    residual = compute_residual(head, identity)
+    return inject(conditioning, residual, alphas, start_at, end_at, mode, rho=reference_rms(head.meta)), warnings
