@@ -82,3 +82,22 @@ def test_bad_image_input():
     nan = torch.full((1, 16, 16, 3), float("nan"))
     with pytest.raises(UserInputError, match="NaN"):
         ScoreIdentity().score(nan, batch(astronaut()))
+
+
+def test_alpha_grid_writes_each_cells_score_under_it():
+    from qwen_identity.nodes.grid_nodes import AlphaGrid
+
+    images = batch(astronaut_variants()["flipped"], grace_hopper(), cat(), astronaut_variants()["cropped"],
+                   size=(384, 384))
+    ref = batch(astronaut())
+    plain_img, _ = AlphaGrid().grid(images, "0,1", "1,2")
+    grid_img, meta = AlphaGrid().grid(images, "0,1", "1,2", reference=ref)
+    meta = json.loads(meta)
+    notes = [c["note"] for c in meta["cells"]]
+    assert notes[2] == "no face" and notes == meta["cell_scores"]
+    d = [float(n[2:]) for n in (notes[0], notes[1], notes[3])]
+    assert d[0] < 0.6 < d[1] and d[2] < 0.6
+    assert meta["identity_scores"]["images_with_face"] == 3
+    assert grid_img.shape[1] > plain_img.shape[1]           # a note band under each row of cells
+    _, meta2 = AlphaGrid().grid(images, "0,1", "1,2", cell_notes="a\nb\nc\nd", reference=ref)
+    assert [c["note"] for c in json.loads(meta2)["cells"]] == [f"{x} {n}" for x, n in zip("abcd", notes)]
