@@ -49,8 +49,9 @@ PROMPT_PROXY_NAME = "qwen3vl_vqascore"
 
 
 def _mean(values) -> float | None:
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    return sum(vals) / len(vals) if vals else None
+    from .face_similarity import _mean as mean_of_present
+
+    return mean_of_present(values)
 
 
 def _round(v, nd: int = 4):
@@ -86,16 +87,11 @@ def mean_pairwise_cosine_distance(features: torch.Tensor) -> float | None:
     return sum(1.0 - float(feats[i] @ feats[j]) for i, j in pairs) / len(pairs)
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 @torch.inference_mode()
 def _answer_logprob(model, processor, prefix: str, answer: str, image: Image.Image) -> float:
     """log P(answer | image, prefix) by teacher forcing (sum over the answer's tokens)."""
+    from .features import _model_device
+
     device = _model_device(model)
     tokenizer = processor.tokenizer
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
