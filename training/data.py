@@ -28,10 +28,6 @@ class Identity:
     images: list[Image.Image]
     caption_file_text: str | None
 
-    @property
-    def key(self) -> str:
-        return self.name
-
 
 def load_identities(paths: Sequence[Path], single_view: bool = False,
                     warn: Callable[[str], None] | None = None,
