@@ -49,6 +49,10 @@ def test_loader_needs_a_model(monkeypatch, tmp_path):
     assert LoadQwenImageDiffusers.INPUT_TYPES()["required"]["model"][0] == [NO_FOLDER]
     with pytest.raises(UserInputError, match="no Qwen-Image pipeline chosen"):
         LoadQwenImageDiffusers().load(NO_FOLDER, "", device="cpu")
+    (tmp_path / "diffusers").mkdir()
+    for bad in ("../other", "/etc", "../../x"):  # dropdown values from a shared workflow stay inside
+        with pytest.raises(UserInputError, match="outside|absolute path"):
+            LoadQwenImageDiffusers().load(bad, "", device="cpu")
 
 
 def test_node_chain(pipeline, tiny_qwen3vl_dir, make_dataset, tmp_path):

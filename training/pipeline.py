@@ -179,7 +179,7 @@ def _captions(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
             sources.append("")
     todo = [i for i, c in enumerate(captions) if c is None]
     if todo:
-        from ..core.captioning import write_caption
+        from ..core.captioning import MAX_CAPTION_PHOTOS, write_caption
 
         say(f"Qwen3-VL is describing {len(todo)} identit{'y' if len(todo) == 1 else 'ies'} without caption.txt")
         bundle = models.qwen3vl()
@@ -187,7 +187,8 @@ def _captions(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
         done = [0]
 
         def one(_, i):
-            text = write_caption(bundle.model, bundle.processor, identities[i].images, name=str(identities[i].path))
+            text = write_caption(bundle.model, bundle.processor, identities[i].load_images(MAX_CAPTION_PHOTOS),
+                                 name=str(identities[i].path))
             done[0] += 1
             bar(done[0], len(todo))
             return text
@@ -217,14 +218,14 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
         _adopt_extracted(cfg, settings, identities, keys, cached, say)
     todo = [i for i, k in enumerate(keys) if k not in cached]
     if todo:
-        say(f"extracting Qwen3-VL features of {sum(len(identities[i].images) for i in todo)} photos "
+        say(f"extracting Qwen3-VL features of {sum(len(identities[i].photos) for i in todo)} photos "
             f"({len(todo)} identities; cached afterwards)")
         bundle = models.qwen3vl()
         bar = progress("features")
         done = [0]
 
         def one(_, i):
-            feats = extract_features(bundle, identities[i].images, settings)
+            feats = extract_features(bundle, identities[i].load_images(), settings)
             feats.per_image, feats.combined = feats.per_image.cpu(), feats.combined.cpu()
             done[0] += 1
             bar(done[0], len(todo))
