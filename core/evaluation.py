@@ -118,6 +118,8 @@ def qwen3vl_prompt_scores(bundle, images: Sequence[Image.Image], prompt: str,
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": question.format(prompt=prompt.strip())}]}]
     prefix = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if prefix.rstrip().endswith("<think>"):  # Thinking variants: answer right away, with an empty thought
+        prefix = prefix.rstrip() + "\n\n</think>\n\n"
     seen = prepare_images(images, FeatureSettings(resolution="pixel_budget", max_pixels=max_pixels),
                           bundle.patch_multiple)
     scores = []

@@ -223,3 +223,14 @@ def test_sample_alpha_images_batches_alphas_and_shares_the_baseline(tiny_qwenima
     assert [np.asarray(a).tobytes() for a in shared[1.5]] == [np.asarray(b).tobytes() for b in images[1.5]]
     with pytest.raises(UserInputError, match="baseline has 1 images for 2 seeds"):
         ev.sample_alpha_images(bundle, head, identity, pos, neg, [1.5], [5, 6], baseline=alone[:1], **kw)
+
+
+def test_prompt_proxy_closes_a_thinking_prefix(bundle, monkeypatch):
+    seen = []
+    real = ev._answer_logprob
+    monkeypatch.setattr(ev, "_answer_logprob", lambda m, p, prefix, a, im: seen.append(prefix) or real(m, p, prefix, a, im))
+    template = bundle.processor.apply_chat_template
+    monkeypatch.setattr(bundle.processor, "apply_chat_template", lambda *a, **kw: template(*a, **kw) + "<think>\n")
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    (p,) = ev.qwen3vl_prompt_scores(bundle, [image], "a cat", max_pixels=64 * 64)
+    assert 0 < p < 1 and len(seen) == 2 and all(s.endswith("<think>\n\n</think>\n\n") for s in seen)
