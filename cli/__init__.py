@@ -17,6 +17,7 @@ from ..version import __version__
 
 # name -> (module, one-line help); a subcommand is listed once it works.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "extract": ("extract", "Qwen3-VL identity features of seed directories into one .safetensors feature cache"),
     "demo": ("demo", "the main job on a fresh machine: tiny offline models (or real ones) end to end"),
 }
 
