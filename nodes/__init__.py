@@ -15,6 +15,9 @@ from .model_folders import register_model_folders  # noqa: F401
 NODE_MODULES: list[str] = [
     "qwen3vl_nodes",
     "head_nodes",
+    "inject_nodes",
+    "sampling_nodes",
+    "grid_nodes",
 ]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
