@@ -4,7 +4,7 @@
 |-------------------|----------------------------------------------------------------------------|
 | `env`             | find `COMFYUI_DIR`, the reason to skip, in-process `comfy.*` imports (CPU)  |
 | `server`          | start/stop a ComfyUI server (fresh --base-directory, packs symlinked in)    |
-| `queue`           | queue an API-format workflow on /prompt and wait on /history               |
+| `prompt_queue`    | queue an API-format workflow on /prompt and wait on /history               |
 | `browser`         | headless Chromium (system chromium + Playwright's Python package): load a  |
 |                   | UI workflow, report missing nodes / dialogs, queue from the page           |
 | `tiny_native`     | random-weight Qwen-Image files the native loaders accept (never committed) |

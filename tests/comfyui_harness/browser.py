@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Optional
 
 CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-               "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+               "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+               # offline: every host but the local server resolves to nothing (the frontend asks api.comfy.org)
+               "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
 BASELINE_NOISE = ("reading 'id'", "user.css", "/userdata", "comfy.templates.json", "ERR_NAME_NOT_RESOLVED",
                   "api.comfy.org", "Failed to load resource")
 
@@ -55,6 +57,19 @@ DIALOG_JS = """() => {
           schema_alert: toasts.some(t => t.includes('Invalid workflow against zod schema')),
           missing_dialog: dialogs.some(d => d.includes('Some Nodes Are Missing'))
                           || document.querySelector('.comfy-missing-nodes') !== null};
+}"""
+
+
+EDIT_JS = """(edits) => {
+  let n = 0;
+  for (const node of app.graph._nodes) {
+    for (const [name, value] of Object.entries(edits[node.type] || {})) {
+      const w = (node.widgets || []).find(w => w.name === name);
+      if (w) { w.value = value; w.callback?.(value); n++; }
+    }
+  }
+  app.graph.setDirtyCanvas(true, true);
+  return n;
 }"""
 
 
@@ -94,8 +109,10 @@ class Frontend:
         rep["ui_ready_s"] = round(time.time() - t0, 2)
         return page
 
-    def load_workflow(self, path, via: str = "drop", queue: bool = False,
-                      screenshot: Optional[Path] = None) -> dict:
+    def load_workflow(self, path, via: str = "drop", queue: bool = False, screenshot: Optional[Path] = None,
+                      export_api: bool = False, edits: Optional[dict] = None) -> dict:
+        """Load a UI workflow; optionally export the frontend's API prompt (`exported_api`), change widget
+        values like a user would ({node type: {widget: value}}) and queue it from the page."""
         path = Path(path)
         rep = {"workflow": path.name, "page_errors": [], "console_errors": [], "failed_requests": []}
         page = self._open(rep)
@@ -114,6 +131,11 @@ class Frontend:
             rep["graph_nodes"] = page.evaluate("app.graph._nodes.map(n => n.type)")
             if screenshot:
                 page.screenshot(path=str(screenshot))
+            if export_api:  # stringified in the page: Playwright would turn `undefined` into null
+                rep["exported_api"] = json.loads(page.evaluate(
+                    "async () => JSON.stringify((await app.graphToPrompt()).output)"))
+            if edits:
+                rep["edited"] = page.evaluate(EDIT_JS, edits)
             if queue:
                 rep.update(self._queue(page))
         finally:
@@ -131,7 +153,7 @@ class Frontend:
         out["queue_http_status"] = resp.status
         out["queue_response"] = body
         pid = body.get("prompt_id")
-        from .queue import wait_for
+        from .prompt_queue import wait_for
 
         if pid:
             res = wait_for(self.url, pid, time.time(), self.timeout_ms / 1000)

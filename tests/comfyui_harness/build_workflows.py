@@ -54,13 +54,15 @@ WORKFLOW_FILES = {
 
 
 def _import_pack():
-    try:
-        import qwen_identity  # noqa: F401
-    except ImportError:
+    """Make `qwen_identity` THIS checkout (the test session already did; a plain script run does it here)."""
+    mod = sys.modules.get("qwen_identity")
+    if mod is None or Path(mod.__file__).resolve().parent != ROOT:
+        sys.modules.pop("qwen_identity", None)
         pkg_root = Path(tempfile.mkdtemp(prefix="qwen_identity_pkg_"))
         (pkg_root / "qwen_identity").symlink_to(ROOT, target_is_directory=True)
         sys.path.insert(0, str(pkg_root))
-    sys.path.insert(0, str(HERE.parent))
+    if str(HERE.parent) not in sys.path:
+        sys.path.insert(0, str(HERE.parent))
 
 
 def node_defs() -> dict:
@@ -283,6 +285,7 @@ BUILDERS = {"qwen_identity_alpha_grid": alpha_grid, "qwen_identity_native_ksampl
 
 def render_all() -> dict[Path, str]:
     """{path: file text} for every workflow file (UI in workflows/, API twin in workflows/api/)."""
+    _import_pack()
     from comfyui_harness.workflow_format import to_api, to_ui
 
     defs = node_defs()

@@ -34,7 +34,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 SETTINGS = {"Comfy.TutorialCompleted": True}
 
@@ -74,12 +74,14 @@ def get_json(url: str, timeout: float = 30):
         return json.load(r)
 
 
-def prepare_base_dir(base_dir: Path, packs: Iterable[Path], models_dir: Optional[Path] = None) -> None:
+def prepare_base_dir(base_dir: Path, packs, models_dir: Optional[Path] = None) -> None:
+    """packs: folders (linked under their own names) or {link name: folder}."""
     for sub in ("custom_nodes", "input", "output", "temp", "user/default"):
         (base_dir / sub).mkdir(parents=True, exist_ok=True)
-    for pack in packs:
+    items = packs.items() if isinstance(packs, dict) else ((Path(p).name, p) for p in packs)
+    for name, pack in items:
         pack = Path(pack).resolve()
-        link = base_dir / "custom_nodes" / pack.name
+        link = base_dir / "custom_nodes" / name
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(pack, target_is_directory=True)

@@ -1,6 +1,6 @@
 """Queue an API-format workflow on a running ComfyUI (POST /prompt) and wait on /history.
 
-    from comfyui_harness.queue import load_api_workflow, queue_prompt
+    from comfyui_harness.prompt_queue import load_api_workflow, queue_prompt
     result = queue_prompt(url, load_api_workflow(path), timeout=300)
     result.ok, result.stage, result.error_message(), result.images()
 
