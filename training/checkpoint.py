@@ -17,6 +17,7 @@ import torch
 
 from ..core.atomic import atomic_write
 from ..core.errors import UserInputError
+from ..core.head import safetensors_bytes
 
 STATE_FORMAT = "qwen-identity-train-state"
 STATE_VERSION = 1
@@ -31,10 +32,9 @@ def write_failed(path: Path, e: OSError) -> UserInputError:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
+    data = safetensors_bytes(tensors, metadata)
     try:
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        return atomic_write(path, lambda tmp: tmp.write_bytes(data))
     except OSError as e:
         raise write_failed(path, e) from None
 
