@@ -179,7 +179,7 @@ class QwenImageSampleFromEmbeds:
                                  "(nodes/native_sampling.py is missing); use the diffusers pipeline input.") from None
         progress, _ = _progress_and_interrupt()
         images = sample_native(model, vae, positive, negative, seed_list, int(steps), float(cfg), int(width),
-                               int(height), sampler_name, scheduler, progress=progress)
+                               int(height), sampler_name, scheduler, progress=progress, max_batch=int(max_batch))
         if not isinstance(images, torch.Tensor):
             raise UserInputError("the native sampler returned no IMAGE tensor.")
         return (images, seeds_text)
