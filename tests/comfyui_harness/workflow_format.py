@@ -34,11 +34,12 @@ def _jsonable(value):
 def node_def_from_class(cls) -> dict:
     """A V1 node class as /object_info describes it (INPUT_TYPES() is called)."""
     types = cls.INPUT_TYPES()
-    inputs = {sec: {name: list(spec) for name, spec in types.get(sec, {}).items()} for sec in ("required", "optional")}
+    inputs = {sec: {name: list(spec) for name, spec in types[sec].items()} for sec in ("required", "optional")
+              if sec in types}
     out = list(cls.RETURN_TYPES)
     return _jsonable({
         "input": inputs,
-        "input_order": {sec: list(v) for sec, v in inputs.items()},
+        "input_order": {sec: list(v) for sec, v in types.items()},  # as /object_info builds it
         "output": out,
         "output_name": list(getattr(cls, "RETURN_NAMES", None) or out),
         "output_is_list": list(getattr(cls, "OUTPUT_IS_LIST", None) or [False] * len(out)),
