@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from comfyui_harness import build_workflows as bw
-from comfyui_harness.env import chromium_path, comfyui_dir, import_comfy_in_process, missing_comfy_deps, skip_reason
+from comfyui_harness.env import chromium_path, comfyui_dir, import_comfy_in_process, require_comfyui
 from comfyui_harness.prompt_queue import QueueResult, load_api_workflow, queue_prompt
 from comfyui_harness.workflow_format import core_node_defs, node_def_from_class, strip_meta
 
@@ -48,16 +48,6 @@ SIZE, STEPS = 32, 2
 TINY_DIFFUSERS_HEAD = "tiny_diffusers_head.safetensors"
 EXPECTED_IMAGES = {"qwen_identity_alpha_grid": 1, "qwen_identity_native_ksampler": 1,
                    "qwen_identity_diffusers": 1, "qwen_identity_multi_photo": 2}
-
-
-def _skip_or_fail():
-    reason = skip_reason()
-    if reason:
-        print(f"SKIP ComfyUI integration suite: {reason}")
-        pytest.skip(reason)
-    missing = missing_comfy_deps()
-    if missing:
-        pytest.fail(missing)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -84,7 +74,7 @@ def _config_width(folder: Path, *keys) -> int:
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    _skip_or_fail()
+    require_comfyui()
     import_comfy_in_process()
     from comfyui_harness.tiny_native import build_native_models
     from qwen_identity.tiny_models import build_tiny_models
@@ -330,7 +320,7 @@ def test_head_not_matching_the_model_names_both_sizes(server):
 def test_empty_models_folder_names_every_missing_file(tmp_path):
     """A fresh ComfyUI with nothing in models/: queuing a shipped workflow as is fails validation, and each
     loader's error names the file it wanted and where the pack looks."""
-    _skip_or_fail()
+    require_comfyui()
     from comfyui_harness.server import start_server
 
     (tmp_path / "input").mkdir()

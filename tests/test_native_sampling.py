@@ -10,7 +10,7 @@ import torch
 from qwen_identity.core.errors import ModelMismatchError, UserInputError
 from qwen_identity.nodes import native_sampling as ns
 
-from comfyui_harness.env import import_comfy_in_process, missing_comfy_deps, skip_reason
+from comfyui_harness.env import import_comfy_in_process, require_comfyui
 
 
 def _cond(batch: int, seq: int = 6, width: int = 3584, seed: int = 0, mask: bool = False):
@@ -68,13 +68,7 @@ def test_stochastic_samplers_are_recognised():
 
 @pytest.fixture(scope="module")
 def comfy_native():
-    reason = skip_reason()
-    if reason:
-        print(f"SKIP native sampling against ComfyUI: {reason}")
-        pytest.skip(reason)
-    missing = missing_comfy_deps()
-    if missing:
-        pytest.fail(missing)
+    require_comfyui()
     import_comfy_in_process()
     import comfy.sd
     import comfy.utils
