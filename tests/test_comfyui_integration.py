@@ -24,8 +24,10 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -257,6 +259,27 @@ def test_comfy_cli_runs_a_workflow_headless(server, tmp_path):
                          capture_output=True, text=True, timeout=400, env=_server_env(tmp_path), cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert set((server.base_dir / "output").rglob("*.png")) - before, out.stdout[-2000:]
+
+
+def test_readme_curl_command_queues_a_workflow(server, tmp_path):
+    """README's `curl -X POST .../prompt -d "{\"prompt\": $(cat FILE)}"`, then /history with curl."""
+    if shutil.which("curl") is None:
+        pytest.fail("curl is not installed")
+    wf = tiny_api(WF_DIR / "api" / "qwen_identity_native_ksampler_api.json")
+    next(n for n in wf.values() if n["class_type"] == "KSampler")["inputs"]["seed"] = 999  # not a cache hit
+    (tmp_path / "wf.json").write_text(json.dumps(wf))
+    cmd = (f"curl -s -X POST {server.url}/prompt -H 'Content-Type: application/json' "
+           "-d \"{\\\"prompt\\\": $(cat wf.json)}\"")
+    out = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    answer = json.loads(out.stdout)
+    assert answer.get("node_errors") == {} and answer.get("prompt_id"), out.stdout
+    from comfyui_harness.prompt_queue import wait_for
+
+    res = wait_for(server.url, answer["prompt_id"], time.time(), 300)
+    _assert_ok(res)
+    hist = subprocess.run(["curl", "-s", f"{server.url}/history/{answer['prompt_id']}"], capture_output=True,
+                          text=True, timeout=60)
+    assert json.loads(hist.stdout)[answer["prompt_id"]]["status"]["status_str"] == "success"
 
 
 # ---- UI workflows in the browser ------------------------------------------------------------------
