@@ -154,16 +154,16 @@ def _identity(b: _Builder, photos: list[str], y=0, weights=""):
         b.link(images, slot, batch, "image1")
         b.link(nxt, 0, batch, "image2")
         images, slot = batch, 0
-    vl = b.add("LoadQwen3VL", (320, y - 260), model=QWEN3VL)
-    feats = b.add("ExtractIdentityFeatures", (580, y + 20), size=(340, 200), weights=weights)
+    vl = b.add("LoadQwen3VL", (300, y - 340), size=(300, 220), model=QWEN3VL)
+    feats = b.add("ExtractIdentityFeatures", (620, y - 60), size=(330, 200), weights=weights)
     b.link(vl, 0, feats, "qwen3vl")
     b.link(images, slot, feats, "images")
-    head = b.add("LoadResidualHead", (580, y - 160), size=(340, 90), head_name=HEAD)
+    head = b.add("LoadResidualHead", (620, y - 340), size=(330, 100), head_name=HEAD)
     return feats, head
 
 
 def _native_loaders(b: _Builder, y=900):
-    unet = b.add("UNETLoader", (0, y), properties=_models_property(UNET), unet_name=UNET)
+    unet = b.add("UNETLoader", (0, y), size=(320, 90), properties=_models_property(UNET), unet_name=UNET)
     shift = b.add("ModelSamplingAuraFlow", (340, y), size=(260, 60), shift=SHIFT)
     b.link(unet, 0, shift, "model")
     clip = b.add("CLIPLoader", (0, y + 160), properties=_models_property(TEXT_ENCODER), clip_name=TEXT_ENCODER,
@@ -259,7 +259,7 @@ def diffusers_single(defs):
 def multi_photo(defs):
     b = _Builder(defs)
     feats, head = _identity(b, PHOTOS, weights="1,1,0.5")
-    preview = b.add("PreviewImage", (580, 300), size=(340, 300), title="What Qwen3-VL sees")
+    preview = b.add("PreviewImage", (620, 300), size=(330, 300), title="What Qwen3-VL sees")
     b.link(feats, 1, preview, "images")
     model, vae, pos, neg = _native_loaders(b, y=1050)
     inj = _inject(b, pos, head, feats, strength=1.0, start_at=0.0, end_at=1.0)
