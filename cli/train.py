@@ -100,6 +100,8 @@ def run(args) -> int:
     from ..core.progress import tqdm_progress
     from ..training.pipeline import run_training
 
+    # deterministic cuBLAS on CUDA (must be set before the first CUDA matmul); harmless elsewhere
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cfg = config_from_args(args)
     metrics = run_training(cfg, progress=lambda name: tqdm_progress(name, unit="step" if name == "training" else "item"))
     out = Path(cfg.out_dir)

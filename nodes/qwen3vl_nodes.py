@@ -25,34 +25,12 @@ from ..core.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOU
 from ..core.images import comfy_to_pil, pil_to_comfy
 from ..core.qwen3vl import Qwen3VLBundle, attention_choices, check_weight_files, load_qwen3vl
 from ..core.safe_paths import resolve_inside
+from .comfy_runtime import comfy_progress
+from .comfy_runtime import model_management as _model_management
 from .model_folders import list_model_folders, model_dirs
 
 CATEGORY = "Qwen Identity"
 NO_FOLDER = "(none found: type a path or hub id in model_path)"
-
-
-def _model_management():
-    try:
-        import comfy.model_management as mm  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return mm
-
-
-def comfy_progress(total: int):
-    """A progress(done, total) callback driving ComfyUI's progress bar and honouring its Cancel button."""
-    mm = _model_management()
-    if mm is None:
-        return None
-    import comfy.utils  # type: ignore[import-not-found]
-
-    bar = comfy.utils.ProgressBar(total)
-
-    def progress(done: int, total_: int) -> None:
-        mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, total_)
-
-    return progress
 
 
 def _weights_bytes(folder: Path | None, dtype: torch.dtype) -> int:

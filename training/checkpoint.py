@@ -8,10 +8,11 @@ atomically: a crash or a full disk while writing keeps the previous pair.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -31,12 +32,19 @@ def write_failed(path: Path, e: OSError) -> UserInputError:
                           "free space or choose another --out-dir, then rerun with --resume.")
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    data = safetensors_bytes(tensors, metadata)
+@contextlib.contextmanager
+def reporting_write_errors(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` (a full disk, no permission) into a clear UserInputError."""
     try:
-        return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+        yield
     except OSError as e:
         raise write_failed(path, e) from None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    data = safetensors_bytes(tensors, metadata)
+    with reporting_write_errors(path):
+        return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_train_state(path: Path, head: torch.nn.Module, optimizer: torch.optim.Optimizer,

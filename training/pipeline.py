@@ -179,7 +179,7 @@ def _captions(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
             sources.append("")
     todo = [i for i, c in enumerate(captions) if c is None]
     if todo:
-        from ..core.captioning import write_caption
+        from ..core.captioning import MAX_CAPTION_PHOTOS, write_caption
 
         say(f"Qwen3-VL is describing {len(todo)} identit{'y' if len(todo) == 1 else 'ies'} without caption.txt")
         bundle = models.qwen3vl()
@@ -187,7 +187,8 @@ def _captions(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
         done = [0]
 
         def one(_, i):
-            text = write_caption(bundle.model, bundle.processor, identities[i].images, name=str(identities[i].path))
+            text = write_caption(bundle.model, bundle.processor, identities[i].load_images(MAX_CAPTION_PHOTOS),
+                                 name=str(identities[i].path))
             done[0] += 1
             bar(done[0], len(todo))
             return text
@@ -198,7 +199,8 @@ def _captions(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
             saved = folder / f"{identities[i].name}.txt"
             sources[i] = f"{saved} (written by {cfg.qwen3_vl_model})"
             if dist.is_main:
-                atomic_write_text(saved, text + "\n")
+                with ckpt.reporting_write_errors(saved):
+                    atomic_write_text(saved, text + "\n")
     return [c or "" for c in captions], sources
 
 
@@ -216,14 +218,14 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
         _adopt_extracted(cfg, settings, identities, keys, cached, say)
     todo = [i for i, k in enumerate(keys) if k not in cached]
     if todo:
-        say(f"extracting Qwen3-VL features of {sum(len(identities[i].images) for i in todo)} photos "
+        say(f"extracting Qwen3-VL features of {sum(len(identities[i].photos) for i in todo)} photos "
             f"({len(todo)} identities; cached afterwards)")
         bundle = models.qwen3vl()
         bar = progress("features")
         done = [0]
 
         def one(_, i):
-            feats = extract_features(bundle, identities[i].images, settings)
+            feats = extract_features(bundle, identities[i].load_images(), settings)
             feats.per_image, feats.combined = feats.per_image.cpu(), feats.combined.cpu()
             done[0] += 1
             bar(done[0], len(todo))
@@ -232,10 +234,8 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
         for i, feats in zip(todo, shard_map(dist, todo, one)):
             cached[keys[i]] = feats
         if dist.is_main:
-            try:
+            with ckpt.reporting_write_errors(path):
                 save_feature_cache(path, cached)
-            except OSError as e:
-                raise ckpt.write_failed(path, e) from None
     out = [cached[k].per_image.float() for k in keys]
     meta = dict(cached[keys[0]].meta)
     meta.pop("n_images", None)
@@ -324,7 +324,7 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
     progress = progress or (lambda name: (lambda done, total: None))
     cfg.out_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
-    dist = make_dist(device, "off" if cfg.distributed == "off" else cfg.distributed)
+    dist = make_dist(device, cfg.distributed)
     if dist.device is not None and device.type != "cpu":
         device = dist.device
     if not dist.is_main:  # one voice under a multi-process launcher
@@ -334,12 +334,12 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
     train_ids, val_ids = split_identities(len(identities), cfg.val_fraction, cfg.loop.seed)
     if dist.is_main:  # one writer per out-dir (other processes of a launcher only compute)
         with OutDirLock(cfg.out_dir):
-            return _train(cfg, identities, train_ids, val_ids, device, dist, progress, say, warn)
-    return _train(cfg, identities, train_ids, val_ids, device, dist, progress, say, warn)
+            return _train(cfg, identities, train_ids, val_ids, device, dist, progress, say)
+    return _train(cfg, identities, train_ids, val_ids, device, dist, progress, say)
 
 
 def _train(cfg: TrainConfig, identities: list[Identity], train_ids: list[int], val_ids: list[int], device, dist,
-           progress: ProgressFactory, say: Callable[[str], None], warn: Callable[[str], None]) -> dict:
+           progress: ProgressFactory, say: Callable[[str], None]) -> dict:
     models = _Models(cfg, device)
 
     if cfg.target == "caption":
@@ -405,17 +405,17 @@ def _train(cfg: TrainConfig, identities: list[Identity], train_ids: list[int], v
         head.meta.training_args = {**cfg.training_args(), "epochs": epoch}
         ckpt.save_train_state(state_path, head, optimizer, generator, epoch,
                               {"run": run_identity, "history": hist.to_dict()})
-        try:
+        with ckpt.reporting_write_errors(head_path):
             save_head(head, head_path)
-        except OSError as e:
-            raise ckpt.write_failed(head_path, e) from None
         report = {**m, "identities": {ident.name: {"split": "train" if i in train_ids else "validation",
                                                    "photos": len(ident.photos), "caption": captions[i] or None,
                                                    "caption_source": caption_sources[i] or None}
                                       for i, ident in enumerate(identities)},
                   "head": str(head_path), "pack_version": __version__, "training_args": cfg.training_args()}
-        atomic_write_json(cfg.out_dir / "metrics.json", report)
-        write_loss_curve(cfg.out_dir / "loss_curve.png", hist.train_loss, hist.val_loss)
+        with ckpt.reporting_write_errors(cfg.out_dir / "metrics.json"):
+            atomic_write_json(cfg.out_dir / "metrics.json", report)
+        with ckpt.reporting_write_errors(cfg.out_dir / "loss_curve.png"):
+            write_loss_curve(cfg.out_dir / "loss_curve.png", hist.train_loss, hist.val_loss)
         say(f"epoch {epoch}/{cfg.loop.epochs}: train loss {m['train_loss']:.6g}"
             + (f", validation loss {m['val_loss']:.6g}" if m["val_loss"] is not None else ""))
 
