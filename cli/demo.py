@@ -39,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..core.errors import UserInputError
     from ..core.injection import parse_alphas
+    from ..core.out_dir_lock import OutDirLock
     from ..core.sampling import parse_seeds
     from ..core.seed_dirs import parse_seed_dir_args
     from .sweep import SweepConfig, run_sweep, train_first
@@ -85,7 +86,8 @@ def run(args) -> int:
                f"train loss {metrics.get('train_loss', float('nan')):.4g}) in {time.time() - t:.1f}s -> "
                f"{out / 'checkpoints' / 'linear_head.safetensors'}")
     t = time.time()
-    written = run_sweep(cfg)
+    with OutDirLock(out):
+        written = run_sweep(cfg)
     ran.append(f"ran the α × seed sweep (α {args.alphas}; seeds {args.gen_seeds}; {sizes['width']}x{sizes['height']} "
                f"px, {sizes['steps']} steps, true CFG {cfg.guidance}) in {time.time() - t:.1f}s: "
                + ", ".join(str(p) for p, _ in written))

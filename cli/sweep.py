@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import platform
 import sys
 import time
@@ -18,25 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
+from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
+from .train import _finite_float
+
 DEFAULT_OUT = "outputs"
 DEFAULT_ALPHAS = "0.5,1.0,1.5"
-DEFAULT_BASE_PROMPT = "a portrait photo of a person, studio lighting, 85mm"
-DEFAULT_QWEN3_VL = "Qwen/Qwen3-VL-2B-Instruct"
-DEFAULT_QWEN_IMAGE = "Qwen/Qwen-Image"
-DEVICES = ("auto", "cuda", "cpu", "mps")
-DTYPES = ("auto", "fp16", "bf16", "fp32")
 HEAD_RELPATH = Path("checkpoints") / "linear_head.safetensors"
 VERSION_PACKAGES = ("torch", "transformers", "diffusers", "accelerate", "safetensors", "pillow", "numpy")
-
-
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qwen-image-model", default=DEFAULT_QWEN_IMAGE,
                    help=f"diffusers Qwen-Image folder or hub id (default: {DEFAULT_QWEN_IMAGE})")
     g = p.add_argument_group("system")
-    g.add_argument("--device", choices=DEVICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
-    g.add_argument("--dtype", choices=DTYPES, default="auto",
+    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="model precision (default: auto = bf16 on GPUs that have it, fp32 on CPU)")
     g.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HUGGINGFACE_TOKEN or $HF_TOKEN)")
     g.add_argument("--cache-dir", default=None, help="Hugging Face cache (default: $HF_HUB_CACHE)")
@@ -268,25 +256,32 @@ def config_from_args(args) -> SweepConfig:
 def train_first(cfg: SweepConfig, epochs: int, batch_size: int, lr: float, target: str, tokens: int,
                 overwrite: bool, say: Callable[[str], None] = print) -> dict:
     """--train: the training pipeline of `qwen-identity train`, writing OUT/checkpoints/linear_head.safetensors."""
+    import os
+
+    from ..core.progress import tqdm_progress
     from ..training.loop import LoopConfig
     from ..training.pipeline import TrainConfig, run_training
-    from .train import tqdm_progress
 
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, as `train` sets it
     loop = LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr)
     tcfg = TrainConfig(seed_dirs=cfg.seed_dirs, out_dir=cfg.out_dir, loop=loop, qwen3_vl_model=cfg.qwen3_vl_model,
                        qwen_image_model=cfg.qwen_image_model, base_prompt=cfg.base_prompt, target=target,
                        tokens=tokens, single_view=cfg.single_view, device=cfg.device, dtype=cfg.dtype,
                        hf_token=cfg.hf_token, cache_dir=cfg.cache_dir, overwrite=overwrite, distributed="off")
-    metrics = run_training(tcfg, progress=tqdm_progress, say=say)
+    metrics = run_training(tcfg, say=say,
+                           progress=lambda name: tqdm_progress(name, unit="step" if name == "training" else "item"))
     _release_memory()
     return metrics
 
 
 def run(args) -> int:
+    from ..core.out_dir_lock import OutDirLock
+
     cfg = config_from_args(args)
     t0 = time.perf_counter()
     if args.train:
         train_first(cfg, args.epochs, args.batch_size, args.lr, args.target, args.tokens, args.overwrite)
-    written = run_sweep(cfg)
+    with OutDirLock(cfg.out_dir):
+        written = run_sweep(cfg)
     print(f"done in {time.perf_counter() - t0:.1f}s: {len(written)} grid(s) in {cfg.out_dir / 'generations'}")
     return 0

@@ -82,7 +82,7 @@ def test_alpha_zero_row_is_the_base_image(trained, tiny_models):
 @pytest.mark.parametrize("args,match", [
     (["--alphas", ""], "alphas list is empty"),
     (["--alphas", "0.5,x"], "cannot read 'x'"),
-    (["--gen-seeds", "12,abc"], "cannot read seed 'abc'"),
+    (["--gen-seeds", "12,abc"], "cannot read 'abc' in the seed list"),
     (["--width", "500"], "width=500 is not a multiple of 16"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--train", "--head", "h.safetensors"], "do not also pass --head"),
