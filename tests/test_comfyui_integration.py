@@ -245,18 +245,29 @@ def test_api_workflow_runs_and_writes_images(server, path):
             assert im.width >= 3 * SIZE and im.height >= 3 * SIZE
 
 
+def _comfy_cli(server, args: list, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    comfy = Path(sys.executable).with_name("comfy")
+    assert comfy.is_file(), "comfy-cli is not installed in this venv (scripts/setup_comfyui.sh installs it)"
+    return subprocess.run([str(comfy), "--skip-prompt", "--no-json", "--workspace", str(comfyui_dir()), "run",
+                           *args, "--host", "127.0.0.1", "--port", str(server.port)],
+                          capture_output=True, text=True, timeout=timeout, env=_server_env(cwd), cwd=cwd)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_comfy_cli_converts_each_ui_file_to_its_api_twin(server, path, tmp_path):
+    out = _comfy_cli(server, ["--workflow", str(path), "--print-prompt"], tmp_path, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    printed = json.loads(out.stdout[out.stdout.index("{"):])
+    assert strip_meta(printed) == strip_meta(load_api_workflow(WF_DIR / "api" / f"{path.stem}_api.json"))
+
+
 def test_comfy_cli_runs_a_workflow_headless(server, tmp_path):
     wf = tiny_api(WF_DIR / "api" / "qwen_identity_native_ksampler_api.json")
     next(n for n in wf.values() if n["class_type"] == "KSampler")["inputs"]["seed"] = 4321  # not a cache hit
     f = tmp_path / "wf.json"
     f.write_text(json.dumps(wf))
-    comfy = Path(sys.executable).with_name("comfy")
-    assert comfy.is_file(), "comfy-cli is not installed in this venv (scripts/setup_comfyui.sh installs it)"
     before = set((server.base_dir / "output").rglob("*.png"))
-    out = subprocess.run([str(comfy), "--skip-prompt", "--no-json", "--workspace", str(comfyui_dir()), "run",
-                          "--workflow", str(f), "--wait", "--host", "127.0.0.1", "--port", str(server.port),
-                          "--timeout", "300"],
-                         capture_output=True, text=True, timeout=400, env=_server_env(tmp_path), cwd=tmp_path)
+    out = _comfy_cli(server, ["--workflow", str(f), "--wait", "--timeout", "300"], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert set((server.base_dir / "output").rglob("*.png")) - before, out.stdout[-2000:]
 
