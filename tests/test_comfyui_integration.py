@@ -36,6 +36,7 @@ from comfyui_harness import build_workflows as bw
 from comfyui_harness.env import chromium_path, comfyui_dir, import_comfy_in_process, require_comfyui
 from comfyui_harness.prompt_queue import QueueResult, load_api_workflow, queue_prompt
 from comfyui_harness.workflow_format import core_node_defs, node_def_from_class, strip_meta
+from readme_sections import readme_section
 
 pytestmark = pytest.mark.comfyui
 
@@ -168,13 +169,7 @@ def test_pack_imports_without_failure(server):
     assert f"custom_nodes/{PACK_LINK}" in log  # listed under "Import times for custom nodes"
 
 
-def _readme_node_section(readme: str, name: str):
-    """The text under README's `### <name>` heading (up to the next heading), or None."""
-    m = re.search(rf"^###\s+`?{re.escape(name)}`?\b.*$", readme, flags=re.M)
-    if not m:
-        return None
-    nxt = re.search(r"^##", readme[m.end():], flags=re.M)
-    return readme[m.end(): m.end() + nxt.start() if nxt else len(readme)]
+_readme_node_section = readme_section
 
 
 def test_all_pack_nodes_in_object_info_with_documented_inputs(server):
