@@ -17,6 +17,8 @@ from ..version import __version__
 
 # name -> (module, one-line help); a subcommand is listed once it works.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "extract": ("extract", "Qwen3-VL identity features of seed directories into one .safetensors feature cache"),
+    "train": ("train", "train a residual head from seed directories (caption or zero target)"),
     "demo": ("demo", "the main job on a fresh machine: tiny offline models (or real ones) end to end"),
 }
 

@@ -175,3 +175,102 @@ def load_head(path: str | os.PathLike, device: torch.device | str = "cpu") -> Re
         head.proj.bias.copy_(tensors["proj.bias"])
         head.scale.copy_(tensors["scale"])
     return head.to(device).eval()
+
+
+# --- compatibility checks: a head meets features and conditioning ------------------------------
+# Feature settings that change what the vector means (a mismatch is an error) and those that only
+# change how photos were resized before extraction (a mismatch is a warning: same space, other detail).
+HARD_FEATURE_SETTINGS = ("source", "layer", "pooling", "normalize")
+SOFT_FEATURE_SETTINGS = ("resolution", "resolution_policy", "max_pixels", "min_pixels", "image_size", "resize")
+
+
+def _features_meta_dict(features_meta: Any) -> dict[str, Any]:
+    """Accept an IdentityFeatures-like object (with `.meta`), its meta dict, or a flat settings dict."""
+    meta = getattr(features_meta, "meta", features_meta)
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise UserInputError(f"expected identity features (IDENTITY_FEATURES), got {type(features_meta).__name__}.")
+    flat = dict(meta.get("settings") or meta.get("feature_settings") or {})
+    flat.update({k: v for k, v in meta.items() if k not in ("settings", "feature_settings")})
+    return flat
+
+
+def _feature_dim_of(features_meta: Any, flat: dict[str, Any]) -> int | None:
+    for key in ("feature_dim", "dim", "D"):
+        if isinstance(flat.get(key), int):
+            return int(flat[key])
+    combined = getattr(features_meta, "combined", None)
+    if isinstance(combined, torch.Tensor) and combined.ndim >= 1:
+        return int(combined.shape[-1])
+    return None
+
+
+def check_head_features(head: ResidualHead, features_meta: Any) -> list[str]:
+    """Check that identity features suit the head; return harmless differences as warnings.
+
+    Raises ModelMismatchError naming both sides when the width D differs or the feature source/layer
+    (what the vector means) differs. A different resolution policy is only a warning: the vector lives
+    in the same space, the head just sees the photo at another level of detail.
+    """
+    from .errors import ModelMismatchError
+
+    flat = _features_meta_dict(features_meta)
+    d = _feature_dim_of(features_meta, flat)
+    if d is not None and d != head.feature_dim:
+        raise ModelMismatchError(
+            f"identity features have D={d} ({describe_feature_width(d)}) but the head expects "
+            f"D={head.feature_dim} ({describe_feature_width(head.feature_dim)}, trained on "
+            f"{head.meta.qwen3_vl_model or 'an unrecorded Qwen3-VL'}): extract features with the Qwen3-VL model "
+            "the head was trained on, or pick a head trained on this one.")
+    trained = _features_meta_dict(head.meta.feature_settings)
+    for key in HARD_FEATURE_SETTINGS:
+        if key in trained and key in flat and trained[key] != flat[key]:
+            raise ModelMismatchError(
+                f"identity features were extracted with {key}={flat[key]!r} but the head was trained on "
+                f"{key}={trained[key]!r}: extract the features with {key}={trained[key]!r} (or pick a head "
+                f"trained on {key}={flat[key]!r}).")
+    warnings_: list[str] = []
+    for key in SOFT_FEATURE_SETTINGS:
+        if key in trained and key in flat and trained[key] != flat[key]:
+            warnings_.append(f"features use {key}={flat[key]!r} but the head was trained on {key}={trained[key]!r}; "
+                             "this works, but identity may come through a little differently.")
+    model = flat.get("model_id") or flat.get("qwen3_vl_model")
+    if model and head.meta.qwen3_vl_model and model != head.meta.qwen3_vl_model:
+        warnings_.append(f"features come from {model!r} but the head was trained on features from "
+                         f"{head.meta.qwen3_vl_model!r} (same width D={head.feature_dim}); a fine-tune of the same "
+                         "model works, a different model gives meaningless residuals.")
+    return warnings_
+
+
+def check_head_hidden(head: ResidualHead, hidden_size: int) -> None:
+    """The prompt embeddings' width H must be the head's: otherwise name both sizes and their generations."""
+    from .errors import ModelMismatchError
+
+    if int(hidden_size) != head.hidden_size:
+        raise ModelMismatchError(
+            f"the conditioning has text width H={int(hidden_size)} ({describe_text_width(hidden_size)}) but the head "
+            f"outputs H={head.hidden_size} ({describe_text_width(head.hidden_size)}): use a head trained for this "
+            "Qwen-Image generation, or encode the prompt with the text encoder the head was trained with "
+            f"({head.meta.text_encoder_model or 'not recorded'}).")
+
+
+def head_summary(head: ResidualHead) -> str:
+    """A few human-readable lines about a head (the LoadResidualHead node's STRING output)."""
+    m = head.meta
+    lines = [f"Qwen identity head: D={m.feature_dim} ({describe_feature_width(m.feature_dim)}) -> "
+             f"K={m.tokens} slot(s) x H={m.hidden_size} ({describe_text_width(m.hidden_size)})",
+             f"scale={float(head.scale.detach().float().item()):.4g}, target={m.target or '?'}, "
+             f"length policy={m.length_policy or '?'}, format v{m.format_version}, pack {m.pack_version or '?'}"]
+    if m.qwen3_vl_model or m.text_encoder_model:
+        lines.append(f"Qwen3-VL: {m.qwen3_vl_model or '?'}; text encoder: {m.text_encoder_model or '?'}")
+    if m.feature_settings:
+        lines.append("feature settings: " + json.dumps(m.feature_settings, sort_keys=True, default=str))
+    if m.base_prompt:
+        lines.append(f"base prompt: {m.base_prompt!r}")
+    if m.metrics:
+        keys = [k for k in ("epochs", "train_loss", "val_loss", "train_identities", "val_identities") if k in m.metrics]
+        lines.append("metrics: " + ", ".join(f"{k}={m.metrics[k]}" for k in keys))
+    if m.dataset_fingerprint:
+        lines.append(f"dataset: {m.dataset_fingerprint[:16]}")
+    return "\n".join(lines)

@@ -13,6 +13,11 @@ from .model_folders import register_model_folders  # noqa: F401
 
 # One line per node module; a module is listed once it exists.
 NODE_MODULES: list[str] = [
+    "qwen3vl_nodes",
+    "head_nodes",
+    "inject_nodes",
+    "sampling_nodes",
+    "grid_nodes",
 ]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}

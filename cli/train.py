@@ -1,0 +1,121 @@
+"""Train a residual head: Qwen3-VL features of each person's photos -> the caption (or zero) residual
+on Qwen-Image's prompt embeddings. Writes OUT/checkpoints/linear_head.safetensors (load it with the
+LoadResidualHead node), OUT/metrics.json and OUT/loss_curve.png. Runs the same under
+`accelerate launch` across GPUs (sharded extraction, data-parallel training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
+
+DEFAULT_OUT = "train_output"
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+DEVICES = ("auto", "cuda", "cpu", "mps")
+
+
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--seed-dirs", default=None,
+                   help="comma-separated seed_* folders with photo_view_*.png (each may be a glob, e.g. '/data/seed_*')")
+    g.add_argument("--seed-dirs-file", default=None, help="a text file with one seed folder (or glob) per line")
+    g.add_argument("--single-view", action="store_true", help="use only the first photo of each identity (POC parity)")
+    g.add_argument("--val-fraction", type=_finite_float, default=0.2,
+                   help="share of identities held out for validation, split by identity (default: 0.2)")
+    g.add_argument("--out-dir", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=3, help="total epochs (default: 3)")
+    g.add_argument("--batch-size", type=int, default=2, help="photos per step (default: 2)")
+    g.add_argument("--lr", type=_finite_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    g.add_argument("--target", choices=("caption", "zero"), default="caption",
+                   help="caption: the person's description inside the base prompt (default); zero: the POC's zero residual")
+    g.add_argument("--tokens", type=int, default=1, help="K identity slots of the head (default: 1)")
+    g.add_argument("--mse-weight", type=_finite_float, default=1.0, help="weight of the MSE term (default: 1.0)")
+    g.add_argument("--cos-weight", type=_finite_float, default=1.0, help="weight of the 1-cosine term (default: 1.0)")
+    g.add_argument("--seed", type=int, default=123, help="seed of every random choice (default: 123)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/train_state.safetensors")
+    g.add_argument("--overwrite", action="store_true", help="start over even if OUT already holds a trained head")
+    g = p.add_argument_group("models")
+    g.add_argument("--qwen3-vl-model", default=DEFAULT_QWEN3_VL,
+                   help=f"Qwen3-VL folder, models-folder name or hub id for features and captions (default: {DEFAULT_QWEN3_VL})")
+    g.add_argument("--qwen-image-model", default=DEFAULT_QWEN_IMAGE,
+                   help=f"diffusers Qwen-Image folder or hub id; only its text encoder is used (default: {DEFAULT_QWEN_IMAGE})")
+    g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT, help=f'default: "{DEFAULT_BASE_PROMPT}"')
+    g.add_argument("--feature-source", choices=("merger_pooled", "llm_hidden"), default="merger_pooled",
+                   help="Qwen3-VL feature source (default: merger_pooled)")
+    g.add_argument("--feature-layer", type=int, default=-1, help="hidden-state layer for llm_hidden (default: -1)")
+    g.add_argument("--resolution", choices=("center_crop_448", "pixel_budget"), default="center_crop_448",
+                   help="how photos are sized for Qwen3-VL (default: center_crop_448)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="model precision (default: auto = bf16 on GPUs that have it, fp32 on CPU); the head trains in fp32")
+    g.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HUGGINGFACE_TOKEN)")
+    g.add_argument("--cache-dir", default=None, help="Hugging Face cache (default: $HF_HUB_CACHE)")
+
+
+def config_from_args(args):
+    from ..core.errors import UserInputError
+    from ..core.seed_dirs import parse_seed_dir_args
+    from ..training.loop import LoopConfig
+    from ..training.pipeline import TrainConfig
+
+    if not args.seed_dirs and not args.seed_dirs_file:
+        raise UserInputError("no seed directories given: pass --seed-dirs DIR[,DIR...] (globs allowed) or --seed-dirs-file.")
+    loop = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      mse_weight=args.mse_weight, cos_weight=args.cos_weight)
+    loop.validate()
+    return TrainConfig(seed_dirs=parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file), out_dir=Path(args.out_dir),
+                       loop=loop, qwen3_vl_model=args.qwen3_vl_model, qwen_image_model=args.qwen_image_model,
+                       base_prompt=args.base_prompt, target=args.target, tokens=args.tokens,
+                       single_view=args.single_view, val_fraction=args.val_fraction,
+                       feature_settings={"source": args.feature_source, "layer": args.feature_layer,
+                                         "resolution": args.resolution},
+                       device=args.device, dtype=args.dtype,
+                       hf_token=args.hf_token or os.environ.get("HUGGINGFACE_TOKEN"),
+                       cache_dir=args.cache_dir or os.environ.get("HF_HUB_CACHE"),
+                       resume=args.resume, overwrite=args.overwrite)
+
+
+def tqdm_progress(name: str):
+    from tqdm import tqdm
+
+    bar = {}
+
+    def update(done: int, total: int) -> None:
+        if "b" not in bar:
+            bar["b"] = tqdm(total=total, desc=name, unit="step" if name == "training" else "item", leave=False)
+        b = bar["b"]
+        b.update(done - b.n)
+        if done >= total:
+            b.close()
+
+    return update
+
+
+def run(args) -> int:
+    from ..training.pipeline import run_training
+
+    cfg = config_from_args(args)
+    metrics = run_training(cfg, progress=tqdm_progress)
+    out = Path(cfg.out_dir)
+    if metrics:
+        val = metrics.get("val_loss")
+        print(f"head: {out / 'checkpoints' / 'linear_head.safetensors'}\n"
+              f"train loss {metrics['train_loss']:.6g}" + (f", validation loss {val:.6g}" if val is not None else "")
+              + f"; metrics in {out / 'metrics.json'}, curve in {out / 'loss_curve.png'}")
+    return 0

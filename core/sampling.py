@@ -1,0 +1,387 @@
+"""Qwen-Image sampling from CONDITIONING on a diffusers `QwenImagePipeline` (the diffusers path).
+
+`sample` is our own denoising loop over the pipeline's components (transformer, scheduler, VAE). At
+the same seeds it equals diffusers' `QwenImagePipeline.__call__` (same sigmas and dynamic shift,
+same true-CFG with its norm rescale, same Euler step, same VAE decode; a test checks latents and
+images against the stock pipeline), and it is built for speed:
+- several cells (one prompt item × one seed) share a transformer forward, up to `max_batch` cells;
+- the positive and negative rows of those cells go through ONE forward: the text is padded to the
+  longest row and masked (the transformer ignores masked text tokens, and padding at the end does not
+  move the text RoPE positions of valid tokens);
+- the padded text batches, masks, row maps, timesteps and RoPE shapes are built once per active
+  entry set (usually once), never per step.
+
+Each cell's initial noise comes from its own `torch.Generator("cpu").manual_seed(seed)`, drawn on the
+CPU in the transformer's dtype and then moved, so a seed gives the same image alone or in a batch
+(exactly the noise diffusers draws for `generator=torch.Generator().manual_seed(seed)`).
+
+Step windows: step i of N has percent p = i / N (the fraction of steps done, which is 1 − the
+unshifted sigma of diffusers' schedule; ComfyUI's "simple" scheduler maps its percents the same way).
+An entry with `start_percent` / `end_percent` is active at step i when start <= p <= end (inclusive,
+as in ComfyUI). When several entries of one side are active, their predictions are averaged, weighted
+by their `strength` key (default 1), as ComfyUI combines conditionings. Every step must have at least
+one active positive entry (and negative entry when CFG is on).
+
+Output order: for each conditioning batch item (α-major after InjectResidual), for each seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .conditioning import entry_mask
+from .errors import UserInputError
+
+DEFAULT_STEPS = 28
+DEFAULT_CFG = 4.5
+DEFAULT_WIDTH = 512
+DEFAULT_HEIGHT = 768
+DEFAULT_SEEDS = "1234,5678,9999"
+DEFAULT_NEGATIVE_PROMPT = "blurry, low quality, deformed, watermark"
+DEFAULT_MAX_BATCH = 4
+OFFLOAD_CHOICES = ("none", "model_cpu_offload", "sequential")
+SIZE_MULTIPLE = 16  # VAE factor 8 × the transformer's 2x2 patches
+MAX_SEED = 2**63 - 1
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def parse_seeds(text: str | Iterable[int]) -> list[int]:
+    """"1234, 5678" -> [1234, 5678]; empty or unparsable lists are a UserInputError."""
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.replace(";", ",").split(",")]
+        if not any(parts):
+            raise UserInputError("the seed list is empty: give comma-separated integers such as 1234,5678,9999.")
+        seeds = []
+        for p in parts:
+            if not p:
+                raise UserInputError(f"the seed list {text!r} has an empty item: remove the extra comma.")
+            try:
+                seeds.append(int(p))
+            except ValueError:
+                raise UserInputError(f"cannot read seed {p!r} in {text!r}: seeds are whole numbers, "
+                                     "comma-separated, such as 1234,5678,9999.") from None
+    else:
+        seeds = [int(s) for s in text]
+        if not seeds:
+            raise UserInputError("the seed list is empty: give at least one seed.")
+    for s in seeds:
+        if not 0 <= s <= MAX_SEED:
+            raise UserInputError(f"seed {s} is out of range: use 0..{MAX_SEED}.")
+    return seeds
+
+
+def check_size(width: int, height: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if int(v) != v or v < SIZE_MULTIPLE:
+            raise UserInputError(f"{name}={v} must be a whole number of at least {SIZE_MULTIPLE}.")
+        if v % SIZE_MULTIPLE:
+            lo, hi = v // SIZE_MULTIPLE * SIZE_MULTIPLE, (v // SIZE_MULTIPLE + 1) * SIZE_MULTIPLE
+            raise UserInputError(f"{name}={v} is not a multiple of {SIZE_MULTIPLE} (Qwen-Image's VAE factor 8 × 2x2 "
+                                 f"patches): use {lo or SIZE_MULTIPLE} or {hi}.")
+
+
+# -------------------------------------------------------------------------------------------- loading
+@dataclass
+class QwenImageBundle:
+    """What LoadQwenImageDiffusers outputs (ComfyUI type QWEN_IMAGE_PIPELINE)."""
+
+    pipeline: object
+    model_id: str
+    device: torch.device   # where computation runs (the execution device under offload)
+    dtype: torch.dtype
+    offload: str = "none"
+
+
+def load_qwen_image_pipeline(source: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                             offload: str = "none", search_dirs: Sequence = (), token: str | None = None,
+                             cache_dir: str | None = None) -> QwenImageBundle:
+    """A diffusers Qwen-Image pipeline from a folder, a models-folder name or a hub id."""
+    from .devices import resolve_device, resolve_dtype
+    from .model_sources import read_config, resolve_model_dir
+
+    if offload not in OFFLOAD_CHOICES:
+        raise UserInputError(f"unknown offload {offload!r}: use one of {', '.join(OFFLOAD_CHOICES)}.")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if offload != "none" and dev.type != "cuda":
+        raise UserInputError(f"offload={offload!r} moves weights between CPU and a GPU; the device is {dev}. "
+                             "Use offload none on CPU, or choose a CUDA device.")
+    folder = resolve_model_dir(source, search_dirs=search_dirs, token=token, cache_dir=cache_dir,
+                               what="Qwen-Image diffusers pipeline")
+    index = read_config(folder)
+    cls = index.get("_class_name", "")
+    if cls != "QwenImagePipeline":
+        raise UserInputError(f"{folder} holds a {cls or 'non-pipeline'} folder, not a QwenImagePipeline "
+                             "(its model_index.json must name QwenImagePipeline): point at Qwen/Qwen-Image's folder.")
+    from diffusers import QwenImagePipeline
+
+    try:
+        pipe = QwenImagePipeline.from_pretrained(str(folder), dtype=dt)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserInputError(f"cannot load the Qwen-Image pipeline from {folder} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); the folder is incomplete or damaged.") from None
+    pipe.set_progress_bar_config(disable=True)
+    if offload == "model_cpu_offload":
+        pipe.enable_model_cpu_offload(device=dev)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=dev)
+    else:
+        pipe.to(dev)
+    return QwenImageBundle(pipeline=pipe, model_id=str(source), device=dev, dtype=dt, offload=offload)
+
+
+def _pipe_and_device(bundle) -> tuple[object, torch.device]:
+    if isinstance(bundle, QwenImageBundle):
+        return bundle.pipeline, bundle.device
+    return bundle, bundle._execution_device
+
+
+def encode_text(bundle, prompts: str | list[str]) -> list:
+    """CONDITIONING (ComfyUI layout, tensors on the CPU) from the pipeline's own text encoder."""
+    from .conditioning import make_conditioning
+    from .prompt_encoding import PromptEmbeds, encode_prompts
+
+    pipe, device = _pipe_and_device(bundle)
+    if getattr(pipe, "text_encoder", None) is None:
+        raise UserInputError("this Qwen-Image pipeline was loaded without its text encoder: load the full folder.")
+    enc = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, device=device)
+    return make_conditioning(PromptEmbeds(enc.embeds.cpu(), enc.mask.cpu()))
+
+
+# ------------------------------------------------------------------------------------------- sampling
+@dataclass
+class _Entry:
+    embeds: torch.Tensor  # [B, S, H] on the device, in the transformer dtype
+    mask: torch.Tensor    # [B, S] bool
+    start: float
+    end: float
+    strength: float
+
+    def row(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = item if self.embeds.shape[0] > 1 else 0
+        return self.embeds[i], self.mask[i]
+
+
+def _entries(conditioning, side: str, device, dtype, width: int | None) -> tuple[list[_Entry], int]:
+    if not isinstance(conditioning, list) or not conditioning:
+        raise UserInputError(f"the {side} conditioning is empty: connect a text-encode node.")
+    entries, sizes = [], set()
+    for item in conditioning:
+        try:
+            embeds, extra = item[0], item[1]
+        except (TypeError, IndexError, KeyError):
+            raise UserInputError(f"the {side} conditioning is not in ComfyUI's format [[tensor, dict], ...].") from None
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
+            raise UserInputError(f"{side} conditioning tensors must be [B, S, H]; got {getattr(embeds, 'shape', None)}.")
+        if width is not None and embeds.shape[-1] != width:
+            from .head import describe_text_width
+
+            raise UserInputError(
+                f"the {side} conditioning has H={embeds.shape[-1]} ({describe_text_width(embeds.shape[-1])}) but this "
+                f"Qwen-Image transformer takes H={width} ({describe_text_width(width)}): encode the prompt with the "
+                "text encoder that belongs to this model.")
+        for key in ("area", "mask", "control", "gligen"):
+            if extra.get(key) is not None:
+                raise UserInputError(f"the {side} conditioning carries {key!r}, which the diffusers path does not "
+                                     "support: use the native MODEL+VAE inputs for regional/controlled conditioning.")
+        mask = entry_mask(embeds, extra).bool()
+        entries.append(_Entry(embeds.to(device=device, dtype=dtype), mask.to(device),
+                              float(extra.get("start_percent", 0.0)), float(extra.get("end_percent", 1.0)),
+                              float(extra.get("strength", 1.0))))
+        sizes.add(embeds.shape[0])
+    batch = max(sizes)
+    if sizes - {1, batch}:
+        raise UserInputError(f"the {side} conditioning mixes batch sizes {sorted(sizes)}: every entry must have the "
+                             f"same batch size (or 1).")
+    return entries, batch
+
+
+def step_percent(i: int, steps: int) -> float:
+    """The percent ComfyUI's start_percent/end_percent refer to, for step i of `steps` (0-based)."""
+    return i / steps
+
+
+def active_entries(entries: list[_Entry], i: int, steps: int) -> tuple[int, ...]:
+    p = step_percent(i, steps)
+    return tuple(k for k, e in enumerate(entries) if e.start <= p <= e.end)
+
+
+@dataclass
+class _Plan:
+    """Everything one transformer forward needs for a given set of active entries (built once)."""
+
+    text: torch.Tensor
+    mask: torch.Tensor | None
+    row_cell: torch.Tensor      # [R] cell index of each row
+    pos_rows: torch.Tensor      # indices of the positive rows
+    pos_weight: torch.Tensor    # [n_cells] summed weights (positive)
+    neg_rows: torch.Tensor | None
+    neg_weight: torch.Tensor | None
+    row_weight: torch.Tensor    # [R, 1, 1]
+    img_shapes: list = field(default_factory=list)
+
+
+@dataclass
+class SampleResult:
+    images: torch.Tensor | None         # [N, H, W, 3] float32 0..1 on the CPU (ComfyUI IMAGE); None if not decoded
+    latents: torch.Tensor | None        # packed final latents [N, L, C] on the CPU (when asked for)
+    cells: list[tuple[int, int]]        # (conditioning item, seed) per image
+    seconds: float
+
+
+def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[int] = DEFAULT_SEEDS,
+           steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, width: int = DEFAULT_WIDTH,
+           height: int = DEFAULT_HEIGHT, max_batch: int = DEFAULT_MAX_BATCH,
+           progress: Callable[[int, int], None] | None = None, interrupt: Callable[[], None] | None = None,
+           return_latents: bool = False, decode: bool = True) -> SampleResult:
+    """Images for every (positive item, seed) cell, item-major; see the module docstring."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline, calculate_shift
+
+    t_start = time.perf_counter()
+    seeds = parse_seeds(seeds)
+    check_size(width, height)
+    if int(steps) != steps or steps < 1:
+        raise UserInputError(f"steps={steps} must be a whole number of at least 1.")
+    if int(max_batch) != max_batch or max_batch < 1:
+        raise UserInputError(f"max_batch={max_batch} must be at least 1 (cells per transformer batch).")
+    if not math.isfinite(cfg):
+        raise UserInputError(f"cfg={cfg} must be a finite number.")
+    pipe, device = _pipe_and_device(bundle)
+    transformer, vae = pipe.transformer, pipe.vae
+    if transformer is None or vae is None:
+        raise UserInputError("this Qwen-Image pipeline has no transformer or VAE: load the full pipeline folder.")
+    if transformer.config.guidance_embeds:
+        raise UserInputError("this transformer is guidance-distilled (guidance_embeds=True); the pack samples "
+                             "Qwen-Image with true CFG only.")
+    dtype = transformer.dtype
+    text_width = transformer.config.joint_attention_dim
+    pos, n_items = _entries(positive, "positive", device, dtype, text_width)
+    do_cfg = cfg > 1 and negative is not None
+    neg, n_neg = _entries(negative, "negative", device, dtype, text_width) if do_cfg else ([], 1)
+    if do_cfg and n_neg not in (1, n_items):
+        raise UserInputError(f"the negative conditioning has batch {n_neg} but the positive has {n_items}: give one "
+                             "negative prompt, or one per positive item.")
+    for side, entries in (("positive", pos), ("negative", neg)):
+        for i in range(steps if entries else 0):
+            if not active_entries(entries, i, steps):
+                raise UserInputError(f"no {side} conditioning is active at step {i + 1} of {steps} (percent "
+                                     f"{step_percent(i, steps):.3f}): the start_percent/end_percent windows leave a gap.")
+
+    vsf = pipe.vae_scale_factor
+    lat_h, lat_w = 2 * (height // (vsf * 2)), 2 * (width // (vsf * 2))
+    channels = transformer.config.in_channels // 4
+    img_shape = (1, height // vsf // 2, width // vsf // 2)
+    image_seq_len = (lat_h // 2) * (lat_w // 2)
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    sched_cfg = pipe.scheduler.config
+    mu = calculate_shift(image_seq_len, sched_cfg.get("base_image_seq_len", 256), sched_cfg.get("max_image_seq_len", 4096),
+                         sched_cfg.get("base_shift", 0.5), sched_cfg.get("max_shift", 1.15))
+
+    cells = [(item, seed) for item in range(n_items) for seed in seeds]
+    chunks = [cells[i:i + max_batch] for i in range(0, len(cells), max_batch)]
+    total, done = steps * len(chunks), 0
+    images, finals = [], []
+    latents_mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
+    latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
+
+    for chunk in chunks:
+        noise = [torch.randn((1, 1, channels, lat_h, lat_w), generator=torch.Generator("cpu").manual_seed(seed),
+                             dtype=dtype) for _, seed in chunk]
+        latents = torch.cat(noise).to(device)
+        latents = QwenImagePipeline._pack_latents(latents, len(chunk), channels, lat_h, lat_w)
+        scheduler = copy.deepcopy(pipe.scheduler)
+        scheduler.set_timesteps(steps, device=device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        timesteps = scheduler.timesteps
+        plans: dict[tuple, _Plan] = {}
+        for i, t in enumerate(timesteps):
+            if interrupt is not None:
+                interrupt()
+            key = (active_entries(pos, i, steps), active_entries(neg, i, steps) if do_cfg else ())
+            plan = plans.get(key)
+            if plan is None:
+                plan = plans[key] = _build_plan(chunk, pos, neg, key, device, dtype, img_shape)
+            rows = latents.index_select(0, plan.row_cell)
+            timestep = t.expand(rows.shape[0]).to(latents.dtype)
+            pred = transformer(hidden_states=rows, timestep=timestep / 1000, guidance=None,
+                               encoder_hidden_states_mask=plan.mask, encoder_hidden_states=plan.text,
+                               img_shapes=plan.img_shapes, attention_kwargs={}, return_dict=False)[0]
+            noise_pred = _combine(pred, plan, plan.pos_rows, plan.pos_weight, len(chunk))
+            if do_cfg:
+                neg_pred = _combine(pred, plan, plan.neg_rows, plan.neg_weight, len(chunk))
+                comb = neg_pred + cfg * (noise_pred - neg_pred)
+                cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
+                noise_norm = torch.norm(comb, dim=-1, keepdim=True)
+                noise_pred = comb * (cond_norm / noise_norm)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        if return_latents:
+            finals.append(latents.detach().float().cpu())
+        if not decode:
+            continue
+        lat = QwenImagePipeline._unpack_latents(latents, height, width, vsf).to(vae.dtype)
+        lat = lat / latents_std.to(lat.device, lat.dtype) + latents_mean.to(lat.device, lat.dtype)
+        with torch.no_grad():
+            decoded = vae.decode(lat, return_dict=False)[0][:, :, 0]
+        images.append((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu())
+    if hasattr(pipe, "maybe_free_model_hooks"):
+        pipe.maybe_free_model_hooks()
+    return SampleResult(images=torch.cat(images) if decode else None, latents=torch.cat(finals) if return_latents else None,
+                        cells=cells, seconds=time.perf_counter() - t_start)
+
+
+sample = torch.no_grad()(sample)
+
+
+def _combine(pred: torch.Tensor, plan: _Plan, rows: torch.Tensor, weight: torch.Tensor, n_cells: int) -> torch.Tensor:
+    """Weighted mean of the rows' predictions per cell (a plain slice when each cell has one row)."""
+    if rows.shape[0] == n_cells:
+        return pred.index_select(0, rows)
+    picked = pred.index_select(0, rows) * plan.row_weight.index_select(0, rows).to(pred.dtype)
+    out = torch.zeros((n_cells, *pred.shape[1:]), dtype=pred.dtype, device=pred.device)
+    out.index_add_(0, plan.row_cell.index_select(0, rows), picked)
+    return out / weight.to(pred.dtype)[:, None, None]
+
+
+def _build_plan(chunk, pos, neg, key, device, dtype, img_shape) -> _Plan:
+    texts, masks, row_cell, weights, sides = [], [], [], [], []
+    for side, (entries, active) in enumerate(((pos, key[0]), (neg, key[1]))):
+        for c, (item, _seed) in enumerate(chunk):
+            for k in active:
+                e, m = entries[k].row(item)
+                texts.append(e)
+                masks.append(m)
+                row_cell.append(c)
+                weights.append(entries[k].strength)
+                sides.append(side)
+    s_max = max(t.shape[0] for t in texts)
+    text = torch.zeros((len(texts), s_max, texts[0].shape[-1]), dtype=dtype, device=device)
+    mask = torch.zeros((len(texts), s_max), dtype=torch.bool, device=device)
+    for r, (e, m) in enumerate(zip(texts, masks)):
+        text[r, :e.shape[0]] = e
+        mask[r, :m.shape[0]] = m
+    row_cell_t = torch.tensor(row_cell, device=device)
+    sides_t = torch.tensor(sides, device=device)
+    w = torch.tensor(weights, dtype=torch.float32, device=device)
+    n = len(chunk)
+
+    def summed(side):
+        out = torch.zeros(n, dtype=torch.float32, device=device)
+        sel = sides_t == side
+        return out.index_add_(0, row_cell_t[sel], w[sel])
+
+    pos_rows = (sides_t == 0).nonzero(as_tuple=True)[0]
+    neg_rows = (sides_t == 1).nonzero(as_tuple=True)[0]
+    return _Plan(text=text, mask=None if bool(mask.all()) else mask, row_cell=row_cell_t, pos_rows=pos_rows,
+                 pos_weight=summed(0), neg_rows=neg_rows if len(neg_rows) else None,
+                 neg_weight=summed(1) if len(neg_rows) else None, row_weight=w[:, None, None],
+                 img_shapes=[[img_shape]] * len(texts))

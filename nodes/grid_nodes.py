@@ -1,0 +1,53 @@
+"""AlphaGrid: a thin ComfyUI adapter over core.grid."""
+
+from __future__ import annotations
+
+import json
+
+from ..core.errors import UserInputError
+from ..core.grid import make_grid
+from ..core.images import comfy_to_pil, pil_to_comfy
+from ..core.injection import parse_alphas
+from ..core.sampling import DEFAULT_SEEDS, parse_seeds
+
+
+class AlphaGrid:
+    DESCRIPTION = ("Lays out α × seed images as one labelled grid (rows = α, columns = seeds; the POC's layout) and "
+                   "returns the layout as JSON. The images must be α-major, as QwenImageSampleFromEmbeds makes them.")
+    CATEGORY = "Qwen Identity"
+    FUNCTION = "grid"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("grid", "metadata")
+    OUTPUT_TOOLTIPS = ("One image: the labelled grid.", "JSON: α list, seeds, cell positions and labels.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "len(alphas) × len(seeds) images, α-major (from "
+                           "QwenImageSampleFromEmbeds)."}),
+                "alphas": ("STRING", {"default": "0.5,1.0,1.5", "tooltip": "The α list, comma-separated (connect "
+                           "InjectResidual's alphas output)."}),
+                "seeds": ("STRING", {"default": DEFAULT_SEEDS, "tooltip": "The seed list, comma-separated (connect "
+                          "QwenImageSampleFromEmbeds' seeds output)."}),
+            },
+            "optional": {
+                "cell_notes": ("STRING", {"default": "", "multiline": True, "tooltip": "Optional text under each "
+                               "cell, one line per image in α-major order (e.g. identity scores). Empty = none."}),
+            },
+        }
+
+    def grid(self, images, alphas, seeds, cell_notes=""):
+        alpha_list, seed_list = parse_alphas(alphas), parse_seeds(seeds)
+        notes = None
+        if (cell_notes or "").strip():
+            notes = cell_notes.splitlines()
+            if len(notes) != images.shape[0]:
+                raise UserInputError(f"cell_notes has {len(notes)} lines for {images.shape[0]} images: give one line "
+                                     "per image, α-major.")
+        g = make_grid(comfy_to_pil(images), alpha_list, seed_list, cell_notes=notes)
+        return (pil_to_comfy([g.image]), json.dumps(g.meta, ensure_ascii=False))
+
+
+NODE_CLASS_MAPPINGS = {"AlphaGrid": AlphaGrid}
+NODE_DISPLAY_NAME_MAPPINGS = {"AlphaGrid": "Alpha × Seed Grid (Qwen Identity)"}

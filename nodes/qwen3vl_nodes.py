@@ -1,0 +1,227 @@
+"""LoadQwen3VL and ExtractIdentityFeatures: thin ComfyUI adapters over core.qwen3vl / core.features.
+
+Memory cooperation with ComfyUI (all through `comfy.model_management`, imported lazily; skipped
+without ComfyUI):
+- before weights go to a GPU (at load, or when an offloaded model is moved back for extraction),
+  `free_memory(bytes_needed, device)` asks ComfyUI to unload its own models until that much is free;
+- `keep_loaded=False` loads the model to the CPU and moves it to the GPU only while
+  ExtractIdentityFeatures runs; afterwards it goes back to the CPU and `soft_empty_cache()` returns
+  the VRAM to Qwen-Image. The model stays in RAM (ComfyUI caches the loader's output, so a later run
+  does not reload it from disk);
+- `keep_loaded=True` keeps it on the GPU between runs (fastest when VRAM is plentiful).
+`device=auto` inside ComfyUI means ComfyUI's own device (`get_torch_device()`, honouring `--cpu`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
+from ..core.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS,
+                             FeatureSettings, extract_features, prepare_images)
+from ..core.images import comfy_to_pil, pil_to_comfy
+from ..core.qwen3vl import Qwen3VLBundle, attention_choices, check_weight_files, load_qwen3vl
+from .model_folders import list_model_folders, model_dirs
+
+CATEGORY = "Qwen Identity"
+NO_FOLDER = "(none found: type a path or hub id in model_path)"
+
+
+def _model_management():
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return mm
+
+
+def comfy_progress(total: int):
+    """A progress(done, total) callback driving ComfyUI's progress bar and honouring its Cancel button."""
+    mm = _model_management()
+    if mm is None:
+        return None
+    import comfy.utils  # type: ignore[import-not-found]
+
+    bar = comfy.utils.ProgressBar(total)
+
+    def progress(done: int, total_: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total_)
+
+    return progress
+
+
+def _weights_bytes(folder: Path | None, dtype: torch.dtype) -> int:
+    """Rough device memory for the weights: file bytes scaled from bf16 storage to `dtype`, +20 %."""
+    if folder is None:
+        return 0
+    try:
+        size = sum(f.stat().st_size for f in check_weight_files(folder))
+    except Exception:
+        return 0
+    return int(size * torch.tensor([], dtype=dtype).element_size() / 2 * 1.2)
+
+
+def _make_room(bytes_needed: int, device: torch.device) -> None:
+    mm = _model_management()
+    if mm is not None and device.type != "cpu" and bytes_needed > 0:
+        mm.free_memory(bytes_needed, device)
+
+
+def _release(bundle: Qwen3VLBundle) -> None:
+    """keep_loaded=False: move the model off the GPU and give the cache back to ComfyUI."""
+    if getattr(bundle, "keep_loaded", True) or bundle.device.type == "cpu":
+        return
+    bundle.model.to("cpu")
+    mm = _model_management()
+    if mm is not None:
+        mm.soft_empty_cache()
+    elif bundle.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _ensure_on_device(bundle: Qwen3VLBundle) -> None:
+    current = next(bundle.model.parameters()).device
+    if current.type != bundle.device.type:
+        _make_room(_weights_bytes(bundle.path, bundle.dtype), bundle.device)
+        bundle.model.to(bundle.device)
+
+
+class LoadQwen3VL:
+    DESCRIPTION = ("Loads a Qwen3-VL checkpoint (2B/4B/8B Instruct or Thinking, or a fine-tune) with transformers, "
+                   "for ExtractIdentityFeatures. Put hub folders in ComfyUI/models/qwen3_vl/ (or LLM/).")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("QWEN3VL",)
+    RETURN_NAMES = ("qwen3vl",)
+    OUTPUT_TOOLTIPS = ("The loaded Qwen3-VL model and processor.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folders = list_model_folders("qwen3_vl") or [NO_FOLDER]
+        return {
+            "required": {
+                "model": (folders, {"tooltip": "A Qwen3-VL folder in ComfyUI/models/qwen3_vl/ (or models/LLM/). "
+                                               "Ignored when model_path is filled in."}),
+                "model_path": ("STRING", {"default": "", "tooltip": "Optional: an absolute folder path or a hub id "
+                                          "such as Qwen/Qwen3-VL-2B-Instruct (downloaded into models/qwen3_vl/ "
+                                          "when online). Wins over the dropdown when not empty."}),
+                "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "Weights precision. auto = bf16 on "
+                                                "GPUs that support it, fp16 on other GPUs, fp32 on CPU."}),
+                "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": "Where extraction runs. auto = "
+                                                  "ComfyUI's device (GPU unless started with --cpu)."}),
+                "attention": (attention_choices(), {"default": "sdpa", "tooltip": "Attention implementation: sdpa "
+                              "(default, PyTorch's fused attention), eager, or flash_attention_2 when flash-attn "
+                              "is installed."}),
+                "keep_loaded": ("BOOLEAN", {"default": True, "tooltip": "On: keep the model on the GPU between "
+                                "runs. Off: keep it in RAM and move it to the GPU only while extracting, so "
+                                "Qwen-Image gets the VRAM back."}),
+            },
+            "optional": {
+                "hf_token": ("STRING", {"default": "", "tooltip": "Hugging Face token for gated/private hub ids "
+                                        "(else HUGGINGFACE_TOKEN / HF_TOKEN). Not stored in outputs."}),
+            },
+        }
+
+    def load(self, model, model_path, dtype="auto", device="auto", attention="sdpa", keep_loaded=True, hf_token=""):
+        from ..core.errors import UserInputError
+
+        source = (model_path or "").strip() or (model if model != NO_FOLDER else "")
+        if not source:
+            raise UserInputError("no Qwen3-VL model chosen: put a Qwen3-VL folder in ComfyUI/models/qwen3_vl/ "
+                                 "or type a path / hub id (e.g. Qwen/Qwen3-VL-2B-Instruct) in model_path.")
+        from ..core.devices import resolve_device, resolve_dtype
+        from ..core.model_sources import resolve_model_dir
+
+        dirs = model_dirs("qwen3_vl")
+        token = (hf_token or "").strip() or None
+        folder = resolve_model_dir(source, search_dirs=dirs, download_dir=dirs[0] if dirs else None, token=token,
+                                   what="Qwen3-VL model")
+        mm = _model_management()
+        dev = resolve_device(mm.get_torch_device() if (mm is not None and device == "auto") else device)
+        dt = resolve_dtype(dtype, dev)
+        load_on = dev if keep_loaded else torch.device("cpu")
+        if keep_loaded:
+            _make_room(_weights_bytes(folder, dt), dev)
+        bundle = load_qwen3vl(str(folder), device=load_on, dtype=dt, attn_implementation=attention)
+        bundle.device = dev
+        bundle.keep_loaded = bool(keep_loaded)
+        return (bundle,)
+
+
+class ExtractIdentityFeatures:
+    DESCRIPTION = ("Identity features of one person from several photos (an IMAGE batch): per-image Qwen3-VL "
+                   "features, their (weighted) average as the identity vector, and a preview of what the model saw.")
+    CATEGORY = CATEGORY
+    FUNCTION = "extract"
+    RETURN_TYPES = ("IDENTITY_FEATURES", "IMAGE")
+    RETURN_NAMES = ("identity_features", "model_view")
+    OUTPUT_TOOLTIPS = ("Per-image features [N, D], the combined identity vector [D] and their metadata.",
+                       "The images exactly as the model saw them (crops), padded with grey to one size.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "qwen3vl": ("QWEN3VL", {"tooltip": "The model from LoadQwen3VL."}),
+                "images": ("IMAGE", {"tooltip": "One or more photos of the SAME person (an IMAGE batch). Each "
+                                     "gives a feature; they are averaged into one identity vector."}),
+                "feature_source": (list(FEATURE_SOURCES), {"default": DEFAULT_SOURCE, "tooltip": "merger_pooled "
+                                   "(default): the vision merger's image tokens, what the LLM consumes; cheap, no "
+                                   "LLM forward. llm_hidden: the LLM's hidden states at the image tokens of "
+                                   "`layer`; costs a full forward. Must match what the head was trained on."}),
+                "layer": ("INT", {"default": -1, "min": -256, "max": 256, "tooltip": "llm_hidden only: which hidden "
+                          "state (0 = embeddings, -1 = last, -2 = second to last ...)."}),
+                "resolution": (list(RESOLUTIONS), {"default": DEFAULT_RESOLUTION, "tooltip": "center_crop_448 "
+                               "(default): shortest side to 448 then a centre 448x448 crop. pixel_budget: whole "
+                               "photo, aspect kept, at most max_pixels, sides multiples of 32."}),
+                "max_pixels": ("INT", {"default": DEFAULT_MAX_PIXELS, "min": 1024, "max": 4096 * 4096, "step": 1024,
+                               "tooltip": "pixel_budget only: the most pixels one photo may have when the model sees "
+                               "it (default 200704 = 448x448). Bounds memory for huge photos."}),
+            },
+            "optional": {
+                "weights": ("STRING", {"default": "", "tooltip": "Optional per-photo weights in batch order, e.g. "
+                            "'1,1,0.5'. Empty = equal weights."}),
+            },
+        }
+
+    def extract(self, qwen3vl, images, feature_source=DEFAULT_SOURCE, layer=-1, resolution=DEFAULT_RESOLUTION,
+                max_pixels=DEFAULT_MAX_PIXELS, weights=""):
+        from ..core.errors import UserInputError
+
+        if not isinstance(qwen3vl, Qwen3VLBundle):
+            raise UserInputError("the qwen3vl input must come from LoadQwen3VL.")
+        settings = FeatureSettings(source=feature_source, layer=int(layer), resolution=resolution,
+                                   max_pixels=int(max_pixels))
+        pil = comfy_to_pil(images)
+        seen = prepare_images(pil, settings, qwen3vl.patch_multiple)
+        _ensure_on_device(qwen3vl)
+        try:
+            feats = extract_features(qwen3vl, pil, settings, weights=weights, prepared=seen,
+                                     progress=comfy_progress(len(seen)))
+        finally:
+            _release(qwen3vl)
+        return (feats, pil_to_comfy(pad_to_one_size(seen)))
+
+
+def pad_to_one_size(images: list[Image.Image], fill=(128, 128, 128)) -> list[Image.Image]:
+    """Centre each image on a grey canvas of the largest width and height (for an IMAGE batch preview)."""
+    w = max(im.width for im in images)
+    h = max(im.height for im in images)
+    out = []
+    for im in images:
+        if im.size == (w, h):
+            out.append(im)
+            continue
+        canvas = Image.new("RGB", (w, h), fill)
+        canvas.paste(im, ((w - im.width) // 2, (h - im.height) // 2))
+        out.append(canvas)
+    return out
+
+
+NODE_CLASS_MAPPINGS = {"LoadQwen3VL": LoadQwen3VL, "ExtractIdentityFeatures": ExtractIdentityFeatures}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoadQwen3VL": "Load Qwen3-VL (identity)",
+                              "ExtractIdentityFeatures": "Extract Identity Features (Qwen3-VL)"}

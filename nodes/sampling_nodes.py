@@ -1,0 +1,191 @@
+"""LoadQwenImageDiffusers and QwenImageSampleFromEmbeds: thin ComfyUI adapters over core.sampling.
+
+QwenImageSampleFromEmbeds runs on either a diffusers pipeline (our own loop, `core/sampling.py`) or
+ComfyUI's native Qwen-Image MODEL + VAE (delegated to `nodes/native_sampling.sample_native`, ComfyUI's
+sampler API).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
+from ..core.errors import UserInputError
+from ..core.sampling import (DEFAULT_CFG, DEFAULT_HEIGHT, DEFAULT_MAX_BATCH, DEFAULT_SEEDS, DEFAULT_STEPS,
+                             DEFAULT_WIDTH, OFFLOAD_CHOICES, QwenImageBundle, check_size, parse_seeds)
+from .model_folders import list_model_folders, model_dirs
+
+CATEGORY = "Qwen Identity"
+NO_FOLDER = "(none found: type a path or hub id in model_path)"
+DEFAULT_SAMPLER, DEFAULT_SCHEDULER = "euler", "simple"
+
+
+def _model_management():
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return mm
+
+
+def _progress_and_interrupt(total_hint: int = 1):
+    """(progress, interrupt) for core.sampling: ComfyUI's progress bar and Cancel button, or (None, None)."""
+    mm = _model_management()
+    if mm is None:
+        return None, None
+    import comfy.utils  # type: ignore[import-not-found]
+
+    bar = comfy.utils.ProgressBar(total_hint)
+
+    def progress(done: int, total: int) -> None:
+        bar.update_absolute(done, total)
+
+    return progress, mm.throw_exception_if_processing_interrupted
+
+
+def _sampler_choices() -> tuple[list[str], list[str]]:
+    try:
+        import comfy.samplers  # type: ignore[import-not-found]
+
+        return list(comfy.samplers.KSampler.SAMPLERS), list(comfy.samplers.KSampler.SCHEDULERS)
+    except ImportError:
+        return [DEFAULT_SAMPLER], [DEFAULT_SCHEDULER]
+
+
+class LoadQwenImageDiffusers:
+    DESCRIPTION = ("Loads a diffusers Qwen-Image pipeline (transformer, VAE, text encoder, scheduler) from "
+                   "ComfyUI/models/diffusers/<name>/ (a hub folder with model_index.json), a path, or a hub id, "
+                   "for QwenImageTextEncodeDiffusers and QwenImageSampleFromEmbeds.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("QWEN_IMAGE_PIPELINE",)
+    RETURN_NAMES = ("pipeline",)
+    OUTPUT_TOOLTIPS = ("The loaded diffusers QwenImagePipeline and its device/dtype.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        folders = list_model_folders("diffusers") or [NO_FOLDER]
+        return {
+            "required": {
+                "model": (folders, {"tooltip": "A Qwen-Image pipeline folder in ComfyUI/models/diffusers/. Ignored "
+                                               "when model_path is filled in."}),
+                "model_path": ("STRING", {"default": "", "tooltip": "Optional: a folder path or a hub id such as "
+                               "Qwen/Qwen-Image (downloaded into models/diffusers/ when online). Wins over the "
+                               "dropdown when not empty."}),
+                "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "Weights precision. auto = bf16 on GPUs "
+                          "that support it, fp16 on other GPUs, fp32 on CPU."}),
+                "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": "Where sampling runs. auto = "
+                           "ComfyUI's device (GPU unless started with --cpu)."}),
+                "offload": (list(OFFLOAD_CHOICES), {"default": "none", "tooltip": "none: everything on the device "
+                            "(fastest; Qwen-Image needs ~58 GB in bf16). model_cpu_offload: each component moves to "
+                            "the GPU only while it runs. sequential: layer by layer (least VRAM, slowest). Offload "
+                            "needs a CUDA GPU."}),
+            },
+            "optional": {
+                "hf_token": ("STRING", {"default": "", "tooltip": "Hugging Face token for gated/private hub ids "
+                             "(else HUGGINGFACE_TOKEN / HF_TOKEN). Not stored in outputs."}),
+            },
+        }
+
+    def load(self, model, model_path="", dtype="auto", device="auto", offload="none", hf_token=""):
+        from ..core.sampling import load_qwen_image_pipeline
+
+        source = (model_path or "").strip() or (model if model != NO_FOLDER else "")
+        if not source:
+            raise UserInputError("no Qwen-Image pipeline chosen: put a diffusers Qwen-Image folder (with "
+                                 "model_index.json) in ComfyUI/models/diffusers/ or type a path / hub id "
+                                 "(e.g. Qwen/Qwen-Image) in model_path.")
+        mm = _model_management()
+        if mm is not None and device == "auto":
+            device = mm.get_torch_device()
+        bundle = load_qwen_image_pipeline(source, device=device, dtype=dtype, offload=offload,
+                                          search_dirs=model_dirs("diffusers"), token=(hf_token or "").strip() or None)
+        return (bundle,)
+
+
+class QwenImageSampleFromEmbeds:
+    DESCRIPTION = ("Samples Qwen-Image from positive and negative CONDITIONING (e.g. from InjectResidual) for every "
+                   "conditioning batch item × every seed, α-major: item 0 with each seed, then item 1, ... Connect "
+                   "either a diffusers pipeline (LoadQwenImageDiffusers) or ComfyUI's native Qwen-Image MODEL and "
+                   "VAE (fp8, GGUF and LoRA-patched models work). True CFG as in the POC: steps 28, cfg 4.5, "
+                   "768x512; encode the negative 'blurry, low quality, deformed, watermark'.")
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("images", "seeds")
+    OUTPUT_TOOLTIPS = ("The images, α-major (for each conditioning item, for each seed).",
+                       "The seeds used, comma-separated (connect to AlphaGrid).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        samplers, schedulers = _sampler_choices()
+        return {
+            "required": {
+                "positive": ("CONDITIONING", {"tooltip": "The prompt embeddings (a batch from an alphas list gives "
+                             "one row of images per item)."}),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt's embeddings (POC: 'blurry, low "
+                             "quality, deformed, watermark'); one item, or one per positive item."}),
+                "seeds": ("STRING", {"default": DEFAULT_SEEDS, "tooltip": "Comma-separated generation seeds; each "
+                          "seed gives the same image alone or in a batch."}),
+                "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200, "tooltip": "Denoising steps."}),
+                "cfg": ("FLOAT", {"default": DEFAULT_CFG, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "True "
+                        "classifier-free guidance scale (<= 1 turns CFG off and ignores the negative)."}),
+                "width": ("INT", {"default": DEFAULT_WIDTH, "min": 16, "max": 4096, "step": 16, "tooltip": "Image "
+                          "width, a multiple of 16."}),
+                "height": ("INT", {"default": DEFAULT_HEIGHT, "min": 16, "max": 4096, "step": 16, "tooltip": "Image "
+                           "height, a multiple of 16."}),
+                "max_batch": ("INT", {"default": DEFAULT_MAX_BATCH, "min": 1, "max": 64, "tooltip": "Most images "
+                              "denoised together (diffusers path; each costs two transformer rows with CFG). "
+                              "Higher is faster until memory runs out."}),
+            },
+            "optional": {
+                "pipeline": ("QWEN_IMAGE_PIPELINE", {"tooltip": "Diffusers path: the pipeline from "
+                             "LoadQwenImageDiffusers. Leave empty to use model + vae."}),
+                "model": ("MODEL", {"tooltip": "Native path: Qwen-Image from ComfyUI's own loaders (UNETLoader, GGUF, "
+                          "LoRA ...). Needs vae too."}),
+                "vae": ("VAE", {"tooltip": "Native path: the Qwen-Image VAE from ComfyUI's VAELoader."}),
+                "sampler_name": (samplers, {"default": DEFAULT_SAMPLER, "tooltip": "Native path only: ComfyUI "
+                                 "sampler."}),
+                "scheduler": (schedulers, {"default": DEFAULT_SCHEDULER, "tooltip": "Native path only: ComfyUI "
+                              "scheduler."}),
+            },
+        }
+
+    def sample(self, positive, negative, seeds=DEFAULT_SEEDS, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
+               width=DEFAULT_WIDTH, height=DEFAULT_HEIGHT, max_batch=DEFAULT_MAX_BATCH, pipeline=None, model=None,
+               vae=None, sampler_name=DEFAULT_SAMPLER, scheduler=DEFAULT_SCHEDULER):
+        seed_list = parse_seeds(seeds)
+        check_size(width, height)
+        seeds_text = ",".join(map(str, seed_list))
+        if pipeline is not None and (model is not None or vae is not None):
+            raise UserInputError("connect either a diffusers pipeline or a native MODEL + VAE, not both.")
+        if pipeline is not None:
+            if not isinstance(pipeline, QwenImageBundle):
+                raise UserInputError("the pipeline input must come from LoadQwenImageDiffusers.")
+            from ..core.sampling import sample
+
+            progress, interrupt = _progress_and_interrupt()
+            result = sample(pipeline, positive, negative, seed_list, steps=int(steps), cfg=float(cfg),
+                            width=int(width), height=int(height), max_batch=int(max_batch), progress=progress,
+                            interrupt=interrupt)
+            return (result.images, seeds_text)
+        if model is None or vae is None:
+            raise UserInputError("nothing to sample with: connect a pipeline (LoadQwenImageDiffusers), or both a "
+                                 "native Qwen-Image MODEL and its VAE.")
+        try:
+            from .native_sampling import sample_native
+        except ImportError:
+            raise UserInputError("the native MODEL + VAE path is not available in this version of the pack "
+                                 "(nodes/native_sampling.py is missing); use the diffusers pipeline input.") from None
+        progress, _ = _progress_and_interrupt()
+        images = sample_native(model, vae, positive, negative, seed_list, int(steps), float(cfg), int(width),
+                               int(height), sampler_name, scheduler, progress=progress)
+        if not isinstance(images, torch.Tensor):
+            raise UserInputError("the native sampler returned no IMAGE tensor.")
+        return (images, seeds_text)
+
+
+NODE_CLASS_MAPPINGS = {"LoadQwenImageDiffusers": LoadQwenImageDiffusers,
+                       "QwenImageSampleFromEmbeds": QwenImageSampleFromEmbeds}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoadQwenImageDiffusers": "Load Qwen-Image (diffusers)",
+                              "QwenImageSampleFromEmbeds": "Qwen-Image Sample From Embeds (Qwen Identity)"}

@@ -1,0 +1,177 @@
+"""Our denoising loop equals stock diffusers; seeds are batch-independent; windows, errors."""
+
+import pytest
+import torch
+
+from qwen_identity.core import sampling
+from qwen_identity.core.errors import UserInputError
+
+NEG = sampling.DEFAULT_NEGATIVE_PROMPT
+W, H, STEPS = 32, 48, 2
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_qwenimage_dir):
+    return sampling.load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def conds(bundle):
+    pos = sampling.encode_text(bundle, ["a portrait photo of a person, studio lighting, 85mm", "a man"])
+    neg = sampling.encode_text(bundle, NEG)
+    return pos, neg
+
+
+def stock(bundle, embeds, mask, neg, seed, output_type, cfg=4.5, steps=STEPS):
+    return bundle.pipeline(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg[0][0],
+                           negative_prompt_embeds_mask=torch.ones(neg[0][0].shape[:2], dtype=torch.long),
+                           true_cfg_scale=cfg, height=H, width=W, num_inference_steps=steps,
+                           generator=torch.Generator().manual_seed(seed), output_type=output_type).images
+
+
+def test_equals_stock_diffusers(bundle, conds):
+    pos, neg = conds
+    assert "attention_mask" in pos[0][1]  # two prompts of different lengths: padded and masked
+    res = sampling.sample(bundle, pos, neg, seeds=[1234, 5], steps=STEPS, width=W, height=H, max_batch=4,
+                          return_latents=True)
+    assert res.images.shape == (4, H, W, 3)
+    assert res.cells == [(0, 1234), (0, 5), (1, 1234), (1, 5)]  # item-major, then seeds
+    mask = pos[0][1]["attention_mask"]
+    for k, (item, seed) in enumerate(res.cells):
+        e, m = pos[0][0][item:item + 1], mask[item:item + 1]
+        n = int(m.sum())
+        e, m = e[:, :n], m[:, :n]  # stock on its own, unpadded prompt, cond and uncond in separate forwards
+        lat = stock(bundle, e, m, neg, seed, "latent")
+        assert torch.allclose(lat[0], res.latents[k], atol=1e-5), (lat[0] - res.latents[k]).abs().max()
+        if k == 3:  # the decode too (one cell: the VAE is the slow part on CPU)
+            img = torch.from_numpy(stock(bundle, e, m, neg, seed, "np")[0])
+            assert torch.allclose(img, res.images[k], atol=1e-5)
+    assert res.images.std() > 0
+
+
+def test_without_cfg_equals_stock(bundle, conds):
+    pos, _ = conds
+    one = [[pos[0][0][1:2, :int(pos[0][1]["attention_mask"][1].sum())], {"pooled_output": None}]]
+    res = sampling.sample(bundle, one, None, seeds=[7], steps=2, cfg=1.0, width=W, height=H, return_latents=True,
+                          decode=False)
+    lat = bundle.pipeline(prompt_embeds=one[0][0], true_cfg_scale=1.0, height=H, width=W, num_inference_steps=2,
+                          generator=torch.Generator().manual_seed(7), output_type="latent").images
+    assert torch.equal(lat[0], res.latents[0])  # same single forward per step: bitwise
+
+
+def test_seed_alone_equals_seed_in_batch(bundle, conds):
+    pos, neg = conds
+    batch = sampling.sample(bundle, pos, neg, seeds=[11, 22, 33], steps=2, width=W, height=H, max_batch=6,
+                            return_latents=True, decode=False)
+    alone = sampling.sample(bundle, [[pos[0][0][1:2], {"pooled_output": None, "attention_mask":
+                                                       pos[0][1]["attention_mask"][1:2]}]], neg,
+                            seeds=[22], steps=2, width=W, height=H, max_batch=1, return_latents=True, decode=False)
+    assert torch.allclose(alone.latents[0], batch.latents[4], atol=1e-5)  # item 1, seed 22
+    assert not torch.allclose(batch.latents[1], batch.latents[4], atol=1e-3)  # the prompt matters
+    assert not torch.allclose(batch.latents[3], batch.latents[4], atol=1e-3)  # the seed matters
+
+
+def test_max_batch_does_not_change_images(bundle, conds):
+    pos, neg = conds
+    a = sampling.sample(bundle, pos, neg, seeds=[3, 4], steps=2, width=W, height=H, max_batch=1,
+                        return_latents=True, decode=False)
+    b = sampling.sample(bundle, pos, neg, seeds=[3, 4], steps=2, width=W, height=H, max_batch=3,
+                        return_latents=True, decode=False)
+    assert a.latents.shape == b.latents.shape and a.latents.shape[0] == 4
+    assert torch.allclose(a.latents, b.latents, atol=1e-5)
+
+
+def test_progress_and_interrupt(bundle, conds):
+    pos, neg = conds
+    seen = []
+    sampling.sample(bundle, pos, neg, seeds=[1], steps=2, width=W, height=H, max_batch=1, decode=False,
+                    progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # 2 cells × 2 steps, one cell per batch
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        sampling.sample(bundle, pos, neg, seeds=[1], steps=3, width=W, height=H, interrupt=interrupt)
+    assert len(calls) == 2  # checked before every step
+
+
+def test_step_windows_switch_conditioning(bundle, conds):
+    """Entries are active where start <= i/N <= end; a full split equals the right conditioning per step."""
+    pos, neg = conds
+    a = [[pos[0][0][0:1], {"pooled_output": None, "attention_mask": pos[0][1]["attention_mask"][0:1]}]]
+    b = [[pos[0][0][1:2], {"pooled_output": None, "attention_mask": pos[0][1]["attention_mask"][1:2]}]]
+    steps = 4
+    # a for steps 0,1 (p = 0, .25), b for steps 2,3 (p = .5, .75)
+    split = [[a[0][0], {**a[0][1], "start_percent": 0.0, "end_percent": 0.3}],
+             [b[0][0], {**b[0][1], "start_percent": 0.3, "end_percent": 1.0}]]
+    got = sampling.sample(bundle, split, neg, seeds=[5], steps=steps, width=W, height=H, return_latents=True, decode=False)
+    only_a = sampling.sample(bundle, a, neg, seeds=[5], steps=steps, width=W, height=H, return_latents=True, decode=False)
+    only_b = sampling.sample(bundle, b, neg, seeds=[5], steps=steps, width=W, height=H, return_latents=True, decode=False)
+    assert not torch.allclose(got.latents, only_a.latents, atol=1e-4)
+    assert not torch.allclose(got.latents, only_b.latents, atol=1e-4)
+    assert [sampling.active_entries(sampling._entries(split, "p", "cpu", torch.float32, None)[0], i, steps)
+            for i in range(steps)] == [(0,), (0,), (1,), (1,)]
+    # a window over all steps is the same as no window
+    full = [[a[0][0], {**a[0][1], "start_percent": 0.0, "end_percent": 1.0}]]
+    same = sampling.sample(bundle, full, neg, seeds=[5], steps=steps, width=W, height=H, return_latents=True, decode=False)
+    assert torch.equal(same.latents, only_a.latents)
+
+
+def test_overlapping_entries_average_like_comfyui(bundle, conds):
+    pos, neg = conds
+    e = [[pos[0][0][0:1], {"pooled_output": None, "attention_mask": pos[0][1]["attention_mask"][0:1]}]]
+    twice = e + [[e[0][0].clone(), dict(e[0][1])]]
+    one = sampling.sample(bundle, e, neg, seeds=[9], steps=2, width=W, height=H, return_latents=True, decode=False)
+    two = sampling.sample(bundle, twice, neg, seeds=[9], steps=2, width=W, height=H, return_latents=True, decode=False)
+    assert torch.allclose(one.latents, two.latents, atol=1e-5)  # the mean of two equal predictions
+
+
+def test_gap_in_windows_is_an_error(bundle, conds):
+    pos, neg = conds
+    gap = [[pos[0][0], {**pos[0][1], "start_percent": 0.5, "end_percent": 1.0}]]
+    with pytest.raises(UserInputError, match="no positive conditioning is active at step 1"):
+        sampling.sample(bundle, gap, neg, seeds=[1], steps=2, width=W, height=H)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(width=40), "width=40 is not a multiple of 16.*32 or 48"),
+    (dict(height=100), "height=100 is not a multiple of 16"),
+    (dict(seeds=""), "seed list is empty"),
+    (dict(seeds="12,abc"), "cannot read seed 'abc'"),
+    (dict(seeds="1,,2"), "empty item"),
+    (dict(seeds="-3"), "out of range"),
+    (dict(steps=0), "steps=0"),
+    (dict(max_batch=0), "max_batch=0"),
+])
+def test_bad_inputs(bundle, conds, kw, match):
+    pos, neg = conds
+    args = dict(seeds=[1], steps=2, width=W, height=H) | kw
+    with pytest.raises(UserInputError, match=match):
+        sampling.sample(bundle, pos, neg, **args)
+
+
+def test_wrong_text_width_and_batch_mismatch(bundle, conds):
+    pos, neg = conds
+    wide = [[torch.zeros(1, 5, 3584), {"pooled_output": None}]]
+    with pytest.raises(UserInputError, match="H=3584.*Qwen-Image.*H=32"):
+        sampling.sample(bundle, wide, neg, seeds=[1], steps=1, width=W, height=H)
+    neg3 = [[neg[0][0].repeat(3, 1, 1), {"pooled_output": None}]]
+    with pytest.raises(UserInputError, match="negative conditioning has batch 3 but the positive has 2"):
+        sampling.sample(bundle, pos, neg3, seeds=[1], steps=1, width=W, height=H)
+
+
+def test_loader_errors(tmp_path, tiny_qwen3vl_dir):
+    with pytest.raises(UserInputError, match="not found"):
+        sampling.load_qwen_image_pipeline(str(tmp_path / "nope"), device="cpu")
+    with pytest.raises(UserInputError, match="not a QwenImagePipeline"):
+        sampling.load_qwen_image_pipeline(str(tiny_qwen3vl_dir), device="cpu")
+    with pytest.raises(UserInputError, match="offload"):
+        sampling.load_qwen_image_pipeline(str(tiny_qwen3vl_dir), device="cpu", offload="sequential")
