@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 from _pack import import_pack  # noqa: E402
 
-ALL_STAGES = ["env", "extract", "train", "textenc", "forward", "stock", "ours", "inject", "profile", "memory"]
+ALL_STAGES = ["env", "extract", "train", "textenc", "forward", "stock", "profile", "ours", "inject", "memory"]
 
 # Dense bf16 tensor-core peaks (datasheet, SXM parts); MFU is reported against these.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 4090": 165e12}
@@ -240,26 +240,22 @@ def make_inputs(b: Bench) -> dict:
                 neg_mask=torch.ones(1, b.neg_len, dtype=torch.long, device=b.device), residual=residual)
 
 
-def inject(b: Bench, embeds: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
-    """E + α·R through the pack's injection when it exists, else the length policy directly."""
-    try:
-        from qwen_identity.core import injection  # noqa: F401  (TODO-sampling: use its public call)
-        fn = getattr(injection, "inject_residual_embeds", None)
-        if fn is not None:
-            return fn(embeds, mask, b.inputs["residual"], alpha)
-    except ImportError:
-        pass
-    from qwen_identity.core.length_policy import expand_to_tokens
+def conditioning(b: Bench, embeds: torch.Tensor) -> list:
+    """ComfyUI CONDITIONING of one unpadded prompt (what the pack's text-encode node outputs)."""
+    return [[embeds.detach().cpu(), {"pooled_output": None}]]
 
-    r = expand_to_tokens(b.inputs["residual"].float(), mask.bool())
-    return (embeds.float() + alpha * r).to(embeds.dtype)
+
+def grid_conditioning(b: Bench) -> list:
+    """The α batch through the pack's own injection (InjectResidual's core call), α-major."""
+    from qwen_identity.core.injection import inject
+
+    return inject(conditioning(b, b.inputs["pos"]), b.inputs["residual"].cpu(), b.alphas)
 
 
 def grid_embeds(b: Bench) -> list[torch.Tensor]:
-    """The 9 positive embeddings of the α×seed grid, row-major (α outer, seed inner)."""
-    i = b.inputs
-    per_alpha = [inject(b, i["pos"], i["pos_mask"], a) for a in b.alphas]
-    return [per_alpha[r] for r in range(len(b.alphas)) for _ in b.seeds]
+    """The 9 positive embeddings of the α×seed grid, row-major (α outer, seed inner), on the device."""
+    injected = grid_conditioning(b)[0][0].to(b.device)
+    return [injected[r:r + 1] for r in range(len(b.alphas)) for _ in b.seeds]
 
 
 def cell_seeds(b: Bench) -> list[int]:
@@ -351,6 +347,8 @@ def stage_extract(b: Bench):
     rng = torch.Generator().manual_seed(0)
     images = [Image.fromarray(torch.randint(0, 256, (side, side, 3), generator=rng, dtype=torch.uint8).numpy())
               for _ in range(16)]
+    photos = [Image.fromarray(torch.randint(0, 256, (side + 64, side + 16, 3), generator=rng, dtype=torch.uint8).numpy())
+              for _ in range(16)]  # not square: the pack centre-crops to 448x448
     sizes = {"tiny": None} if b.tiny else QWEN3VL
     res = {"resolution": side}
     for name, spec in sizes.items():
@@ -422,10 +420,31 @@ def stage_extract(b: Bench):
                 peak_gib_vision=pk_vis, peak_gib_llm_hidden=pk_full)
             b.log(f"extract {name} batch {bs}: vision {bs / t_vis:.1f} img/s, llm {bs / t_full:.1f} img/s, "
                   f"preprocess {t_pre * 1e3:.0f} ms")
+        r["pack"] = pack_extraction(b, model, processor, name, photos)
         res[name] = r
         del model
         b.reset_peak()
     return res
+
+
+def pack_extraction(b: Bench, model, processor, name: str, photos) -> dict:
+    """The pack's own extraction (core/features.extract_features): 16 photos, batch 1 and 16, both sources."""
+    from qwen_identity.core.features import FeatureSettings, extract_features
+    from qwen_identity.core.qwen3vl import Qwen3VLBundle
+
+    bundle = Qwen3VLBundle(model=model, processor=processor, model_id=f"random-Qwen3-VL-{name}", device=b.device,
+                           dtype=b.dtype, feature_dim=model.config.text_config.hidden_size)
+    out = {}
+    for source in ("merger_pooled", "llm_hidden"):
+        settings = FeatureSettings(source=source)
+        for bs in (1, 16):
+            extract_features(bundle, photos[:bs], settings, batch_size=bs)  # warm-up
+            b.reset_peak()
+            dt, feats = b.timed(lambda: extract_features(bundle, photos, settings, batch_size=bs))
+            out[f"{source}_batch{bs}"] = dict(images_per_s=round(len(photos) / dt, 1), s=round(dt, 3),
+                                              feature_dim=feats.feature_dim, **b.peak())
+            b.log(f"pack extraction {name} {source} batch {bs}: {len(photos) / dt:.1f} img/s")
+    return out
 
 
 def stage_train(b: Bench):
@@ -600,7 +619,7 @@ def stage_forward(b: Bench):
             res[name] = describe_exc(e)
             b.log(f"forward {name}: FAILED {describe_exc(e)}")
 
-    split = split_attention(b, [b.txt_len, b.neg_len])
+    lens = [b.txt_len, b.neg_len]
     f1 = b.flops["forward_pos"]
     step = b.flops["cfg_step"]
     k1, k2m, k2s = forward_args(b, 1, False), forward_args(b, 2, True), forward_args(b, 2, False, same_len=True)
@@ -610,29 +629,36 @@ def stage_forward(b: Bench):
     for be in ("_native_cudnn", "_native_efficient", "flex"):
         run(f"eager_b2_padmask_{be.strip('_')}", k2m, backend=be, flops=step)
     run("eager_b2_samelen_nomask_native_flash", k2s, backend="_native_flash", flops=2 * f1)
-    with split:
+    with split_attention(b, lens):
         run("eager_b2_split_nomask", k2m, flops=step)
     k18 = forward_args(b, 18, True)
     run("eager_b18_padmask", k18, flops=9 * step)
+    if b.cuda and not b.out_of_time(60):
+        res["cudagraph_eager_b2_padmask"] = cuda_graph_forward(b, k2m, step)
     if not b.args.no_compile:
         t = time.perf_counter()
         tr.compile_repeated_blocks(fullgraph=True, dynamic=False)
         res["compile_repeated_blocks_call_s"] = round(time.perf_counter() - t, 2)
-        run("compiled_b2_padmask", k2m, flops=step)
-        with split:
-            run("compiled_b2_split_nomask", k2m, flops=step)
+        try:
+            run("compiled_b2_padmask", k2m, flops=step)
             if b.cuda and not b.out_of_time(60):
-                res["cudagraph_compiled_b2_split_nomask"] = cuda_graph_forward(b, k2m, step)
-        run("compiled_b1", k1, flops=f1)
-        run("compiled_b2_padmask_cudnn", k2m, backend="_native_cudnn", flops=step)
-        with split_attention(b, [b.txt_len] * 9 + [b.neg_len] * 9):
-            run("compiled_b18_split_nomask", k18, flops=9 * step)
-        # undo: later stages time stock diffusers as shipped
-        for m in tr.modules():
-            if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:
-                m._compiled_call_impl = None
-        torch._dynamo.reset()
+                res["cudagraph_compiled_b2_padmask"] = cuda_graph_forward(b, k2m, step)
+            with split_attention(b, lens):
+                run("compiled_b2_split_nomask", k2m, flops=step)
+            run("compiled_b1", k1, flops=f1)
+            run("compiled_b18_padmask", k18, flops=9 * step)
+        finally:  # undo: later stages time stock diffusers as shipped
+            uncompile(tr)
     return res
+
+
+def uncompile(module: torch.nn.Module):
+    for m in module.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    if hasattr(module, "_qwen_identity_compiled"):
+        del module._qwen_identity_compiled
+    torch._dynamo.reset()
 
 
 @contextlib.contextmanager
@@ -694,7 +720,7 @@ def cuda_graph_forward(b: Bench, kwargs, flops):
         with torch.no_grad():
             ref = tr(**static)[0]
         diff = (out.float() - ref.float()).abs().max().item()
-        b.log(f"forward cudagraph_b2_padmask: {dt * 1e3:.1f} ms")
+        b.log(f"forward cudagraph: {dt * 1e3:.1f} ms")
         return dict(ms=round(dt * 1e3, 2), mfu=mfu(b, flops, dt), max_abs_diff_vs_uncaptured=diff)
     except Exception as e:
         return describe_exc(e)
@@ -756,21 +782,90 @@ def stage_stock(b: Bench):
     return res
 
 
+def ours_call(b: Bench, grid: bool, steps: int | None = None, **speed):
+    from qwen_identity.core.sampling import sample
+
+    i = b.inputs
+    pos = grid_conditioning(b) if grid else conditioning(b, i["pos"])
+    seeds = b.seeds if grid else [b.seeds[0]]
+    res = sample(b.pipe, pos, conditioning(b, i["neg"]), seeds=seeds, steps=steps or b.steps, cfg=b.cfg,
+                 width=b.width, height=b.height, max_batch=len(b.alphas) * len(b.seeds), return_latents=True,
+                 decode=False, **speed)
+    return res.latents
+
+
+def agreement(ours: torch.Tensor, ref: torch.Tensor | None) -> dict | None:
+    if ref is None:
+        return None
+    d = (ours.float().cpu() - ref.float().cpu()).abs()
+    return dict(max_abs=float(d.max()), mean_abs=float(d.mean()), ref_mean_abs=float(ref.float().abs().mean()))
+
+
 def stage_ours(b: Bench):
-    """The pack's sampler (core/sampling.py). TODO(bench): wired once the sampling branch is merged."""
-    try:
-        from qwen_identity.core import sampling  # noqa: F401
-    except ImportError as e:
-        return f"not available in this checkout: {describe_exc(e)}"
-    return "core/sampling.py present but not wired into the benchmark yet"
+    """The pack's sampler (core/sampling.sample) on the same embeddings and seeds as `stock`, in variants:
+    eager (cond+uncond in one forward), + CUDA graphs, + regional compile, + both."""
+    ensure_pipeline(b)
+    flops = ensure_flops(b)
+    res = {}
+    stock_single = b.results["stages"].get("stock", {}).get("single", {}).get("s") if isinstance(
+        b.results["stages"].get("stock"), dict) else None
+    stock9 = (b.results["stages"].get("stock") or {}).get("grid_9_calls", {}) if isinstance(
+        b.results["stages"].get("stock"), dict) else {}
+    stockb = (b.results["stages"].get("stock") or {}).get("grid_batched", {}) if isinstance(
+        b.results["stages"].get("stock"), dict) else {}
+    variants = [("eager", {}, False), ("graphs", dict(cuda_graphs=True), False),
+                ("compiled", dict(compile=True), False), ("compiled_graphs", dict(compile=True, cuda_graphs=True), True)]
+    if b.args.ours_grid_all:
+        variants = [(n, kw, True) for n, kw, _ in variants]
+    for name, speed, do_grid in variants:
+        if speed.get("compile") and b.args.no_compile:
+            continue
+        if b.out_of_time(60):
+            res[name] = "skipped: time budget"
+            continue
+        r = {}
+        try:
+            # warm-up: 2 steps (compiles on first use of each shape; records graphs)
+            t = time.perf_counter()
+            ours_call(b, False, steps=2, **speed)
+            b.sync()
+            r["warmup_2_steps_s"] = round(time.perf_counter() - t, 2)
+            b.reset_peak()
+            dt, lat = b.timed(lambda: ours_call(b, False, **speed), repeat=1 if b.tiny else 2)
+            r["single"] = dict(s=round(dt, 3), s_per_step=round(dt / b.steps, 4), mfu=mfu(b, flops["image"], dt),
+                               speedup_vs_stock=round(stock_single / dt, 2) if stock_single else None,
+                               vs_stock_latents=agreement(lat, b.stock_latents.get("single")),
+                               finite=bool(torch.isfinite(lat).all()), **b.peak())
+            b.log(f"ours {name} one image: {dt:.2f}s")
+            if do_grid and not b.out_of_time(60):
+                t = time.perf_counter()
+                ours_call(b, True, steps=2, **speed)
+                b.sync()
+                r["grid_warmup_2_steps_s"] = round(time.perf_counter() - t, 2)
+                b.reset_peak()
+                dt, lat = b.timed(lambda: ours_call(b, True, **speed))
+                r["grid"] = dict(s=round(dt, 2), mfu=mfu(b, 9 * flops["image"], dt),
+                                 speedup_vs_9_stock_calls=round(stock9["s"] / dt, 2) if stock9.get("s") else None,
+                                 speedup_vs_batched_stock=round(stockb["s"] / dt, 2) if stockb.get("s") else None,
+                                 vs_stock_latents=agreement(lat, b.stock_latents.get("grid")), **b.peak())
+                b.log(f"ours {name} grid: {dt:.1f}s")
+        except Exception as e:
+            traceback.print_exc()
+            r["error"] = describe_exc(e)
+        res[name] = r
+        b.save()
+    if b.cuda and getattr(b.pipe.transformer, "_qwen_identity_compiled", False):
+        res["profile_compiled_b2"] = profile_forward(b, "ours: one CFG step as ONE forward (batch 2, padded+masked), "
+                                                       "compiled blocks", [forward_args(b, 2, True)])
+    return res
 
 
 def stage_inject(b: Bench):
     ensure_pipeline(b)
     i = b.inputs
     n = 200 if not b.tiny else 10
-    grid_embeds(b)
-    dt, _ = b.timed(lambda: [grid_embeds(b) for _ in range(n)])
+    grid_conditioning(b)
+    dt, _ = b.timed(lambda: [grid_conditioning(b) for _ in range(n)])
     per_grid = dt / n
     res = dict(grid_injection_ms=round(per_grid * 1e3, 4))
     fwd = b.results["stages"].get("stock", {}).get("single", {}).get("s_per_step")
@@ -779,26 +874,34 @@ def stage_inject(b: Bench):
     return res
 
 
-def stage_profile(b: Bench):
-    """Profiler table of one stock CFG step (two forwards): where the time goes."""
+def profile_forward(b: Bench, title: str, calls: list[dict]) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    ensure_pipeline(b)
     tr = b.pipe.transformer
-    kp = forward_args(b, 1, False)
-    kn = dict(kp, encoder_hidden_states=b.inputs["neg"])
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if b.cuda else [])
     with torch.no_grad():
-        tr(**kp)
+        for kw in calls:  # warm (no compilation inside the profile)
+            tr(**kw)
+        b.sync()
+        t = time.perf_counter()
         with profile(activities=acts) as prof:
-            tr(**kp)
-            tr(**kn)
+            for kw in calls:
+                tr(**kw)
             b.sync()
+        wall = time.perf_counter() - t
     sort = "cuda_time_total" if b.cuda else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=30)
-    b.profile_tables.append("== stock: one CFG step (cond + uncond forwards), batch 1\n" + table)
-    res = {"stock_step": summarise_profile(prof, b.cuda)}
-    return res
+    b.profile_tables.append(f"== {title}\n" + prof.key_averages().table(sort_by=sort, row_limit=30))
+    out = summarise_profile(prof, b.cuda)
+    out["wall_ms_under_profiler"] = round(wall * 1e3, 1)
+    return out
+
+
+def stage_profile(b: Bench):
+    """Profiler table of one stock CFG step (two batch-1 forwards, eager): where the time goes."""
+    ensure_pipeline(b)
+    kp = forward_args(b, 1, False)
+    kn = dict(kp, encoder_hidden_states=b.inputs["neg"])
+    return {"stock_step": profile_forward(b, "stock: one CFG step (cond + uncond forwards, batch 1, eager)", [kp, kn])}
 
 
 def summarise_profile(prof, cuda: bool) -> dict:
@@ -818,7 +921,9 @@ def summarise_profile(prof, cuda: bool) -> dict:
         else:
             fam["other"] += t
     tot = sum(fam.values()) or 1.0
-    return {k: dict(ms=round(v / 1e3, 2), share=round(v / tot, 3)) for k, v in fam.items()}
+    out = {k: dict(ms=round(v / 1e3, 2), share=round(v / tot, 3)) for k, v in fam.items()}
+    out["busy_ms"] = round(tot / 1e3, 2)
+    return out
 
 
 def stage_memory(b: Bench):
@@ -909,7 +1014,9 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int, default=768)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 28, tiny 3)")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile variants in `forward`")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--ours-grid-all", action="store_true", help="time the grid for every variant of ours "
+                   "(default: only the fastest, compiled + CUDA graphs)")
     p.add_argument("--budget-s", type=float, default=None, help="skip remaining work past this many seconds")
     p.add_argument("--out", default=None, help="write the JSON results here (after every stage)")
     p.add_argument("--profile-out", default=None, help="write profiler tables here")

@@ -23,6 +23,17 @@ by their `strength` key (default 1), as ComfyUI combines conditionings. Every st
 one active positive entry (and negative entry when CFG is on).
 
 Output order: for each conditioning batch item (α-major after InjectResidual), for each seed.
+
+Speed options (both off by default; `bench/RESULTS.md` has the measurements):
+- `compile=True` compiles the transformer's repeated blocks once (`torch.compile`, regional, static
+  shapes). It fuses the many small element-wise kernels between the matrix products. The first call
+  of each new batch/text shape pays the compile (tens of seconds on a GPU); it pays off for grids and
+  repeated runs. It changes the pipeline's transformer in place (for every later user of it).
+- `cuda_graphs=True` (CUDA only, ignored elsewhere and under CPU offload hooks) records the
+  transformer forward of each batch plan once in a CUDA graph and replays it every step, so the
+  Python/launch overhead of ~1,700 kernels per forward is paid once, not 28 times. It holds the
+  activations of one forward in a private memory pool for the duration of the call.
+Neither changes the arithmetic (no precision loss); outputs match the plain path within bf16 noise.
 """
 
 from __future__ import annotations
@@ -226,6 +237,7 @@ class _Plan:
     neg_weight: torch.Tensor | None
     row_weight: torch.Tensor    # [R, 1, 1]
     img_shapes: list = field(default_factory=list)
+    graph: "_GraphedForward | None" = None  # cuda_graphs: this plan's recorded forward
 
 
 @dataclass
@@ -240,7 +252,8 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
            steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, width: int = DEFAULT_WIDTH,
            height: int = DEFAULT_HEIGHT, max_batch: int = DEFAULT_MAX_BATCH,
            progress: Callable[[int, int], None] | None = None, interrupt: Callable[[], None] | None = None,
-           return_latents: bool = False, decode: bool = True) -> SampleResult:
+           return_latents: bool = False, decode: bool = True, compile: bool = False,
+           cuda_graphs: bool = False) -> SampleResult:
     """Images for every (positive item, seed) cell, item-major; see the module docstring."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline, calculate_shift
 
@@ -273,6 +286,11 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
             if not active_entries(entries, i, steps):
                 raise UserInputError(f"no {side} conditioning is active at step {i + 1} of {steps} (percent "
                                      f"{step_percent(i, steps):.3f}): the start_percent/end_percent windows leave a gap.")
+
+    if compile:
+        compile_transformer(transformer)
+    use_graphs = bool(cuda_graphs) and torch.device(device).type == "cuda" and not has_offload_hooks(transformer)
+    graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
     vsf = pipe.vae_scale_factor
     lat_h, lat_w = 2 * (height // (vsf * 2)), 2 * (width // (vsf * 2))
@@ -310,9 +328,14 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
                 plan = plans[key] = _build_plan(chunk, pos, neg, key, device, dtype, img_shape)
             rows = latents.index_select(0, plan.row_cell)
             timestep = t.expand(rows.shape[0]).to(latents.dtype)
-            pred = transformer(hidden_states=rows, timestep=timestep / 1000, guidance=None,
-                               encoder_hidden_states_mask=plan.mask, encoder_hidden_states=plan.text,
-                               img_shapes=plan.img_shapes, attention_kwargs={}, return_dict=False)[0]
+            if use_graphs:
+                if plan.graph is None:
+                    plan.graph = _GraphedForward(transformer, plan, rows, timestep, graph_pool)
+                    pred = plan.graph.first_output
+                else:
+                    pred = plan.graph(rows, timestep)
+            else:
+                pred = _forward(transformer, plan, rows, timestep)
             noise_pred = _combine(pred, plan, plan.pos_rows, plan.pos_weight, len(chunk))
             if do_cfg:
                 neg_pred = _combine(pred, plan, plan.neg_rows, plan.neg_weight, len(chunk))
@@ -340,6 +363,59 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
 
 
 sample = torch.no_grad()(sample)
+
+
+def _forward(transformer, plan: _Plan, rows: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    return transformer(hidden_states=rows, timestep=timestep / 1000, guidance=None,
+                       encoder_hidden_states_mask=plan.mask, encoder_hidden_states=plan.text,
+                       img_shapes=plan.img_shapes, attention_kwargs={}, return_dict=False)[0]
+
+
+class _GraphedForward:
+    """One plan's transformer forward recorded in a CUDA graph; each step copies its inputs in and replays.
+
+    The first forward runs normally on a side stream (it also triggers any compilation and fills
+    diffusers' RoPE caches outside the graph's memory pool); its output is that step's prediction.
+    """
+
+    def __init__(self, transformer, plan: _Plan, rows: torch.Tensor, timestep: torch.Tensor, pool):
+        self.rows, self.timestep = rows.clone(), timestep.clone()
+        stream = torch.cuda.Stream(device=rows.device)
+        stream.wait_stream(torch.cuda.current_stream(rows.device))
+        with torch.cuda.stream(stream):
+            self.first_output = _forward(transformer, plan, self.rows, self.timestep)
+        torch.cuda.current_stream(rows.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = _forward(transformer, plan, self.rows, self.timestep)
+
+    def __call__(self, rows: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        self.rows.copy_(rows)
+        self.timestep.copy_(timestep)
+        self.graph.replay()
+        return self.output.clone()
+
+
+def has_offload_hooks(module: torch.nn.Module) -> bool:
+    """True when accelerate (model/sequential CPU offload) or diffusers (group offload, layerwise
+    casting) hooks move or cast weights during the forward: such a forward cannot be graph-recorded."""
+    return any(getattr(m, "_hf_hook", None) is not None or bool(getattr(getattr(m, "_diffusers_hook", None), "hooks", None))
+               for m in module.modules())  # (diffusers pipelines leave an empty hook registry behind: not a hook)
+
+
+def compile_transformer(transformer, backend: str = "inductor") -> bool:
+    """Regional torch.compile of the transformer's repeated blocks, once (idempotent). Returns True
+    if it compiled now, False if it already was."""
+    if getattr(transformer, "_qwen_identity_compiled", False):
+        return False
+    kwargs = dict(fullgraph=True, dynamic=False, backend=backend)
+    if getattr(transformer, "_repeated_blocks", None) and hasattr(transformer, "compile_repeated_blocks"):
+        transformer.compile_repeated_blocks(**kwargs)
+    else:
+        for block in getattr(transformer, "transformer_blocks", []):
+            block.compile(**kwargs)
+    transformer._qwen_identity_compiled = True
+    return True
 
 
 def _combine(pred: torch.Tensor, plan: _Plan, rows: torch.Tensor, weight: torch.Tensor, n_cells: int) -> torch.Tensor:

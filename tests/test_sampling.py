@@ -175,3 +175,36 @@ def test_loader_errors(tmp_path, tiny_qwen3vl_dir):
         sampling.load_qwen_image_pipeline(str(tiny_qwen3vl_dir), device="cpu")
     with pytest.raises(UserInputError, match="offload"):
         sampling.load_qwen_image_pipeline(str(tiny_qwen3vl_dir), device="cpu", offload="sequential")
+
+
+def test_speed_options_keep_outputs(bundle, conds):
+    """compile (dynamo with the eager backend here: inductor's CPU build is too slow for the suite) and
+    cuda_graphs (ignored off CUDA) give the same latents as the plain loop."""
+    import copy
+
+    pos, neg = conds
+    plain = sampling.sample(bundle, pos, neg, seeds=[5], steps=2, width=W, height=H, return_latents=True,
+                            decode=False)
+    fast_pipe = copy.deepcopy(bundle.pipeline)
+    assert sampling.compile_transformer(fast_pipe.transformer, backend="eager") is True
+    assert sampling.compile_transformer(fast_pipe.transformer) is False  # once only
+    fast = sampling.sample(fast_pipe, pos, neg, seeds=[5], steps=2, width=W, height=H, return_latents=True,
+                           decode=False, compile=True, cuda_graphs=True)
+    assert torch.allclose(plain.latents, fast.latents, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_offload_hooks_are_detected(bundle):
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    tr = copy_module(bundle.pipeline.transformer)
+    HookRegistry.check_if_exists_or_initialize(tr)  # an empty registry (diffusers pipelines leave one) is no hook
+    assert not sampling.has_offload_hooks(tr)
+    HookRegistry.check_if_exists_or_initialize(tr.transformer_blocks[0]).register_hook(ModelHook(), "probe")
+    assert sampling.has_offload_hooks(tr)
+
+
+def copy_module(m):
+    import copy
+
+    return copy.deepcopy(m)
