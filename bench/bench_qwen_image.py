@@ -927,62 +927,77 @@ def summarise_profile(prof, cuda: bool) -> dict:
 
 
 def stage_memory(b: Bench):
-    """24 GB configurations of the transformer: peak VRAM and time per step of each (stock pipeline)."""
-    ensure_pipeline(b)
+    """24 GB configurations of the transformer: peak VRAM and seconds per step of stock and of ours
+    (ours: cond+uncond in one forward; no compile/graphs, which offload hooks exclude)."""
+    if b.pipe is not None:  # start from a clean, uncompiled bf16 model (same seeded weights)
+        b.pipe = None
+        torch._dynamo.reset()  # compiled code holds references to the old model
+        b.reset_peak()
+        b.log(f"memory: {b.allocated():.1f} GiB still allocated after dropping the old pipeline")
+    pipe = ensure_pipeline(b)
     i = b.inputs
-    pipe = b.pipe
     res = {}
-    steps = 2
     ref = b.stock_latents.get("single")
 
-    def measure(name, n_steps):
-        if b.out_of_time(45):
-            res[name] = "skipped: time budget"
-            return
-        try:
-            stock_call(b, [i["pos"]], [b.seeds[0]], steps=1)  # first call moves / pins weights
-            b.reset_peak()
-            dt, _ = b.timed(lambda: stock_call(b, [i["pos"]], [b.seeds[0]], steps=n_steps))
-            res[name] = dict(steps=n_steps, s_per_step=round(dt / n_steps, 3),
-                             est_one_image_s=round(dt / n_steps * b.steps, 1), **b.peak())
-            b.log(f"memory {name}: {dt / n_steps:.2f} s/step, {res[name]}")
-        except Exception as e:
-            res[name] = describe_exc(e)
-            b.log(f"memory {name}: FAILED {describe_exc(e)}")
-            traceback.print_exc()
+    def run_stock(n):
+        return stock_call(b, [i["pos"]], [b.seeds[0]], steps=n)
 
-    # fp8 weight storage, everything on the GPU (quality cost measured against bf16 at the same seed)
+    def run_ours(n):
+        return ours_call(b, False, steps=n)
+
+    def measure(name, n_steps, who=("stock", "ours")):
+        for label, fn in (("stock", run_stock), ("ours", run_ours)):
+            if label not in who:
+                continue
+            key = f"{name}/{label}"
+            if b.out_of_time(40):
+                res[key] = "skipped: time budget"
+                continue
+            try:
+                fn(1)  # first call moves / pins weights
+                b.reset_peak()
+                dt, _ = b.timed(lambda: fn(n_steps))
+                res[key] = dict(steps=n_steps, s_per_step=round(dt / n_steps, 3),
+                                est_one_image_s=round(dt / n_steps * b.steps, 1), **b.peak())
+                b.log(f"memory {key}: {dt / n_steps:.2f} s/step, peak {res[key]['peak_allocated_gib']} GiB")
+            except Exception as e:
+                res[key] = describe_exc(e)
+                b.log(f"memory {key}: FAILED {describe_exc(e)}")
+                traceback.print_exc()
+            b.save()
+
+    # the resident bf16 baseline: weights + activations of one image
+    res["bf16_resident_weights_gib"] = round(b.allocated(), 2)
+    # fp8 weight storage (diffusers layerwise casting), everything on the GPU; quality against bf16
     if not b.out_of_time(60):
         try:
             pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
-            measure("fp8_layerwise_storage_gpu", steps)
-            if ref is not None and isinstance(res.get("fp8_layerwise_storage_gpu"), dict) and not b.out_of_time(40):
-                lat = stock_call(b, [i["pos"]], [b.seeds[0]]).float().cpu()
-                d = (lat - ref).abs()
-                res["fp8_layerwise_storage_gpu"]["vs_bf16_latents"] = dict(
-                    max_abs=float(d.max()), mean_abs=float(d.mean()), ref_mean_abs=float(ref.abs().mean()))
+            res["fp8_weights_gib"] = round(b.allocated(), 2)
+            measure("fp8_layerwise_storage_gpu", 2)
+            if ref is not None and not b.out_of_time(40):
+                lat = ours_call(b, False)
+                res["fp8_layerwise_storage_gpu/ours_full_28_steps_vs_bf16_stock"] = agreement(lat, ref)
         except Exception as e:
             res["fp8_layerwise_storage_gpu"] = describe_exc(e)
-        # back to bf16 weights (the same seeded values) for the offload configurations
-        b.pipe = None
-        pipe = None
-        gc.collect()
-        pipe = ensure_pipeline(b)
+        b.pipe = pipe = None
+        b.reset_peak()
+        pipe = ensure_pipeline(b)  # back to bf16 (same seeded values)
     if not b.cuda:
         return res
 
-    def config(name, setup, n_steps):
+    def config(name, setup, n_steps, who=("stock", "ours")):
         if b.out_of_time(45):
             res[name] = "skipped: time budget"
             return
         try:
             t = time.perf_counter()
             setup()
-            res[name + "_setup_s"] = round(time.perf_counter() - t, 1)
+            res[name + "/setup_s"] = round(time.perf_counter() - t, 1)
         except Exception as e:
             res[name] = "setup failed: " + describe_exc(e)
+            traceback.print_exc()
             return
-        measure(name, n_steps)
+        measure(name, n_steps, who)
 
     def sequential():
         pipe.remove_all_hooks()
@@ -995,9 +1010,9 @@ def stage_memory(b: Bench):
                                               offload_type="block_level", num_blocks_per_group=1, use_stream=True)
         pipe.vae.to(b.device)
 
-    config("model_cpu_offload", lambda: pipe.enable_model_cpu_offload(device=b.device), steps)
-    config("sequential_cpu_offload", sequential, 1)
-    config("group_offload_block_stream", group, 3)
+    config("model_cpu_offload", lambda: pipe.enable_model_cpu_offload(device=b.device), 2)
+    config("sequential_cpu_offload", sequential, 1, who=("ours",))
+    config("group_offload_block_stream", group, 2)
     return res
 
 

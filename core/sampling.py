@@ -38,6 +38,7 @@ Neither changes the arithmetic (no precision loss); outputs match the plain path
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -386,7 +387,7 @@ class _GraphedForward:
             self.first_output = _forward(transformer, plan, self.rows, self.timestep)
         torch.cuda.current_stream(rows.device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with _capturable_text_lengths(), torch.cuda.graph(self.graph, pool=pool):
             self.output = _forward(transformer, plan, self.rows, self.timestep)
 
     def __call__(self, rows: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -394,6 +395,34 @@ class _GraphedForward:
         self.timestep.copy_(timestep)
         self.graph.replay()
         return self.output.clone()
+
+
+@contextlib.contextmanager
+def _capturable_text_lengths():
+    """While a forward is recorded: diffusers' `compute_text_seq_len_from_mask` builds a CPU scalar
+    tensor on every masked call (a host-to-device copy, which CUDA graph capture refuses). The forward
+    uses only its text length and its bool mask, so an equivalent without the copy stands in."""
+    try:
+        from diffusers.models.transformers import transformer_qwenimage as qwen_module
+    except ImportError:  # pragma: no cover - other diffusers layouts
+        yield
+        return
+    original = getattr(qwen_module, "compute_text_seq_len_from_mask", None)
+    if original is None:
+        yield
+        return
+
+    def text_lengths(encoder_hidden_states, encoder_hidden_states_mask):
+        seq_len = encoder_hidden_states.shape[1]
+        if encoder_hidden_states_mask is None:
+            return seq_len, None, None
+        return seq_len, None, encoder_hidden_states_mask.to(torch.bool)
+
+    qwen_module.compute_text_seq_len_from_mask = text_lengths
+    try:
+        yield
+    finally:
+        qwen_module.compute_text_seq_len_from_mask = original
 
 
 def has_offload_hooks(module: torch.nn.Module) -> bool:

@@ -208,3 +208,17 @@ def copy_module(m):
     import copy
 
     return copy.deepcopy(m)
+
+
+def test_capturable_text_lengths_matches_diffusers(bundle):
+    """The stand-in used while recording CUDA graphs returns what the forward uses from diffusers' own."""
+    from diffusers.models.transformers import transformer_qwenimage as mod
+
+    hidden = torch.randn(3, 5, 8)
+    for mask in (None, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])):
+        ref = mod.compute_text_seq_len_from_mask(hidden, mask)
+        with sampling._capturable_text_lengths():
+            got = mod.compute_text_seq_len_from_mask(hidden, mask)
+        assert got[0] == ref[0]
+        assert (got[2] is None and ref[2] is None) or torch.equal(got[2], ref[2])
+    assert mod.compute_text_seq_len_from_mask is not None and "text_lengths" not in repr(mod.compute_text_seq_len_from_mask)
