@@ -222,3 +222,21 @@ def test_capturable_text_lengths_matches_diffusers(bundle):
         assert got[0] == ref[0]
         assert (got[2] is None and ref[2] is None) or torch.equal(got[2], ref[2])
     assert mod.compute_text_seq_len_from_mask is not None and "text_lengths" not in repr(mod.compute_text_seq_len_from_mask)
+
+
+def test_rope_real_equals_diffusers_complex_rope():
+    from diffusers.models.transformers import transformer_qwenimage as mod
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, 16, generator=g).to(torch.bfloat16)
+    freqs = torch.polar(torch.ones(7, 8), torch.randn(7, 8, generator=g))
+    ref = mod.apply_rotary_emb_qwen(x, freqs, use_real=False)
+    with sampling._real_rope():
+        assert mod.apply_rotary_emb_qwen is sampling.rope_real
+        got = mod.apply_rotary_emb_qwen(x, freqs, use_real=False)
+    assert mod.apply_rotary_emb_qwen is not sampling.rope_real  # restored
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert (got.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()  # bf16 rounding at most
+    xf = x.float()
+    assert torch.allclose(sampling.rope_real(xf, freqs, use_real=False), mod.apply_rotary_emb_qwen(xf, freqs, use_real=False),
+                          atol=1e-6)
