@@ -191,6 +191,13 @@ def test_speed_options_keep_outputs(bundle, conds):
     fast = sampling.sample(fast_pipe, pos, neg, seeds=[5], steps=2, width=W, height=H, return_latents=True,
                            decode=False, compile=True, cuda_graphs=True)
     assert torch.allclose(plain.latents, fast.latents, atol=1e-5)
+    blocks = fast_pipe.transformer.transformer_blocks
+    assert all(isinstance(b.img_mod, torch.nn.Sequential) and isinstance(b.txt_mod, torch.nn.Sequential)
+               for b in blocks)  # the per-call modulation lookups are gone again
+    assert len(fast_pipe.transformer._qwen_identity_mod_lookups) == len(blocks)  # (kept for the next call)
+    again = sampling.sample(fast_pipe, pos, neg, seeds=[5], steps=2, width=W, height=H, return_latents=True,
+                            decode=False, compile=True)
+    assert torch.allclose(plain.latents, again.latents, atol=1e-5)
     torch._dynamo.reset()
 
 
