@@ -4,9 +4,10 @@ ComfyUI imports this folder as a package under whatever name the folder has; eve
 imported relatively (ComfyUI owns the top-level name `nodes`).
 """
 
-from .version import __version__
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_model_folders
+if __package__:  # imported as a package (ComfyUI, pip). pytest may import this file bare; then it is inert.
+    from .version import __version__
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, register_model_folders
 
-register_model_folders()
+    register_model_folders()
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

@@ -1,6 +1,11 @@
-"""The README's main job. With no models given it builds tiny random-weight stand-ins offline, makes
-a few synthetic identities and runs every stage of the chain that exists so far, then says exactly
-what it ran. Pass --qwen3-vl-model / --qwen-image-model (folders or hub ids) to use real models.
+"""The README's main job, end to end: identities -> Qwen3-VL features -> a trained residual head ->
+E + α·R -> Qwen-Image images for every α × seed -> one labelled grid (+ meta JSON) per identity.
+
+With no models given it builds TINY RANDOM-WEIGHT STAND-INS of Qwen3-VL and Qwen-Image offline,
+writes a few synthetic identities (with captions), trains a head for a moment (3 epochs, lr 1e-2)
+and runs the POC's α × seed sweep at 64x64 px with 4 steps, so it finishes in seconds on a CPU; the
+images are noise. Give both --qwen3-vl-model and --qwen-image-model (folders or hub ids) to run for
+real with the POC's defaults (768x512, 28 steps, true CFG 4.5); add --seed-dirs for your own photos.
 """
 
 from __future__ import annotations
@@ -10,43 +15,84 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = "demo_output"
+TINY = dict(width=64, height=64, steps=4, epochs=3, lr=1e-2, max_batch=16)
+REAL = dict(width=512, height=768, steps=28, epochs=3, lr=1e-3, max_batch=4)
+CAPTIONS = ["a woman with short red hair and green eyes", "a bearded man with glasses and a blue shirt",
+            "an old man with white hair, smiling", "a young woman with long black hair and a hat"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .sweep import DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT
+
     p.add_argument("--out-dir", default=DEFAULT_OUT, help=f"where everything is written (default: ./{DEFAULT_OUT})")
     p.add_argument("--qwen3-vl-model", default=None, help="Qwen3-VL folder or hub id (default: tiny offline stand-in)")
     p.add_argument("--qwen-image-model", default=None,
                    help="diffusers Qwen-Image folder or hub id (default: tiny offline stand-in)")
     p.add_argument("--identities", type=int, default=3, help="synthetic identities to make (default: 3)")
-    p.add_argument("--base-prompt", default="a portrait photo of a person, studio lighting, 85mm")
+    p.add_argument("--seed-dirs", default=None, help="your own seed_* folders instead of synthetic identities")
+    p.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT, help=f'default: "{DEFAULT_BASE_PROMPT}"')
+    p.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f'default: "{DEFAULT_ALPHAS}"')
+    p.add_argument("--gen-seeds", default="1234,5678,9999", help='default: "1234,5678,9999"')
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"), help="default: auto")
 
 
 def run(args) -> int:
     from ..core.errors import UserInputError
-    from ..core.prompt_encoding import encode_prompts, load_text_encoder
-    from ..tiny_models import build_tiny_models
-    from ..tiny_models.dataset import make_seed_dirs
+    from ..core.injection import parse_alphas
+    from ..core.out_dir_lock import OutDirLock
+    from ..core.sampling import parse_seeds
+    from ..core.seed_dirs import parse_seed_dir_args
+    from .sweep import SweepConfig, run_sweep, train_first
 
+    if (args.qwen3_vl_model is None) != (args.qwen_image_model is None):
+        raise UserInputError("give both --qwen3-vl-model and --qwen-image-model (real models), or neither (tiny "
+                             "stand-ins): a real model cannot be mixed with a stand-in.")
     if args.identities < 1:
         raise UserInputError("--identities must be at least 1")
+    alphas, seeds = parse_alphas(args.alphas), parse_seeds(args.gen_seeds)
     out = Path(args.out_dir)
     t0 = time.time()
     ran: list[str] = []
-    stand_in = args.qwen3_vl_model is None or args.qwen_image_model is None
+    stand_in = args.qwen3_vl_model is None
     if stand_in:
-        print("No models given: using TINY RANDOM-WEIGHT STAND-INS built offline (their images are noise).\n"
-              "For real results pass --qwen3-vl-model Qwen/Qwen3-VL-2B-Instruct --qwen-image-model Qwen/Qwen-Image "
-              "(or local folders).")
+        from ..tiny_models import build_tiny_models
+
+        print("No models given: using TINY RANDOM-WEIGHT STAND-INS of Qwen3-VL and Qwen-Image, built offline.\n"
+              "Their images are NOISE; this run only shows that every stage works. For real results pass\n"
+              "  --qwen3-vl-model Qwen/Qwen3-VL-2B-Instruct --qwen-image-model Qwen/Qwen-Image\n"
+              "(hub ids or local folders), and --seed-dirs with your own photos.")
         tiny = build_tiny_models(out / "tiny_models")
+        vl_model, qi_model, sizes = str(tiny.qwen3vl), str(tiny.qwen_image), TINY
         ran.append(f"built tiny Qwen3-VL and Qwen-Image checkpoints in {out / 'tiny_models'}")
-    qwen_image = Path(args.qwen_image_model) if args.qwen_image_model else tiny.qwen_image
-    dirs = make_seed_dirs(out / "data", identities=args.identities, views=2)
-    ran.append(f"wrote {len(dirs)} synthetic identities (seed_*/photo_view_*.png) in {out / 'data'}")
-    text_encoder, tokenizer = load_text_encoder(qwen_image)
-    emb = encode_prompts(text_encoder, tokenizer, args.base_prompt)
-    ran.append(f"encoded the base prompt with Qwen-Image's text encoder: embeddings {tuple(emb.embeds.shape)}")
+    else:
+        vl_model, qi_model, sizes = args.qwen3_vl_model, args.qwen_image_model, REAL
+    if args.seed_dirs:
+        dirs = parse_seed_dir_args(args.seed_dirs)
+        ran.append(f"used {len(dirs)} seed directories from --seed-dirs")
+    else:
+        from ..tiny_models.dataset import make_seed_dirs
+
+        captions = {i: CAPTIONS[i % len(CAPTIONS)] for i in range(args.identities)}
+        dirs = make_seed_dirs(out / "data", identities=args.identities, views=2, captions=captions)
+        ran.append(f"wrote {len(dirs)} synthetic identities (seed_*/photo_view_*.png + caption.txt) in {out / 'data'}")
+    cfg = SweepConfig(seed_dirs=dirs, out_dir=out, alphas=alphas, seeds=seeds, steps=sizes["steps"],
+                      height=sizes["height"], width=sizes["width"], max_batch=sizes["max_batch"], base_prompt=args.base_prompt,
+                      qwen3_vl_model=vl_model, qwen_image_model=qi_model, device=args.device,
+                      extra_meta={"demo": True, "stand_in_models": stand_in})
+    t = time.time()
+    metrics = train_first(cfg, epochs=sizes["epochs"], batch_size=2, lr=sizes["lr"], target="caption", tokens=1,
+                          overwrite=True)
+    ran.append(f"trained a residual head ({sizes['epochs']} epochs, lr {sizes['lr']:g}, caption target, "
+               f"train loss {metrics.get('train_loss', float('nan')):.4g}) in {time.time() - t:.1f}s -> "
+               f"{out / 'checkpoints' / 'linear_head.safetensors'}")
+    t = time.time()
+    with OutDirLock(out):
+        written = run_sweep(cfg)
+    ran.append(f"ran the α × seed sweep (α {args.alphas}; seeds {args.gen_seeds}; {sizes['width']}x{sizes['height']} "
+               f"px, {sizes['steps']} steps, true CFG {cfg.guidance}) in {time.time() - t:.1f}s: "
+               + ", ".join(str(p) for p, _ in written))
     print("\nRan:\n  - " + "\n  - ".join(ran))
-    print("Not yet in this version: identity feature extraction, head training, and the alpha x seed sweep "
-          "(they arrive with the features, training and sampling issues).")
+    if stand_in:
+        print("Reminder: these were random-weight stand-ins at a tiny size; the grids show noise, not people.")
     print(f"Done in {time.time() - t0:.1f}s; outputs in {out}")
     return 0

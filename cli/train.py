@@ -11,11 +11,11 @@ import math
 import os
 from pathlib import Path
 
+from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
+from ..core.features import DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS
 from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
 
 DEFAULT_OUT = "train_output"
-DTYPES = ("auto", "fp16", "bf16", "fp32")
-DEVICES = ("auto", "cuda", "cpu", "mps")
 
 
 def _finite_float(text: str) -> float:
@@ -55,14 +55,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qwen-image-model", default=DEFAULT_QWEN_IMAGE,
                    help=f"diffusers Qwen-Image folder or hub id; only its text encoder is used (default: {DEFAULT_QWEN_IMAGE})")
     g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT, help=f'default: "{DEFAULT_BASE_PROMPT}"')
-    g.add_argument("--feature-source", choices=("merger_pooled", "llm_hidden"), default="merger_pooled",
-                   help="Qwen3-VL feature source (default: merger_pooled)")
-    g.add_argument("--feature-layer", type=int, default=-1, help="hidden-state layer for llm_hidden (default: -1)")
-    g.add_argument("--resolution", choices=("center_crop_448", "pixel_budget"), default="center_crop_448",
-                   help="how photos are sized for Qwen3-VL (default: center_crop_448)")
+    g.add_argument("--feature-source", choices=FEATURE_SOURCES, default=DEFAULT_SOURCE,
+                   help=f"Qwen3-VL feature source (default: {DEFAULT_SOURCE})")
+    g.add_argument("--features", default=None, metavar="FILE.safetensors",
+                   help="take features from this `qwen-identity extract` output where model, settings and photos match")
+    g.add_argument("--layer", type=int, default=-1, help="llm_hidden only: hidden-state index (default: -1 = last)")
+    g.add_argument("--resolution", choices=RESOLUTIONS, default=DEFAULT_RESOLUTION,
+                   help=f"how photos are sized for Qwen3-VL (default: {DEFAULT_RESOLUTION})")
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"pixel_budget only: most pixels per photo (default: {DEFAULT_MAX_PIXELS} = 448x448)")
     g = p.add_argument_group("system")
-    g.add_argument("--device", choices=DEVICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
-    g.add_argument("--dtype", choices=DTYPES, default="auto",
+    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="model precision (default: auto = bf16 on GPUs that have it, fp32 on CPU); the head trains in fp32")
     g.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HUGGINGFACE_TOKEN)")
     g.add_argument("--cache-dir", default=None, help="Hugging Face cache (default: $HF_HUB_CACHE)")
@@ -83,35 +87,23 @@ def config_from_args(args):
                        loop=loop, qwen3_vl_model=args.qwen3_vl_model, qwen_image_model=args.qwen_image_model,
                        base_prompt=args.base_prompt, target=args.target, tokens=args.tokens,
                        single_view=args.single_view, val_fraction=args.val_fraction,
-                       feature_settings={"source": args.feature_source, "layer": args.feature_layer,
-                                         "resolution": args.resolution},
+                       feature_settings={"source": args.feature_source, "layer": args.layer,
+                                         "resolution": args.resolution, "max_pixels": args.max_pixels},
+                       features_file=Path(args.features) if args.features else None,
                        device=args.device, dtype=args.dtype,
                        hf_token=args.hf_token or os.environ.get("HUGGINGFACE_TOKEN"),
                        cache_dir=args.cache_dir or os.environ.get("HF_HUB_CACHE"),
                        resume=args.resume, overwrite=args.overwrite)
 
 
-def tqdm_progress(name: str):
-    from tqdm import tqdm
-
-    bar = {}
-
-    def update(done: int, total: int) -> None:
-        if "b" not in bar:
-            bar["b"] = tqdm(total=total, desc=name, unit="step" if name == "training" else "item", leave=False)
-        b = bar["b"]
-        b.update(done - b.n)
-        if done >= total:
-            b.close()
-
-    return update
-
-
 def run(args) -> int:
+    from ..core.progress import tqdm_progress
     from ..training.pipeline import run_training
 
+    # deterministic cuBLAS on CUDA (must be set before the first CUDA matmul); harmless elsewhere
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cfg = config_from_args(args)
-    metrics = run_training(cfg, progress=tqdm_progress)
+    metrics = run_training(cfg, progress=lambda name: tqdm_progress(name, unit="step" if name == "training" else "item"))
     out = Path(cfg.out_dir)
     if metrics:
         val = metrics.get("val_loss")

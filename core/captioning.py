@@ -2,7 +2,8 @@
 
 Used by the `caption` training target when a seed directory has no `caption.txt`. Decoding is greedy
 (deterministic), newline tokens are forbidden (a description is one line inside a prompt), and the
-reply is cleaned to one line. The instruction asks for what Qwen-Image can draw and what identifies
+reply is cleaned to one line. An empty reply is retried once with blank and special tokens forbidden
+and at least 4 new tokens; still empty is an error asking for a caption.txt. The instruction asks for what Qwen-Image can draw and what identifies
 a person; it is fixed so that heads trained on generated captions are comparable.
 """
 
@@ -30,15 +31,18 @@ def clean_caption(text: str) -> str:
     return " ".join(str(text).split()).strip().strip('"').strip()
 
 
-_NEWLINE_IDS: dict[int, list[list[int]]] = {}
+_BANNED: dict[tuple[int, bool], list[list[int]]] = {}
 
 
-def _newline_token_ids(tokenizer) -> list[list[int]]:
-    key = id(tokenizer)
-    if key not in _NEWLINE_IDS:
+def _banned_token_ids(tokenizer, strict: bool = False) -> list[list[int]]:
+    """Tokens containing a newline; with `strict` also whitespace-only and special tokens (except end of turn)."""
+    key = (id(tokenizer), strict)
+    if key not in _BANNED:
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        _NEWLINE_IDS[key] = [[i] for i, s in enumerate(texts) if "\n" in s or "\r" in s]
-    return _NEWLINE_IDS[key]
+        special = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}
+        _BANNED[key] = [[i] for i, s in enumerate(texts)
+                        if "\n" in s or "\r" in s or (strict and (not s.strip() or i in special))]
+    return _BANNED[key]
 
 
 @torch.no_grad()
@@ -57,10 +61,17 @@ def write_caption(model, processor, photos: Sequence[Image.Image], instruction: 
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     tokenizer = getattr(processor, "tokenizer", processor)
-    bad = _newline_token_ids(tokenizer)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         bad_words_ids=bad or None, pad_token_id=tokenizer.pad_token_id)
-    caption = clean_caption(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    caption = ""
+    # A second, stricter pass only when the first reply is empty (a degenerate model that answers with
+    # special or blank tokens); a real model's first reply is kept as it is.
+    for strict in (False, True):
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             min_new_tokens=min(4, max_new_tokens) if strict else None,
+                             bad_words_ids=_banned_token_ids(tokenizer, strict) or None,
+                             pad_token_id=tokenizer.pad_token_id)
+        caption = clean_caption(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        if caption:
+            break
     if not caption:
         raise UserInputError(f"Qwen3-VL wrote an empty description for {name}; write one yourself in its "
                              "caption.txt (one line), or use --target zero.")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any, Iterable
 
 _CHUNK = 1 << 20
@@ -23,10 +22,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def cache_key(*parts: Any) -> str:
     """A stable short key from JSON-serialisable parts (model ids, settings dicts, file hashes...)."""
     blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
@@ -37,7 +32,3 @@ def dataset_fingerprint(identities: Iterable[tuple[str, Iterable[str], str | Non
     """sha256 over (identity name, its photos' hashes in order, its caption text or None) for each identity."""
     entries = [[name, list(photo_hashes), caption] for name, photo_hashes, caption in identities]
     return hashlib.sha256(json.dumps(entries, sort_keys=False, separators=(",", ":")).encode("utf-8")).hexdigest()
-
-
-def fingerprint_files(paths: Iterable[Path]) -> list[str]:
-    return [file_sha256(p) for p in paths]

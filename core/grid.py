@@ -1,7 +1,8 @@
 """The α × seed grid (the POC's layout): rows = α values, columns = generation seeds.
 
-A header row names each column ("seed 1234"), a left column names each row ("α=0.5"), both in
-PIL's default font (scaled with the cell size). Cells are the images in α-major order (for each α,
+A header row names each column ("seed 1234"), a left column names each row ("alpha=0.5"), both in
+PIL's default font (scaled with the cell size; it has no Greek glyphs, hence "alpha"). Cells are
+separated by a GAP-pixel white line. Cells are the images in α-major order (for each α,
 for each seed), which is the order QwenImageSampleFromEmbeds returns. `cell_notes` (one string per
 cell, e.g. a face-similarity score) are written in a band under each cell when given.
 """
@@ -17,6 +18,7 @@ from .errors import UserInputError
 
 BACKGROUND = (255, 255, 255)
 INK = (0, 0, 0)
+GAP = 2
 
 
 @dataclass
@@ -26,7 +28,7 @@ class Grid:
 
 
 def alpha_label(alpha: float) -> str:
-    return f"α={alpha:g}"
+    return f"alpha={alpha:g}"
 
 
 def seed_label(seed: int) -> str:
@@ -70,19 +72,20 @@ def make_grid(images: Sequence[Image.Image], alphas: Sequence[float], seeds: Seq
     left = max(_text_size(probe, t, font)[0] for t in row_labels) + 2 * pad
     top = line_h + 2 * pad
     note_h = line_h + 2 * pad if cell_notes is not None else 0
-    width, height = left + cols * cell_w, top + rows * (cell_h + note_h)
+    col_pitch, row_pitch = cell_w + GAP, cell_h + note_h + GAP
+    width, height = left + cols * col_pitch - GAP, top + rows * row_pitch - GAP
     grid = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(grid)
     cells = []
     for c, label in enumerate(col_labels):
         tw, _ = _text_size(draw, label, font)
-        draw.text((left + c * cell_w + max(0, (cell_w - tw) // 2), pad), label, fill=INK, font=font)
+        draw.text((left + c * col_pitch + max(0, (cell_w - tw) // 2), pad), label, fill=INK, font=font)
     for r, label in enumerate(row_labels):
-        y = top + r * (cell_h + note_h)
+        y = top + r * row_pitch
         draw.text((pad, y + max(0, (cell_h - line_h) // 2)), label, fill=INK, font=font)
         for c in range(cols):
             k = r * cols + c
-            x = left + c * cell_w
+            x = left + c * col_pitch
             grid.paste(images[k].convert("RGB"), (x, y))
             cell = {"row": r, "col": c, "alpha": alphas[r], "seed": seeds[c], "x": x, "y": y,
                     "label": f"{row_labels[r]}, {col_labels[c]}"}
@@ -92,7 +95,7 @@ def make_grid(images: Sequence[Image.Image], alphas: Sequence[float], seeds: Seq
             cells.append(cell)
     meta = {"layout": "rows = alpha, columns = seed (alpha-major cell order)", "alphas": alphas, "seeds": seeds,
             "rows": rows, "cols": cols, "cell_size": [cell_w, cell_h], "grid_size": [width, height],
-            "origin": [left, top], "row_pitch": cell_h + note_h, "cells": cells}
+            "origin": [left, top], "col_pitch": col_pitch, "row_pitch": row_pitch, "cells": cells}
     if extra_meta:
         meta.update(extra_meta)
     return Grid(image=grid, meta=meta)

@@ -130,14 +130,31 @@ class ResidualHead(nn.Module):
 
 def save_head(head: ResidualHead, path: str | os.PathLike) -> Path:
     """Write the head atomically as one safetensors file with its metadata."""
-    from safetensors.torch import save_file
-
     head.meta.feature_dim, head.meta.tokens = head.feature_dim, head.tokens
     tensors = {"proj.weight": head.proj.weight.detach().cpu().float().contiguous(),
                "proj.bias": head.proj.bias.detach().cpu().float().contiguous(),
                "scale": head.scale.detach().cpu().float().contiguous()}
     metadata = {METADATA_KEY: head.meta.to_json(), "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    data = safetensors_bytes(tensors, metadata)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's bytes with its JSON header in sorted key order.
+
+    safetensors keeps metadata in a hash map whose order changes from call to call, so two saves of the
+    same tensors can differ byte-wise. Re-serialising the header with sorted keys (and the format's
+    8-byte padding) makes equal heads byte-identical files; the tensor data and offsets are unchanged,
+    so any safetensors reader loads it as before.
+    """
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
 
 
 def load_head(path: str | os.PathLike, device: torch.device | str = "cpu") -> ResidualHead:

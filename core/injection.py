@@ -44,25 +44,32 @@ DEFAULT_MODE = "absolute"
 REFERENCE_RMS_KEY = "text_token_rms"
 
 
-def parse_float_list(text: str | Iterable[float], what: str = "alphas") -> list[float]:
-    """"0, 0.5,1" -> [0.0, 0.5, 1.0]; empty, unparsable or non-finite values are a UserInputError."""
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.replace(";", ",").split(",")]
-        if not any(parts):
-            raise UserInputError(f"the {what} list is empty: give comma-separated numbers such as 0,0.5,1,1.5.")
-        values = []
-        for p in parts:
-            if not p:
-                raise UserInputError(f"the {what} list {text!r} has an empty item: remove the extra comma.")
-            try:
-                values.append(float(p))
-            except ValueError:
-                raise UserInputError(f"cannot read {p!r} in the {what} list {text!r}: give comma-separated numbers "
-                                     "such as 0,0.5,1,1.5.") from None
-    else:
-        values = [float(v) for v in text]
+def parse_number_list(text: str | Iterable, convert=float, what: str = "alphas",
+                      example: str = "0,0.5,1,1.5") -> list:
+    """"0, 0.5,1" -> [0.0, 0.5, 1.0]; empty or unparsable lists are a UserInputError naming the list."""
+    if not isinstance(text, str):
+        values = [convert(v) for v in text]
         if not values:
-            raise UserInputError(f"the {what} list is empty: give at least one value.")
+            raise UserInputError(f"the {what} list is empty: give at least one value, e.g. {example}.")
+        return values
+    parts = [p.strip() for p in text.replace(";", ",").split(",")]
+    if not any(parts):
+        raise UserInputError(f"the {what} list is empty: give comma-separated values such as {example}.")
+    values = []
+    for p in parts:
+        if not p:
+            raise UserInputError(f"the {what} list {text!r} has an empty item: remove the extra comma.")
+        try:
+            values.append(convert(p))
+        except ValueError:
+            raise UserInputError(f"cannot read {p!r} in the {what} list {text!r}: give comma-separated values "
+                                 f"such as {example}.") from None
+    return values
+
+
+def parse_float_list(text: str | Iterable[float], what: str = "alphas") -> list[float]:
+    """Finite floats; see `parse_number_list`."""
+    values = parse_number_list(text, float, what)
     for v in values:
         if not math.isfinite(v):
             raise UserInputError(f"{what} value {v} is not a finite number.")

@@ -53,6 +53,7 @@ import torch
 
 from .conditioning import entry_mask
 from .errors import UserInputError
+from .injection import parse_number_list
 
 DEFAULT_STEPS = 28
 DEFAULT_CFG = 4.5
@@ -68,24 +69,8 @@ MAX_SEED = 2**63 - 1
 
 # --------------------------------------------------------------------------------------------- inputs
 def parse_seeds(text: str | Iterable[int]) -> list[int]:
-    """"1234, 5678" -> [1234, 5678]; empty or unparsable lists are a UserInputError."""
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.replace(";", ",").split(",")]
-        if not any(parts):
-            raise UserInputError("the seed list is empty: give comma-separated integers such as 1234,5678,9999.")
-        seeds = []
-        for p in parts:
-            if not p:
-                raise UserInputError(f"the seed list {text!r} has an empty item: remove the extra comma.")
-            try:
-                seeds.append(int(p))
-            except ValueError:
-                raise UserInputError(f"cannot read seed {p!r} in {text!r}: seeds are whole numbers, "
-                                     "comma-separated, such as 1234,5678,9999.") from None
-    else:
-        seeds = [int(s) for s in text]
-        if not seeds:
-            raise UserInputError("the seed list is empty: give at least one seed.")
+    """"1234, 5678" -> [1234, 5678]; empty, unparsable or out-of-range seeds are a UserInputError."""
+    seeds = parse_number_list(text, int, "seed", DEFAULT_SEEDS)
     for s in seeds:
         if not 0 <= s <= MAX_SEED:
             raise UserInputError(f"seed {s} is out of range: use 0..{MAX_SEED}.")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..core.errors import UserInputError
 from ..core.head import head_summary, load_head
+from ..core.safe_paths import resolve_inside
 from .model_folders import list_model_files, model_dirs
 
 NO_HEADS = "(no heads in models/identity_heads)"
@@ -19,17 +19,10 @@ def resolve_head_file(head_name: str, head_path: str = "") -> Path:
     if not head_name or head_name == NO_HEADS:
         raise UserInputError("no head selected: put a .safetensors head from `qwen-identity train` into "
                              "ComfyUI/models/identity_heads/ and refresh, or type its path into head_path.")
-    dirs = model_dirs("identity_heads")
-    for d in dirs:
-        root = os.path.abspath(d)
-        candidate = os.path.abspath(os.path.join(root, head_name))
-        if os.path.commonpath([root, candidate]) != root:
-            raise UserInputError(f"head name {head_name!r} points outside the identity_heads folder; pick a file "
-                                 "from the list or use head_path.")
-        if os.path.isfile(candidate):
-            return Path(candidate)
-    where = ", ".join(map(str, dirs)) or "ComfyUI/models/identity_heads (not registered)"
-    raise UserInputError(f"head {head_name!r} not found in {where}. Refresh the node list or use head_path.")
+    path = resolve_inside(head_name, model_dirs("identity_heads"), what="head")
+    if not path.is_file():
+        raise UserInputError(f"head {head_name!r} is a folder, not a .safetensors file; pick a file from the list.")
+    return path
 
 
 class LoadResidualHead:

@@ -24,34 +24,13 @@ from ..core.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOU
                              FeatureSettings, extract_features, prepare_images)
 from ..core.images import comfy_to_pil, pil_to_comfy
 from ..core.qwen3vl import Qwen3VLBundle, attention_choices, check_weight_files, load_qwen3vl
+from ..core.safe_paths import resolve_inside
+from .comfy_runtime import comfy_progress
+from .comfy_runtime import model_management as _model_management
 from .model_folders import list_model_folders, model_dirs
 
 CATEGORY = "Qwen Identity"
 NO_FOLDER = "(none found: type a path or hub id in model_path)"
-
-
-def _model_management():
-    try:
-        import comfy.model_management as mm  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return mm
-
-
-def comfy_progress(total: int):
-    """A progress(done, total) callback driving ComfyUI's progress bar and honouring its Cancel button."""
-    mm = _model_management()
-    if mm is None:
-        return None
-    import comfy.utils  # type: ignore[import-not-found]
-
-    bar = comfy.utils.ProgressBar(total)
-
-    def progress(done: int, total_: int) -> None:
-        mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, total_)
-
-    return progress
 
 
 def _weights_bytes(folder: Path | None, dtype: torch.dtype) -> int:
@@ -138,8 +117,11 @@ class LoadQwen3VL:
 
         dirs = model_dirs("qwen3_vl")
         token = (hf_token or "").strip() or None
-        folder = resolve_model_dir(source, search_dirs=dirs, download_dir=dirs[0] if dirs else None, token=token,
-                                   what="Qwen3-VL model")
+        if (model_path or "").strip():  # typed by the user: a folder anywhere, or a hub id
+            folder = resolve_model_dir(source, search_dirs=dirs, download_dir=dirs[0] if dirs else None, token=token,
+                                       what="Qwen3-VL model")
+        else:  # a dropdown value (may come from someone else's workflow): must stay inside the models folders
+            folder = resolve_inside(source, dirs, what="Qwen3-VL model folder")
         mm = _model_management()
         dev = resolve_device(mm.get_torch_device() if (mm is not None and device == "auto") else device)
         dt = resolve_dtype(dtype, dev)

@@ -13,6 +13,7 @@ from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from ..core.errors import UserInputError
 from ..core.sampling import (DEFAULT_CFG, DEFAULT_HEIGHT, DEFAULT_MAX_BATCH, DEFAULT_SEEDS, DEFAULT_STEPS,
                              DEFAULT_WIDTH, OFFLOAD_CHOICES, QwenImageBundle, check_size, parse_seeds)
+from .comfy_runtime import comfy_progress, model_management
 from .model_folders import list_model_folders, model_dirs
 
 CATEGORY = "Qwen Identity"
@@ -20,27 +21,12 @@ NO_FOLDER = "(none found: type a path or hub id in model_path)"
 DEFAULT_SAMPLER, DEFAULT_SCHEDULER = "euler", "simple"
 
 
-def _model_management():
-    try:
-        import comfy.model_management as mm  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return mm
-
-
-def _progress_and_interrupt(total_hint: int = 1):
+def _progress_and_interrupt():
     """(progress, interrupt) for core.sampling: ComfyUI's progress bar and Cancel button, or (None, None)."""
-    mm = _model_management()
+    mm = model_management()
     if mm is None:
         return None, None
-    import comfy.utils  # type: ignore[import-not-found]
-
-    bar = comfy.utils.ProgressBar(total_hint)
-
-    def progress(done: int, total: int) -> None:
-        bar.update_absolute(done, total)
-
-    return progress, mm.throw_exception_if_processing_interrupted
+    return comfy_progress(1), mm.throw_exception_if_processing_interrupted
 
 
 def _sampler_choices() -> tuple[list[str], list[str]]:
@@ -88,18 +74,23 @@ class LoadQwenImageDiffusers:
         }
 
     def load(self, model, model_path="", dtype="auto", device="auto", offload="none", hf_token=""):
+        from ..core.safe_paths import resolve_inside
         from ..core.sampling import load_qwen_image_pipeline
 
-        source = (model_path or "").strip() or (model if model != NO_FOLDER else "")
-        if not source:
+        typed = (model_path or "").strip()
+        if not typed and (not model or model == NO_FOLDER):
             raise UserInputError("no Qwen-Image pipeline chosen: put a diffusers Qwen-Image folder (with "
                                  "model_index.json) in ComfyUI/models/diffusers/ or type a path / hub id "
                                  "(e.g. Qwen/Qwen-Image) in model_path.")
-        mm = _model_management()
+        dirs = model_dirs("diffusers")
+        # a typed path may be any folder or a hub id; a dropdown value (possibly from someone else's workflow)
+        # must stay inside the models folders
+        source = typed or str(resolve_inside(model, dirs, what="Qwen-Image pipeline folder"))
+        mm = model_management()
         if mm is not None and device == "auto":
             device = mm.get_torch_device()
         bundle = load_qwen_image_pipeline(source, device=device, dtype=dtype, offload=offload,
-                                          search_dirs=model_dirs("diffusers"), token=(hf_token or "").strip() or None)
+                                          search_dirs=dirs, token=(hf_token or "").strip() or None)
         return (bundle,)
 
 
@@ -179,7 +170,7 @@ class QwenImageSampleFromEmbeds:
                                  "(nodes/native_sampling.py is missing); use the diffusers pipeline input.") from None
         progress, _ = _progress_and_interrupt()
         images = sample_native(model, vae, positive, negative, seed_list, int(steps), float(cfg), int(width),
-                               int(height), sampler_name, scheduler, progress=progress)
+                               int(height), sampler_name, scheduler, progress=progress, max_batch=int(max_batch))
         if not isinstance(images, torch.Tensor):
             raise UserInputError("the native sampler returned no IMAGE tensor.")
         return (images, seeds_text)

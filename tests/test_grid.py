@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.grid import alpha_label, make_grid, seed_label
+from qwen_identity.core.grid import GAP, alpha_label, make_grid, seed_label
 
 
 def cells(n, size=(64, 48)):
@@ -17,7 +17,9 @@ def test_geometry_and_placement():
     g = make_grid(cells(6), alphas, seeds)
     m = g.meta
     left, top = m["origin"]
-    assert g.image.size == tuple(m["grid_size"]) == (left + 2 * 64, top + 3 * 48)
+    gap = m["col_pitch"] - 64
+    assert gap == m["row_pitch"] - 48 >= 0
+    assert g.image.size == tuple(m["grid_size"]) == (left + 2 * 64 + gap, top + 3 * 48 + 2 * gap)
     assert left > 0 and top > 0  # room for the row and column labels
     arr = np.asarray(g.image)
     for cell in m["cells"]:
@@ -25,7 +27,7 @@ def test_geometry_and_placement():
         assert (cell["alpha"], cell["seed"]) == (alphas[cell["row"]], seeds[cell["col"]])
         patch = arr[cell["y"]:cell["y"] + 48, cell["x"]:cell["x"] + 64]
         assert (patch == np.array([10 * k, 200 - 10 * k, 37])).all()  # α-major: row r, column c is image r*cols+c
-    assert m["cells"][3]["label"] == "α=1, seed 5678"
+    assert m["cells"][3]["label"] == "alpha=1, seed 5678"
 
 
 def test_labels_are_drawn():
@@ -39,7 +41,7 @@ def test_labels_are_drawn():
     assert np.array_equal(np.asarray(again.image), arr)  # deterministic
     other = np.asarray(make_grid(cells(2), [0.0, 3.0], [7]).image).astype(int)
     assert other.shape == arr.shape and not np.array_equal(other, arr)  # the label text is what differs
-    assert alpha_label(0.5) == "α=0.5" and seed_label(12) == "seed 12"
+    assert alpha_label(0.5) == "alpha=0.5" and seed_label(12) == "seed 12"
 
 
 def test_cell_notes_add_a_band_under_each_cell():
@@ -48,7 +50,7 @@ def test_cell_notes_add_a_band_under_each_cell():
     assert noted.image.size[1] > plain.image.size[1]
     assert noted.meta["cells"][2]["note"] == "sim 0.63"
     c = noted.meta["cells"][0]
-    band = np.asarray(noted.image)[c["y"] + 48:c["y"] + noted.meta["row_pitch"], c["x"]:c["x"] + 64]
+    band = np.asarray(noted.image)[c["y"] + 48:c["y"] + noted.meta["row_pitch"] - GAP, c["x"]:c["x"] + 64]
     assert (band < 128).any()
 
 

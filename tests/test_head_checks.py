@@ -120,3 +120,11 @@ def test_node_reports_damaged_files(heads_folder):
     with pytest.raises(UserInputError, match="bad.safetensors"):
         LoadResidualHead().load("bad.safetensors")
     assert LoadResidualHead.IS_CHANGED("bad.safetensors") != LoadResidualHead.IS_CHANGED("missing.safetensors")
+
+
+def test_equal_heads_save_to_identical_bytes(tmp_path):
+    """safetensors orders its metadata map differently from call to call; save_head must not."""
+    head = _head(base_prompt="x", metrics={"a": 1, "b": 2})
+    blobs = {save_head(head, tmp_path / f"{i}.safetensors").read_bytes() for i in range(6)}
+    assert len(blobs) == 1
+    assert load_head(tmp_path / "0.safetensors").meta.metrics == {"a": 1, "b": 2}

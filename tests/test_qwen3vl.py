@@ -40,6 +40,14 @@ def test_loads_tiny_checkpoint_without_modifying_it(tiny_qwen3vl_dir):
 def test_name_in_a_models_folder_and_bf16(tiny_qwen3vl_dir):
     bundle = load_qwen3vl(tiny_qwen3vl_dir.name, search_dirs=[tiny_qwen3vl_dir.parent], device="cpu", dtype="bf16")
     assert bundle.dtype == torch.bfloat16 and next(bundle.model.parameters()).dtype == torch.bfloat16
+    from PIL import Image
+
+    from qwen_identity.core.features import FeatureSettings, extract_features
+
+    for source in ("merger_pooled", "llm_hidden"):  # bf16 weights still give float32 unit-norm features
+        f = extract_features(bundle, [Image.new("RGB", (50, 70), (30, 40, 50))],
+                             FeatureSettings(source=source, resolution="pixel_budget", max_pixels=64 * 64))
+        assert f.combined.dtype == torch.float32 and abs(float(f.combined.norm()) - 1) < 1e-5
 
 
 def test_qwen_image_text_encoder_folder_names_its_model_type(tiny_qwenimage_dir):

@@ -52,6 +52,8 @@ def test_dropdown_lists_models_folder(tiny_qwen3vl_dir, tmp_path, monkeypatch):
     assert choices == ["My-Qwen3-VL"]
     (bundle,) = LoadQwen3VL().load("My-Qwen3-VL", "", dtype="fp32", device="cpu")
     assert bundle.model_id == "My-Qwen3-VL"
+    with pytest.raises(UserInputError, match="points outside"):  # a dropdown value from a foreign workflow
+        LoadQwen3VL().load(f"../../{tiny_qwen3vl_dir.parent.name}/{tiny_qwen3vl_dir.name}", "", device="cpu")
     monkeypatch.setenv("QWEN_IDENTITY_MODELS_DIR", str(tmp_path / "empty"))
     assert LoadQwen3VL.INPUT_TYPES()["required"]["model"][0] == [NO_FOLDER]
     with pytest.raises(UserInputError, match="no Qwen3-VL model chosen"):

@@ -145,7 +145,7 @@ def test_gap_in_windows_is_an_error(bundle, conds):
     (dict(width=40), "width=40 is not a multiple of 16.*32 or 48"),
     (dict(height=100), "height=100 is not a multiple of 16"),
     (dict(seeds=""), "seed list is empty"),
-    (dict(seeds="12,abc"), "cannot read seed 'abc'"),
+    (dict(seeds="12,abc"), "cannot read 'abc' in the seed list"),
     (dict(seeds="1,,2"), "empty item"),
     (dict(seeds="-3"), "out of range"),
     (dict(steps=0), "steps=0"),

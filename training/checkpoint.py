@@ -8,15 +8,17 @@ atomically: a crash or a full disk while writing keeps the previous pair.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from ..core.atomic import atomic_write
 from ..core.errors import UserInputError
+from ..core.head import safetensors_bytes
 
 STATE_FORMAT = "qwen-identity-train-state"
 STATE_VERSION = 1
@@ -30,13 +32,19 @@ def write_failed(path: Path, e: OSError) -> UserInputError:
                           "free space or choose another --out-dir, then rerun with --resume.")
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
+@contextlib.contextmanager
+def reporting_write_errors(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` (a full disk, no permission) into a clear UserInputError."""
     try:
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        yield
     except OSError as e:
         raise write_failed(path, e) from None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    data = safetensors_bytes(tensors, metadata)
+    with reporting_write_errors(path):
+        return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_train_state(path: Path, head: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -19,18 +19,19 @@ from ..core.seed_dirs import load_seed_dir
 
 @dataclass
 class Identity:
-    """One person: a seed directory's readable photos (decoded), their content hashes, its caption file text."""
+    """One person: a seed directory's readable photos, their content hashes, its caption file text.
+
+    Photos are decoded once when the identity is loaded (to skip unreadable ones) but not kept: a large
+    dataset with warm caches never holds its pixels in memory. `load_images()` decodes them on demand."""
 
     name: str
     path: Path
     photos: list[Path]
     photo_hashes: list[str]
-    images: list[Image.Image]
     caption_file_text: str | None
 
-    @property
-    def key(self) -> str:
-        return self.name
+    def load_images(self, limit: int | None = None) -> list[Image.Image]:
+        return [load_image(p) for p in self.photos[:limit]]
 
 
 def load_identities(paths: Sequence[Path], single_view: bool = False,
@@ -43,10 +44,10 @@ def load_identities(paths: Sequence[Path], single_view: bool = False,
     seed_dirs = [load_seed_dir(p, single_view=False) for p in paths]  # errors for missing/empty dirs first
     identities: list[Identity] = []
     for i, sd in enumerate(seed_dirs):
-        photos, hashes, images = [], [], []
+        photos, hashes = [], []
         for photo in sd.photos:
             try:
-                images.append(load_image(photo))
+                load_image(photo)
             except UserInputError as e:
                 warn(f"skipping unreadable photo {photo}: {e}")
                 continue
@@ -67,7 +68,7 @@ def load_identities(paths: Sequence[Path], single_view: bool = False,
                 warn(f"ignoring unreadable caption file {sd.caption_path}: {e}")
             if caption is None:
                 warn(f"ignoring empty caption file {sd.caption_path}.")
-        identities.append(Identity(sd.name, sd.path, photos, hashes, images, caption))
+        identities.append(Identity(sd.name, sd.path, photos, hashes, caption))
     if not identities:
         raise UserInputError("no usable identities: none of the seed directories has a readable photo_view_*.png. "
                              "Check the folders and re-save the photos as PNG.")

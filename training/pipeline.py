@@ -28,6 +28,7 @@ from ..core.atomic import atomic_write_json, atomic_write_text
 from ..core.dataset_fingerprint import cache_key, file_sha256
 from ..core.errors import UserInputError
 from ..core.head import HeadMeta, ResidualHead, save_head
+from ..core.out_dir_lock import OutDirLock
 from ..core.length_policy import POLICY_NAME
 from ..core.training_targets import Targets, caption_targets, compose_prompt, zero_targets
 from ..version import __version__
@@ -57,6 +58,7 @@ class TrainConfig:
     single_view: bool = False
     val_fraction: float = 0.2
     feature_settings: dict[str, Any] = field(default_factory=dict)  # FeatureSettings fields
+    features_file: Path | None = None  # a `qwen-identity extract` output to take features from
     device: str = "auto"
     dtype: str = "auto"
     hf_token: str | None = None
@@ -177,7 +179,7 @@ def _captions(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
             sources.append("")
     todo = [i for i, c in enumerate(captions) if c is None]
     if todo:
-        from ..core.captioning import write_caption
+        from ..core.captioning import MAX_CAPTION_PHOTOS, write_caption
 
         say(f"Qwen3-VL is describing {len(todo)} identit{'y' if len(todo) == 1 else 'ies'} without caption.txt")
         bundle = models.qwen3vl()
@@ -185,7 +187,8 @@ def _captions(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
         done = [0]
 
         def one(_, i):
-            text = write_caption(bundle.model, bundle.processor, identities[i].images, name=str(identities[i].path))
+            text = write_caption(bundle.model, bundle.processor, identities[i].load_images(MAX_CAPTION_PHOTOS),
+                                 name=str(identities[i].path))
             done[0] += 1
             bar(done[0], len(todo))
             return text
@@ -196,7 +199,8 @@ def _captions(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
             saved = folder / f"{identities[i].name}.txt"
             sources[i] = f"{saved} (written by {cfg.qwen3_vl_model})"
             if dist.is_main:
-                atomic_write_text(saved, text + "\n")
+                with ckpt.reporting_write_errors(saved):
+                    atomic_write_text(saved, text + "\n")
     return [c or "" for c in captions], sources
 
 
@@ -210,16 +214,18 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
     cached = load_feature_cache(path) if path.is_file() else {}
     model = _model_key(cfg.qwen3_vl_model)
     keys = [cache_key("features", model, settings.to_meta(), ident.photo_hashes) for ident in identities]
+    if cfg.features_file:
+        _adopt_extracted(cfg, settings, identities, keys, cached, say)
     todo = [i for i, k in enumerate(keys) if k not in cached]
     if todo:
-        say(f"extracting Qwen3-VL features of {sum(len(identities[i].images) for i in todo)} photos "
+        say(f"extracting Qwen3-VL features of {sum(len(identities[i].photos) for i in todo)} photos "
             f"({len(todo)} identities; cached afterwards)")
         bundle = models.qwen3vl()
         bar = progress("features")
         done = [0]
 
         def one(_, i):
-            feats = extract_features(bundle, identities[i].images, settings)
+            feats = extract_features(bundle, identities[i].load_images(), settings)
             feats.per_image, feats.combined = feats.per_image.cpu(), feats.combined.cpu()
             done[0] += 1
             bar(done[0], len(todo))
@@ -228,17 +234,45 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
         for i, feats in zip(todo, shard_map(dist, todo, one)):
             cached[keys[i]] = feats
         if dist.is_main:
-            try:
+            with ckpt.reporting_write_errors(path):
                 save_feature_cache(path, cached)
-            except OSError as e:
-                raise ckpt.write_failed(path, e) from None
     out = [cached[k].per_image.float() for k in keys]
     meta = dict(cached[keys[0]].meta)
     meta.pop("n_images", None)
     return out, meta
 
 
-def _targets(cfg: TrainConfig, identities: list[Identity], captions: list[str], models: _Models,
+def _adopt_extracted(cfg: TrainConfig, settings, identities: list[Identity], keys: list[str], cached: dict,
+                     say: Callable[[str], None]) -> None:
+    """Take features from a `qwen-identity extract` file (entries keyed by the seed dir's absolute path) when
+    they were made by the same model name with the same settings from the same photo files."""
+    from ..core.features import feature_cache_key, load_feature_cache
+
+    extracted = load_feature_cache(cfg.features_file)
+    model_name = Path(str(cfg.qwen3_vl_model).rstrip("/")).name
+    wanted = settings.to_meta()
+    used = 0
+    for ident, key in zip(identities, keys):
+        entry = extracted.get(feature_cache_key(ident.path))
+        if entry is None or key in cached:
+            continue
+        meta = entry.meta
+        why = None
+        if meta.get("model_id") != model_name:
+            why = f"made by {meta.get('model_id')!r}, not {model_name!r}"
+        elif any(meta.get(k) != v for k, v in wanted.items()):
+            why = "made with other feature settings"
+        elif meta.get("photos") != [p.name for p in ident.photos] or entry.per_image.shape[0] != len(ident.photos):
+            why = "made from other photos"
+        if why:
+            say(f"not using {cfg.features_file} for {ident.path}: {why}; extracting again")
+            continue
+        cached[key] = entry
+        used += 1
+    say(f"using features of {used} identit{'y' if used == 1 else 'ies'} from {cfg.features_file}")
+
+
+def _targets(cfg: TrainConfig, identities: list[Identity], captions: list[str], models: _Models, dist,
              say: Callable[[str], None]) -> Targets:
     if cfg.target == "zero":
         return zero_targets(len(identities), cfg.tokens, _text_encoder_hidden(models.qwen_image_dir()),
@@ -258,8 +292,9 @@ def _targets(cfg: TrainConfig, identities: list[Identity], captions: list[str], 
     say(f"encoding {len(prompts) + 1} prompts with Qwen-Image's text encoder (cached afterwards)")
     te, tok = models.text_encoder()
     targets = caption_targets(te, tok, cfg.base_prompt, captions, cfg.tokens)
-    ckpt.save_tensors(path, {"residuals": targets.residuals.contiguous(), "mask": targets.mask.to(torch.uint8)},
-                      {"prompts": json.dumps(prompts)})
+    if dist.is_main:
+        ckpt.save_tensors(path, {"residuals": targets.residuals.contiguous(), "mask": targets.mask.to(torch.uint8)},
+                          {"prompts": json.dumps(prompts)})
     return targets
 
 
@@ -289,13 +324,22 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
     progress = progress or (lambda name: (lambda done, total: None))
     cfg.out_dir = Path(cfg.out_dir)
     device = resolve_device(cfg.device)
-    dist = make_dist(device, "off" if cfg.distributed == "off" else cfg.distributed)
+    dist = make_dist(device, cfg.distributed)
     if dist.device is not None and device.type != "cpu":
         device = dist.device
-    identities = load_identities(cfg.seed_dirs, single_view=cfg.single_view, warn=warn if dist.is_main else None,
+    if not dist.is_main:  # one voice under a multi-process launcher
+        say, warn, progress = (lambda m: None), (lambda m: None), (lambda name: (lambda done, total: None))
+    identities = load_identities(cfg.seed_dirs, single_view=cfg.single_view, warn=warn,
                                  progress=progress("photos"))
     train_ids, val_ids = split_identities(len(identities), cfg.val_fraction, cfg.loop.seed)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:  # one writer per out-dir (other processes of a launcher only compute)
+        with OutDirLock(cfg.out_dir):
+            return _train(cfg, identities, train_ids, val_ids, device, dist, progress, say)
+    return _train(cfg, identities, train_ids, val_ids, device, dist, progress, say)
+
+
+def _train(cfg: TrainConfig, identities: list[Identity], train_ids: list[int], val_ids: list[int], device, dist,
+           progress: ProgressFactory, say: Callable[[str], None]) -> dict:
     models = _Models(cfg, device)
 
     if cfg.target == "caption":
@@ -303,7 +347,7 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
     else:
         captions, caption_sources = [""] * len(identities), [""] * len(identities)
     feats, feature_meta = _features(cfg, identities, models, dist, progress, say)
-    targets = _targets(cfg, identities, captions, models, say)
+    targets = _targets(cfg, identities, captions, models, dist, say)
     models.release()
     d, (k, h) = int(feats[0].shape[-1]), targets.residuals.shape[1:]
     train, val = _stack(train_ids, feats, targets), _stack(val_ids, feats, targets)
@@ -340,7 +384,8 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
         if start_epoch >= cfg.loop.epochs:
             say(f"nothing to do: {state_path} already finished epoch {start_epoch} of --epochs {cfg.loop.epochs}. "
                 "Raise --epochs to train longer.")
-            return json.loads((cfg.out_dir / "metrics.json").read_text()) if (cfg.out_dir / "metrics.json").is_file() else {}
+            metrics_file = cfg.out_dir / "metrics.json"
+            return json.loads(metrics_file.read_text()) if dist.is_main and metrics_file.is_file() else {}
         say(f"resuming after epoch {start_epoch} of {cfg.loop.epochs}")
 
     n_train_views, n_val_views = len(train), len(val)
@@ -360,22 +405,22 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
         head.meta.training_args = {**cfg.training_args(), "epochs": epoch}
         ckpt.save_train_state(state_path, head, optimizer, generator, epoch,
                               {"run": run_identity, "history": hist.to_dict()})
-        try:
+        with ckpt.reporting_write_errors(head_path):
             save_head(head, head_path)
-        except OSError as e:
-            raise ckpt.write_failed(head_path, e) from None
         report = {**m, "identities": {ident.name: {"split": "train" if i in train_ids else "validation",
                                                    "photos": len(ident.photos), "caption": captions[i] or None,
                                                    "caption_source": caption_sources[i] or None}
                                       for i, ident in enumerate(identities)},
                   "head": str(head_path), "pack_version": __version__, "training_args": cfg.training_args()}
-        atomic_write_json(cfg.out_dir / "metrics.json", report)
-        write_loss_curve(cfg.out_dir / "loss_curve.png", hist.train_loss, hist.val_loss)
+        with ckpt.reporting_write_errors(cfg.out_dir / "metrics.json"):
+            atomic_write_json(cfg.out_dir / "metrics.json", report)
+        with ckpt.reporting_write_errors(cfg.out_dir / "loss_curve.png"):
+            write_loss_curve(cfg.out_dir / "loss_curve.png", hist.train_loss, hist.val_loss)
         say(f"epoch {epoch}/{cfg.loop.epochs}: train loss {m['train_loss']:.6g}"
             + (f", validation loss {m['val_loss']:.6g}" if m["val_loss"] is not None else ""))
 
     train_head(head, train, val if len(val) else None, cfg.loop, optimizer=optimizer, generator=generator,
-               start_epoch=start_epoch, history=history, dist=dist, device=device if dist.world == 1 else dist.device,
+               start_epoch=start_epoch, history=history, dist=dist, device=device,
                on_epoch_end=on_epoch_end, progress=progress("training"))
     dist.barrier()
-    return metrics_for(cfg.loop.epochs, history)
+    return metrics_for(cfg.loop.epochs, history) if dist.is_main else {}

@@ -1,0 +1,32 @@
+"""`qwen-identity demo` on a fresh machine (no models configured): tiny stand-ins end to end."""
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+
+def test_demo_runs_end_to_end_offline(cli_env, tmp_path):
+    out = tmp_path / "demo"
+    env = dict(cli_env)
+    env.pop("QWEN_IDENTITY_MODELS_DIR", None)
+    r = subprocess.run([sys.executable, "-m", "qwen_identity.cli", "demo", "--out-dir", str(out), "--identities", "1"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "RANDOM-WEIGHT STAND-INS" in r.stdout and "--qwen-image-model" in r.stdout
+    assert "noise" in r.stdout.lower()
+    assert (out / "checkpoints" / "linear_head.safetensors").is_file()
+    grids = sorted((out / "generations").glob("*_alpha_grid.png"))
+    assert [g.name for g in grids] == ["seed_100_alpha_grid.png"]
+    meta = json.loads((out / "generations" / "seed_100_meta.json").read_text())
+    assert meta["stand_in_models"] is True and meta["demo"] is True
+    assert (meta["width"], meta["height"], meta["steps"]) == (64, 64, 4)
+    assert meta["alphas"] == [0.5, 1.0, 1.5] and meta["seeds"] == [1234, 5678, 9999]
+    assert Image.open(grids[0]).size == tuple(meta["grid"]["grid_size"])
+
+
+def test_demo_refuses_half_real_models(cli_env, tmp_path):
+    from qwen_identity.cli import main
+
+    assert main(["demo", "--out-dir", str(tmp_path / "d"), "--qwen-image-model", "Qwen/Qwen-Image"]) == 2
