@@ -175,3 +175,75 @@ def test_loader_errors(tmp_path, tiny_qwen3vl_dir):
         sampling.load_qwen_image_pipeline(str(tiny_qwen3vl_dir), device="cpu")
     with pytest.raises(UserInputError, match="offload"):
         sampling.load_qwen_image_pipeline(str(tiny_qwen3vl_dir), device="cpu", offload="sequential")
+
+
+def test_speed_options_keep_outputs(bundle, conds):
+    """compile (dynamo with the eager backend here: inductor's CPU build is too slow for the suite) and
+    cuda_graphs (ignored off CUDA) give the same latents as the plain loop."""
+    import copy
+
+    pos, neg = conds
+    plain = sampling.sample(bundle, pos, neg, seeds=[5], steps=2, width=W, height=H, return_latents=True,
+                            decode=False)
+    fast_pipe = copy.deepcopy(bundle.pipeline)
+    assert sampling.compile_transformer(fast_pipe.transformer, backend="eager") is True
+    assert sampling.compile_transformer(fast_pipe.transformer) is False  # once only
+    fast = sampling.sample(fast_pipe, pos, neg, seeds=[5], steps=2, width=W, height=H, return_latents=True,
+                           decode=False, compile=True, cuda_graphs=True)
+    assert torch.allclose(plain.latents, fast.latents, atol=1e-5)
+    blocks = fast_pipe.transformer.transformer_blocks
+    assert all(isinstance(b.img_mod, torch.nn.Sequential) and isinstance(b.txt_mod, torch.nn.Sequential)
+               for b in blocks)  # the per-call modulation lookups are gone again
+    assert len(fast_pipe.transformer._qwen_identity_mod_lookups) == len(blocks)  # (kept for the next call)
+    again = sampling.sample(fast_pipe, pos, neg, seeds=[5], steps=2, width=W, height=H, return_latents=True,
+                            decode=False, compile=True)
+    assert torch.allclose(plain.latents, again.latents, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_offload_hooks_are_detected(bundle):
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    tr = copy_module(bundle.pipeline.transformer)
+    HookRegistry.check_if_exists_or_initialize(tr)  # an empty registry (diffusers pipelines leave one) is no hook
+    assert not sampling.has_offload_hooks(tr)
+    HookRegistry.check_if_exists_or_initialize(tr.transformer_blocks[0]).register_hook(ModelHook(), "probe")
+    assert sampling.has_offload_hooks(tr)
+
+
+def copy_module(m):
+    import copy
+
+    return copy.deepcopy(m)
+
+
+def test_capturable_text_lengths_matches_diffusers(bundle):
+    """The stand-in used while recording CUDA graphs returns what the forward uses from diffusers' own."""
+    from diffusers.models.transformers import transformer_qwenimage as mod
+
+    hidden = torch.randn(3, 5, 8)
+    for mask in (None, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])):
+        ref = mod.compute_text_seq_len_from_mask(hidden, mask)
+        with sampling._capturable_text_lengths():
+            got = mod.compute_text_seq_len_from_mask(hidden, mask)
+        assert got[0] == ref[0]
+        assert (got[2] is None and ref[2] is None) or torch.equal(got[2], ref[2])
+    assert mod.compute_text_seq_len_from_mask is not None and "text_lengths" not in repr(mod.compute_text_seq_len_from_mask)
+
+
+def test_rope_real_equals_diffusers_complex_rope():
+    from diffusers.models.transformers import transformer_qwenimage as mod
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 3, 16, generator=g).to(torch.bfloat16)
+    freqs = torch.polar(torch.ones(7, 8), torch.randn(7, 8, generator=g))
+    ref = mod.apply_rotary_emb_qwen(x, freqs, use_real=False)
+    with sampling._real_rope():
+        assert mod.apply_rotary_emb_qwen is sampling.rope_real
+        got = mod.apply_rotary_emb_qwen(x, freqs, use_real=False)
+    assert mod.apply_rotary_emb_qwen is not sampling.rope_real  # restored
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert (got.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()  # bf16 rounding at most
+    xf = x.float()
+    assert torch.allclose(sampling.rope_real(xf, freqs, use_real=False), mod.apply_rotary_emb_qwen(xf, freqs, use_real=False),
+                          atol=1e-6)
