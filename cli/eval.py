@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=512, help="image width, a multiple of 16 (default: 512)")
     g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"images denoised together (default: {DEFAULT_MAX_BATCH}); lower it on out-of-memory")
+    g.add_argument("--fast", action="store_true",
+                   help="on a CUDA GPU: compile the transformer blocks and replay CUDA graphs (ignored elsewhere)")
     g.add_argument("--strength-mode", choices=MODES, default=DEFAULT_MODE,
                    help=f"how α scales the residual (default: {DEFAULT_MODE}; see README)")
     g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT,
@@ -162,7 +164,7 @@ def run(args) -> int:
         for name in names:
             generated[name], warnings = sample_alpha_images(
                 qi, head, features[name], positive, negative, alphas, seeds, args.steps, args.guidance, args.width,
-                args.height, args.max_batch, args.strength_mode, baseline=baseline, progress=bar)
+                args.height, args.max_batch, args.strength_mode, baseline=baseline, progress=bar, fast=args.fast)
             baseline = generated[name][0.0]
             for w in warnings:
                 _warn(f"{name}: {w}")

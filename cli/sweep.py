@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=512, help="image width, a multiple of 16 (default: 512)")
     g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"images denoised together (default: {DEFAULT_MAX_BATCH}); lower it on out-of-memory")
+    g.add_argument("--fast", action="store_true",
+                   help="on a CUDA GPU: compile the transformer blocks and replay CUDA graphs (about 3x faster than "
+                        "stock diffusers on an H100; ignored elsewhere)")
     g.add_argument("--strength-mode", choices=MODES, default=DEFAULT_MODE,
                    help=f"how α scales the residual (default: {DEFAULT_MODE}; see README)")
     g = p.add_argument_group("prompts")
@@ -90,6 +93,7 @@ class SweepConfig:
     height: int = 768
     width: int = 512
     max_batch: int = 4
+    fast: bool = False
     strength_mode: str = "absolute"
     base_prompt: str = DEFAULT_BASE_PROMPT
     negative_prompt: str = "blurry, low quality, deformed, watermark"
@@ -146,7 +150,7 @@ def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print,
     from ..core.injection import inject_identity
     from ..core.progress import tqdm_progress
     from ..core.qwen3vl import load_qwen3vl
-    from ..core.sampling import encode_text, load_qwen_image_pipeline, sample
+    from ..core.sampling import encode_text, load_qwen_image_pipeline, sample, speed_options
     from ..core.seed_dirs import load_seed_dirs
 
     warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
@@ -195,7 +199,8 @@ def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print,
         t = time.perf_counter()
         with tqdm_progress(f"{sd.name}", unit="step") as bar:
             result = sample(bundle, cond, negative, cfg.seeds, steps=cfg.steps, cfg=cfg.guidance, width=cfg.width,
-                            height=cfg.height, max_batch=cfg.max_batch, progress=bar)
+                            height=cfg.height, max_batch=cfg.max_batch, progress=bar,
+                            **speed_options(bundle, cfg.fast))
         sampling_s = time.perf_counter() - t
         grid = make_grid(comfy_to_pil(result.images), cfg.alphas, cfg.seeds)
         png, meta_path = gen_dir / f"{sd.name}_alpha_grid.png", gen_dir / f"{sd.name}_meta.json"
@@ -244,7 +249,7 @@ def config_from_args(args) -> SweepConfig:
         raise UserInputError("--base-prompt is empty.")
     return SweepConfig(seed_dirs=parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file), out_dir=Path(args.out_dir),
                        alphas=alphas, seeds=seeds, steps=args.steps, guidance=args.guidance, height=args.height,
-                       width=args.width, max_batch=args.max_batch, strength_mode=args.strength_mode,
+                       width=args.width, max_batch=args.max_batch, fast=args.fast, strength_mode=args.strength_mode,
                        base_prompt=args.base_prompt, negative_prompt=args.negative_prompt,
                        qwen3_vl_model=args.qwen3_vl_model, qwen_image_model=args.qwen_image_model,
                        head=Path(args.head) if args.head else None, single_view=args.single_view,

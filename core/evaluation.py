@@ -138,7 +138,8 @@ def sample_alpha_images(pipeline_bundle, head, identity, positive: list, negativ
                         alphas: Sequence[float], seeds: Sequence[int], steps: int, cfg: float, width: int,
                         height: int, max_batch: int = 4, mode: str = "absolute",
                         baseline: list[Image.Image] | None = None,
-                        progress: Progress | None = None) -> tuple[dict[float, list[Image.Image]], list[str]]:
+                        progress: Progress | None = None,
+                        fast: bool = False) -> tuple[dict[float, list[Image.Image]], list[str]]:
     """({α: one image per seed}, warnings) from `core.sampling.sample`, the head's residual for `identity`
     injected into `positive` exactly as InjectResidual does (head/feature/width checks; a mismatch raises).
 
@@ -148,7 +149,7 @@ def sample_alpha_images(pipeline_bundle, head, identity, positive: list, negativ
     """
     from .images import comfy_to_pil
     from .injection import inject_identity
-    from .sampling import sample
+    from .sampling import sample, speed_options
 
     alphas, seeds = parse_alphas(alphas), [int(s) for s in seeds]
     out: dict[float, list[Image.Image]] = {}
@@ -160,7 +161,8 @@ def sample_alpha_images(pipeline_bundle, head, identity, positive: list, negativ
     cond, warnings = inject_identity(positive, head, identity, todo or [1.0], mode=mode)  # α = 0: the plain prompt
     if todo:
         result = sample(pipeline_bundle, cond, negative, seeds=seeds, steps=steps, cfg=cfg, width=width,
-                        height=height, max_batch=max_batch, progress=progress)
+                        height=height, max_batch=max_batch, progress=progress,
+                        **speed_options(pipeline_bundle, fast))
         images = comfy_to_pil(result.images)
         for i, a in enumerate(todo):
             out[a] = images[i * len(seeds):(i + 1) * len(seeds)]

@@ -139,12 +139,16 @@ class QwenImageSampleFromEmbeds:
                                  "sampler."}),
                 "scheduler": (schedulers, {"default": DEFAULT_SCHEDULER, "tooltip": "Native path only: ComfyUI "
                               "scheduler."}),
+                "speed": (["standard", "fast"], {"default": "standard", "tooltip": "Diffusers path on a CUDA GPU: "
+                          "'fast' compiles the transformer blocks and replays CUDA graphs (about 3x faster than stock "
+                          "diffusers on an H100; the first run of each size pays tens of seconds of compilation). "
+                          "Ignored on CPU/MPS and on the native path."}),
             },
         }
 
     def sample(self, positive, negative, seeds=DEFAULT_SEEDS, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
                width=DEFAULT_WIDTH, height=DEFAULT_HEIGHT, max_batch=DEFAULT_MAX_BATCH, pipeline=None, model=None,
-               vae=None, sampler_name=DEFAULT_SAMPLER, scheduler=DEFAULT_SCHEDULER):
+               vae=None, sampler_name=DEFAULT_SAMPLER, scheduler=DEFAULT_SCHEDULER, speed="standard", **kwargs):
         seed_list = parse_seeds(seeds)
         check_size(width, height)
         seeds_text = ",".join(map(str, seed_list))
@@ -153,12 +157,12 @@ class QwenImageSampleFromEmbeds:
         if pipeline is not None:
             if not isinstance(pipeline, QwenImageBundle):
                 raise UserInputError("the pipeline input must come from LoadQwenImageDiffusers.")
-            from ..core.sampling import sample
+            from ..core.sampling import sample, speed_options
 
             progress, interrupt = _progress_and_interrupt()
             result = sample(pipeline, positive, negative, seed_list, steps=int(steps), cfg=float(cfg),
                             width=int(width), height=int(height), max_batch=int(max_batch), progress=progress,
-                            interrupt=interrupt)
+                            interrupt=interrupt, **speed_options(pipeline, speed == "fast"))
             return (result.images, seeds_text)
         if model is None or vae is None:
             raise UserInputError("nothing to sample with: connect a pipeline (LoadQwenImageDiffusers), or both a "

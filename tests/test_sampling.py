@@ -247,3 +247,13 @@ def test_rope_real_equals_diffusers_complex_rope():
     xf = x.float()
     assert torch.allclose(sampling.rope_real(xf, freqs, use_real=False), mod.apply_rotary_emb_qwen(xf, freqs, use_real=False),
                           atol=1e-6)
+
+
+def test_fast_switch_means_compile_and_graphs_only_on_cuda():
+    from qwen_identity.core.sampling import QwenImageBundle, speed_options
+
+    cpu = QwenImageBundle(pipeline=None, model_id="x", device=torch.device("cpu"), dtype=torch.float32)
+    cuda = QwenImageBundle(pipeline=None, model_id="x", device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert speed_options(cpu, True) == {"compile": False, "cuda_graphs": False}
+    assert speed_options(cuda, True) == {"compile": True, "cuda_graphs": True}
+    assert speed_options(cuda, False) == {"compile": False, "cuda_graphs": False}
