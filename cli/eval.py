@@ -22,6 +22,8 @@ import re
 import sys
 from pathlib import Path
 
+from .qwen_image_args import add_qwen_image_runtime_arguments, qwen_image_load_kwargs
+
 DEFAULT_OUT = "eval_output"
 DEFAULT_ALPHAS = "0.5,1.0,1.5"
 
@@ -56,8 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=512, help="image width, a multiple of 16 (default: 512)")
     g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"images denoised together (default: {DEFAULT_MAX_BATCH}); lower it on out-of-memory")
-    g.add_argument("--fast", action="store_true",
-                   help="on a CUDA GPU: compile the transformer blocks and replay CUDA graphs (ignored elsewhere)")
+    add_qwen_image_runtime_arguments(g)
     g.add_argument("--strength-mode", choices=MODES, default=DEFAULT_MODE,
                    help=f"how α scales the residual (default: {DEFAULT_MODE}; see README)")
     g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT,
@@ -154,7 +155,8 @@ def run(args) -> int:
 
     # 2. Qwen-Image: every α × seed image of every identity; the α = 0 baseline once for all
     qi = load_qwen_image_pipeline(args.qwen_image_model, device=args.device, dtype=args.dtype,
-                                  search_dirs=model_dirs("diffusers"), token=hf_token, cache_dir=cache_dir)
+                                  search_dirs=model_dirs("diffusers"), token=hf_token, cache_dir=cache_dir,
+                                  **qwen_image_load_kwargs(args))
     positive = encode_text(qi, args.base_prompt)
     negative = encode_text(qi, args.negative_prompt) if args.guidance > 1 else None
     print(f"Qwen3-VL {vl.model_id} and Qwen-Image {qi.model_id} on {qi.device}; {len(names)} identities, "

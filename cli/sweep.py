@@ -20,6 +20,7 @@ from typing import Callable
 from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
 from .train import _finite_float
+from .qwen_image_args import add_qwen_image_runtime_arguments
 
 DEFAULT_OUT = "outputs"
 DEFAULT_ALPHAS = "0.5,1.0,1.5"
@@ -61,9 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=512, help="image width, a multiple of 16 (default: 512)")
     g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
                    help=f"images denoised together (default: {DEFAULT_MAX_BATCH}); lower it on out-of-memory")
-    g.add_argument("--fast", action="store_true",
-                   help="on a CUDA GPU: compile the transformer blocks and replay CUDA graphs (about 3x faster than "
-                        "stock diffusers on an H100; ignored elsewhere)")
+    add_qwen_image_runtime_arguments(g)
     g.add_argument("--strength-mode", choices=MODES, default=DEFAULT_MODE,
                    help=f"how α scales the residual (default: {DEFAULT_MODE}; see README)")
     g = p.add_argument_group("prompts")
@@ -94,6 +93,8 @@ class SweepConfig:
     width: int = 512
     max_batch: int = 4
     fast: bool = False
+    offload: str = "none"
+    fp8_storage: bool = False
     strength_mode: str = "absolute"
     base_prompt: str = DEFAULT_BASE_PROMPT
     negative_prompt: str = "blurry, low quality, deformed, watermark"
@@ -186,7 +187,8 @@ def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print,
 
     t = time.perf_counter()
     bundle = load_qwen_image_pipeline(cfg.qwen_image_model, device=device, dtype=cfg.dtype,
-                                      search_dirs=_search("diffusers"), token=cfg.hf_token, cache_dir=cfg.cache_dir)
+                                      search_dirs=_search("diffusers"), token=cfg.hf_token, cache_dir=cfg.cache_dir,
+                                      offload=cfg.offload, fp8_storage=cfg.fp8_storage)
     timings["load_qwen_image_s"] = time.perf_counter() - t
     positive = encode_text(bundle, cfg.base_prompt)
     negative = encode_text(bundle, cfg.negative_prompt)
@@ -249,7 +251,8 @@ def config_from_args(args) -> SweepConfig:
         raise UserInputError("--base-prompt is empty.")
     return SweepConfig(seed_dirs=parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file), out_dir=Path(args.out_dir),
                        alphas=alphas, seeds=seeds, steps=args.steps, guidance=args.guidance, height=args.height,
-                       width=args.width, max_batch=args.max_batch, fast=args.fast, strength_mode=args.strength_mode,
+                       width=args.width, max_batch=args.max_batch, fast=args.fast, offload=args.offload,
+                       fp8_storage=args.fp8_storage, strength_mode=args.strength_mode,
                        base_prompt=args.base_prompt, negative_prompt=args.negative_prompt,
                        qwen3_vl_model=args.qwen3_vl_model, qwen_image_model=args.qwen_image_model,
                        head=Path(args.head) if args.head else None, single_view=args.single_view,

@@ -257,3 +257,27 @@ def test_fast_switch_means_compile_and_graphs_only_on_cuda():
     assert speed_options(cpu, True) == {"compile": False, "cuda_graphs": False}
     assert speed_options(cuda, True) == {"compile": True, "cuda_graphs": True}
     assert speed_options(cuda, False) == {"compile": False, "cuda_graphs": False}
+
+
+def test_fp8_weight_storage_samples_close_to_full_precision(tiny_qwenimage_dir):
+    """fp8 storage (the 24 GB option) loads, runs and stays near the full-precision images."""
+    from qwen_identity.core.sampling import encode_text, load_qwen_image_pipeline, sample
+
+    full = load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", dtype="fp32")
+    fp8 = load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", dtype="fp32", fp8_storage=True)
+    assert fp8.fp8_storage and fp8.pipeline.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    pos, neg = encode_text(full, "a portrait photo"), encode_text(full, "blurry")
+    a = sample(full, pos, neg, [7], steps=2, width=32, height=32).images
+    b = sample(fp8, pos, neg, [7], steps=2, width=32, height=32).images
+    assert torch.isfinite(b).all() and not torch.equal(a, b)
+    assert (a - b).abs().mean() < 0.05
+
+
+def test_offload_needs_cuda_and_names_the_choices(tiny_qwenimage_dir):
+    from qwen_identity.core.errors import UserInputError
+    from qwen_identity.core.sampling import load_qwen_image_pipeline
+
+    with pytest.raises(UserInputError, match="CUDA"):
+        load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", offload="group")
+    with pytest.raises(UserInputError, match="group"):
+        load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", offload="bogus")
