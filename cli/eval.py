@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from .qwen_image_args import add_qwen_image_runtime_arguments, qwen_image_load_kwargs
+from .common_args import add_generation_arguments, add_system_arguments, finite_float, qwen_image_load_kwargs
 
 DEFAULT_OUT = "eval_output"
 DEFAULT_ALPHAS = "0.5,1.0,1.5"
@@ -30,11 +30,8 @@ DEFAULT_ALPHAS = "0.5,1.0,1.5"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..core.face_similarity import DETECTORS, THRESHOLD
-    from ..core.injection import DEFAULT_MODE, MODES
-    from ..core.sampling import DEFAULT_MAX_BATCH, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SEEDS
+    from ..core.sampling import DEFAULT_NEGATIVE_PROMPT
     from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
-    from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
-    from .train import _finite_float
 
     g = p.add_argument_group("data")
     g.add_argument("--seed-dirs", default=None, help="comma-separated seed_* folders with photo_view_*.png (globs "
@@ -48,24 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qwen-image-model", default=DEFAULT_QWEN_IMAGE,
                    help=f"diffusers Qwen-Image folder, models-folder name or hub id (default: {DEFAULT_QWEN_IMAGE})")
     g = p.add_argument_group("sweep")
-    g.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f"comma-separated α values; 0 is always added as the "
-                   f"baseline (default: {DEFAULT_ALPHAS})")
-    g.add_argument("--gen-seeds", default=DEFAULT_SEEDS, help=f"comma-separated generation seeds (default: {DEFAULT_SEEDS})")
-    g.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28)")
-    g.add_argument("--guidance", type=_finite_float, default=4.5,
-                   help="true classifier-free guidance scale with the negative prompt (default: 4.5; <= 1: off)")
-    g.add_argument("--height", type=int, default=768, help="image height, a multiple of 16 (default: 768)")
-    g.add_argument("--width", type=int, default=512, help="image width, a multiple of 16 (default: 512)")
-    g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"images denoised together (default: {DEFAULT_MAX_BATCH}); lower it on out-of-memory")
-    add_qwen_image_runtime_arguments(g)
-    g.add_argument("--strength-mode", choices=MODES, default=DEFAULT_MODE,
-                   help=f"how α scales the residual (default: {DEFAULT_MODE}; see README)")
+    add_generation_arguments(g, DEFAULT_ALPHAS, alphas_note="; 0 is always added as the baseline")
     g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT,
                    help=f'the prompt, also what the prompt proxy asks about (default: "{DEFAULT_BASE_PROMPT}")')
     g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help=f'default: "{DEFAULT_NEGATIVE_PROMPT}"')
     g = p.add_argument_group("measures")
-    g.add_argument("--threshold", type=_finite_float, default=THRESHOLD,
+    g.add_argument("--threshold", type=finite_float, default=THRESHOLD,
                    help=f"same-person face distance (default: {THRESHOLD})")
     g.add_argument("--detector", choices=DETECTORS, default="hog", help="face detector: hog or cnn (default: hog)")
     g.add_argument("--no-qwen3vl-cosine", action="store_true", help="skip the Qwen3-VL feature cosine")
@@ -73,11 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plot-backend", choices=("auto", "matplotlib", "pil"), default="auto",
                    help="auto = matplotlib when installed, else PIL (default: auto)")
     g = p.add_argument_group("system")
-    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="model precision (default: auto = bf16 on GPUs that have it, fp32 on CPU)")
-    g.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HUGGINGFACE_TOKEN or $HF_TOKEN)")
-    g.add_argument("--cache-dir", default=None, help="Hugging Face cache (default: $HF_HUB_CACHE)")
+    add_system_arguments(g)
 
 
 def _warn(message: str) -> None:

@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
-from .train import _finite_float
-from .qwen_image_args import add_qwen_image_runtime_arguments
+from .common_args import add_generation_arguments, add_system_arguments, finite_float
 
 DEFAULT_OUT = "outputs"
 DEFAULT_ALPHAS = "0.5,1.0,1.5"
@@ -29,8 +27,7 @@ VERSION_PACKAGES = ("torch", "transformers", "diffusers", "accelerate", "safeten
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..core.injection import DEFAULT_MODE, MODES
-    from ..core.sampling import DEFAULT_MAX_BATCH, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SEEDS
+    from ..core.sampling import DEFAULT_NEGATIVE_PROMPT
 
     g = p.add_argument_group("data")
     g.add_argument("--seed-dirs", default=None,
@@ -47,24 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                 "OUT/checkpoints/linear_head.safetensors)")
     g.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
     g.add_argument("--batch-size", type=int, default=2, help="training batch size (default: 2)")
-    g.add_argument("--lr", type=_finite_float, default=1e-3, help="learning rate (default: 1e-3)")
+    g.add_argument("--lr", type=finite_float, default=1e-3, help="learning rate (default: 1e-3)")
     g.add_argument("--target", choices=("caption", "zero"), default="caption",
                    help="training target: caption (default) or zero (the POC's)")
     g.add_argument("--tokens", type=int, default=1, help="K identity slots of a trained head (default: 1)")
     g.add_argument("--overwrite", action="store_true", help="with --train: replace a head already in OUT")
     g = p.add_argument_group("inference")
-    g.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f'comma-separated α values (default: "{DEFAULT_ALPHAS}")')
-    g.add_argument("--gen-seeds", default=DEFAULT_SEEDS, help=f'comma-separated generation seeds (default: "{DEFAULT_SEEDS}")')
-    g.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28)")
-    g.add_argument("--guidance", type=_finite_float, default=4.5,
-                   help="true classifier-free guidance scale with the negative prompt (default: 4.5)")
-    g.add_argument("--height", type=int, default=768, help="image height, a multiple of 16 (default: 768)")
-    g.add_argument("--width", type=int, default=512, help="image width, a multiple of 16 (default: 512)")
-    g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"images denoised together (default: {DEFAULT_MAX_BATCH}); lower it on out-of-memory")
-    add_qwen_image_runtime_arguments(g)
-    g.add_argument("--strength-mode", choices=MODES, default=DEFAULT_MODE,
-                   help=f"how α scales the residual (default: {DEFAULT_MODE}; see README)")
+    add_generation_arguments(g, DEFAULT_ALPHAS)
     g = p.add_argument_group("prompts")
     g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT, help=f'default: "{DEFAULT_BASE_PROMPT}"')
     g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help=f'default: "{DEFAULT_NEGATIVE_PROMPT}"')
@@ -74,11 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qwen-image-model", default=DEFAULT_QWEN_IMAGE,
                    help=f"diffusers Qwen-Image folder or hub id (default: {DEFAULT_QWEN_IMAGE})")
     g = p.add_argument_group("system")
-    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="model precision (default: auto = bf16 on GPUs that have it, fp32 on CPU)")
-    g.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HUGGINGFACE_TOKEN or $HF_TOKEN)")
-    g.add_argument("--cache-dir", default=None, help="Hugging Face cache (default: $HF_HUB_CACHE)")
+    add_system_arguments(g)
 
 
 @dataclass

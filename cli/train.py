@@ -7,25 +7,14 @@ LoadResidualHead node), OUT/metrics.json and OUT/loss_curve.png. Runs the same u
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from pathlib import Path
 
-from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from ..core.features import DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS
 from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
+from .common_args import add_system_arguments, finite_float
 
 DEFAULT_OUT = "train_output"
-
-
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,18 +23,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated seed_* folders with photo_view_*.png (each may be a glob, e.g. '/data/seed_*')")
     g.add_argument("--seed-dirs-file", default=None, help="a text file with one seed folder (or glob) per line")
     g.add_argument("--single-view", action="store_true", help="use only the first photo of each identity (POC parity)")
-    g.add_argument("--val-fraction", type=_finite_float, default=0.2,
+    g.add_argument("--val-fraction", type=finite_float, default=0.2,
                    help="share of identities held out for validation, split by identity (default: 0.2)")
     g.add_argument("--out-dir", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=3, help="total epochs (default: 3)")
     g.add_argument("--batch-size", type=int, default=2, help="photos per step (default: 2)")
-    g.add_argument("--lr", type=_finite_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    g.add_argument("--lr", type=finite_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     g.add_argument("--target", choices=("caption", "zero"), default="caption",
                    help="caption: the person's description inside the base prompt (default); zero: the POC's zero residual")
     g.add_argument("--tokens", type=int, default=1, help="K identity slots of the head (default: 1)")
-    g.add_argument("--mse-weight", type=_finite_float, default=1.0, help="weight of the MSE term (default: 1.0)")
-    g.add_argument("--cos-weight", type=_finite_float, default=1.0, help="weight of the 1-cosine term (default: 1.0)")
+    g.add_argument("--mse-weight", type=finite_float, default=1.0, help="weight of the MSE term (default: 1.0)")
+    g.add_argument("--cos-weight", type=finite_float, default=1.0, help="weight of the 1-cosine term (default: 1.0)")
     g.add_argument("--seed", type=int, default=123, help="seed of every random choice (default: 123)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/train_state.safetensors")
     g.add_argument("--overwrite", action="store_true", help="start over even if OUT already holds a trained head")
@@ -65,11 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"pixel_budget only: most pixels per photo (default: {DEFAULT_MAX_PIXELS} = 448x448)")
     g = p.add_argument_group("system")
-    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="model precision (default: auto = bf16 on GPUs that have it, fp32 on CPU); the head trains in fp32")
-    g.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HUGGINGFACE_TOKEN)")
-    g.add_argument("--cache-dir", default=None, help="Hugging Face cache (default: $HF_HUB_CACHE)")
+    add_system_arguments(g, dtype_note="; the head trains in fp32")
 
 
 def config_from_args(args):

@@ -1,0 +1,67 @@
+"""Flags several subcommands share (one definition, one help text): the system group (device, dtype, hub
+token and cache) and the Qwen-Image speed/memory flags of `sweep` and `eval`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (NaN and inf are refused with a clear message)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return v
+
+
+def add_system_arguments(group: argparse._ArgumentGroup, dtype_note: str = "") -> None:
+    from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
+
+    group.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
+    group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                       help="model precision (default: auto = bf16 on GPUs that have it, fp32 on CPU)" + dtype_note)
+    group.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HUGGINGFACE_TOKEN or $HF_TOKEN)")
+    group.add_argument("--cache-dir", default=None, help="Hugging Face cache (default: $HF_HUB_CACHE)")
+
+
+def add_generation_arguments(group: argparse._ArgumentGroup, default_alphas: str, alphas_note: str = "") -> None:
+    """The α × seed sweep and its sampling settings (the POC's defaults), then the speed/memory flags."""
+    from ..core.injection import DEFAULT_MODE, MODES
+    from ..core.sampling import DEFAULT_MAX_BATCH, DEFAULT_SEEDS
+
+    group.add_argument("--alphas", default=default_alphas,
+                       help=f'comma-separated α values{alphas_note} (default: "{default_alphas}")')
+    group.add_argument("--gen-seeds", default=DEFAULT_SEEDS,
+                       help=f'comma-separated generation seeds (default: "{DEFAULT_SEEDS}")')
+    group.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28)")
+    group.add_argument("--guidance", type=finite_float, default=4.5,
+                       help="true classifier-free guidance scale with the negative prompt (default: 4.5; <= 1: off)")
+    group.add_argument("--height", type=int, default=768, help="image height, a multiple of 16 (default: 768)")
+    group.add_argument("--width", type=int, default=512, help="image width, a multiple of 16 (default: 512)")
+    group.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                       help=f"images denoised together (default: {DEFAULT_MAX_BATCH}); lower it on out-of-memory")
+    add_qwen_image_runtime_arguments(group)
+    group.add_argument("--strength-mode", choices=MODES, default=DEFAULT_MODE,
+                       help=f"how α scales the residual (default: {DEFAULT_MODE}; see README)")
+
+
+def add_qwen_image_runtime_arguments(group: argparse._ArgumentGroup) -> None:
+    from ..core.sampling import OFFLOAD_CHOICES
+
+    group.add_argument("--fast", action="store_true",
+                       help="on a CUDA GPU: compile the transformer blocks and replay CUDA graphs (3.2x faster than "
+                            "stock diffusers for one image on an H100; ignored elsewhere)")
+    group.add_argument("--offload", choices=OFFLOAD_CHOICES, default="none",
+                       help="none (default: all on the GPU), model_cpu_offload, group (fits 24 GB, exact) or "
+                            "sequential (least VRAM, slowest); CUDA only")
+    group.add_argument("--fp8-storage", action="store_true",
+                       help="keep the transformer's weights in fp8, computing in --dtype: half the memory, some "
+                            "precision lost")
+
+
+def qwen_image_load_kwargs(args) -> dict:
+    return {"offload": args.offload, "fp8_storage": args.fp8_storage}
