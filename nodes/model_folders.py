@@ -20,6 +20,7 @@ FOLDERS = {
     "diffusers": ("diffusers",),
 }
 HEAD_EXTENSIONS = {".safetensors"}
+NO_FOLDER = "(none found: type a path or hub id in model_path)"  # a loader dropdown with nothing in it
 
 
 def folder_paths_module():
@@ -67,6 +68,21 @@ def list_model_folders(key: str) -> list[str]:
                 if child.is_dir() and ((child / "config.json").is_file() or (child / "model_index.json").is_file()):
                     names.add(child.name)
     return sorted(names)
+
+
+def chosen_model_source(model: str, model_path: str, key: str, what: str, no_choice: str, placeholder: str) -> str:
+    """The model a loader node should load: the typed `model_path` (any folder or a hub id) when filled in,
+    else the dropdown value, which may come from someone else's workflow and so must stay inside the
+    models folders of `key`. `placeholder` is the dropdown's "nothing found" entry; `no_choice` the error."""
+    from ..core.errors import UserInputError
+    from ..core.safe_paths import resolve_inside
+
+    typed = (model_path or "").strip()
+    if typed:
+        return typed
+    if not model or model == placeholder:
+        raise UserInputError(no_choice)
+    return str(resolve_inside(model, model_dirs(key), what=what))
 
 
 def list_model_files(key: str, extensions=HEAD_EXTENSIONS) -> list[str]:

@@ -24,13 +24,11 @@ from ..core.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOU
                              FeatureSettings, extract_features, prepare_images)
 from ..core.images import comfy_to_pil, pil_to_comfy
 from ..core.qwen3vl import Qwen3VLBundle, attention_choices, check_weight_files, load_qwen3vl
-from ..core.safe_paths import resolve_inside
 from .comfy_runtime import comfy_progress
 from .comfy_runtime import model_management as _model_management
-from .model_folders import list_model_folders, model_dirs
+from .model_folders import NO_FOLDER, chosen_model_source, list_model_folders, model_dirs
 
 CATEGORY = "Qwen Identity"
-NO_FOLDER = "(none found: type a path or hub id in model_path)"
 
 
 def _weights_bytes(folder: Path | None, dtype: torch.dtype) -> int:
@@ -105,23 +103,19 @@ class LoadQwen3VL:
             },
         }
 
-    def load(self, model, model_path, dtype="auto", device="auto", attention="sdpa", keep_loaded=True, hf_token=""):
-        from ..core.errors import UserInputError
-
-        source = (model_path or "").strip() or (model if model != NO_FOLDER else "")
-        if not source:
-            raise UserInputError("no Qwen3-VL model chosen: put a Qwen3-VL folder in ComfyUI/models/qwen3_vl/ "
-                                 "or type a path / hub id (e.g. Qwen/Qwen3-VL-2B-Instruct) in model_path.")
+    def load(self, model, model_path, dtype="auto", device="auto", attention="sdpa", keep_loaded=True, hf_token="",
+             **kwargs):
+        source = chosen_model_source(
+            model, model_path, "qwen3_vl", "Qwen3-VL model folder", placeholder=NO_FOLDER,
+            no_choice="no Qwen3-VL model chosen: put a Qwen3-VL folder in ComfyUI/models/qwen3_vl/ or type a path / "
+                      "hub id (e.g. Qwen/Qwen3-VL-2B-Instruct) in model_path.")
         from ..core.devices import resolve_device, resolve_dtype
         from ..core.model_sources import resolve_model_dir
 
         dirs = model_dirs("qwen3_vl")
         token = (hf_token or "").strip() or None
-        if (model_path or "").strip():  # typed by the user: a folder anywhere, or a hub id
-            folder = resolve_model_dir(source, search_dirs=dirs, download_dir=dirs[0] if dirs else None, token=token,
-                                       what="Qwen3-VL model")
-        else:  # a dropdown value (may come from someone else's workflow): must stay inside the models folders
-            folder = resolve_inside(source, dirs, what="Qwen3-VL model folder")
+        folder = resolve_model_dir(source, search_dirs=dirs, download_dir=dirs[0] if dirs else None, token=token,
+                                   what="Qwen3-VL model")
         mm = _model_management()
         dev = resolve_device(mm.get_torch_device() if (mm is not None and device == "auto") else device)
         dt = resolve_dtype(dtype, dev)

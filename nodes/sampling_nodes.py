@@ -14,10 +14,9 @@ from ..core.errors import UserInputError
 from ..core.sampling import (DEFAULT_CFG, DEFAULT_HEIGHT, DEFAULT_MAX_BATCH, DEFAULT_SEEDS, DEFAULT_STEPS,
                              DEFAULT_WIDTH, OFFLOAD_CHOICES, QwenImageBundle, check_size, parse_seeds)
 from .comfy_runtime import comfy_progress, model_management
-from .model_folders import list_model_folders, model_dirs
+from .model_folders import NO_FOLDER, chosen_model_source, list_model_folders, model_dirs
 
 CATEGORY = "Qwen Identity"
-NO_FOLDER = "(none found: type a path or hub id in model_path)"
 DEFAULT_SAMPLER, DEFAULT_SCHEDULER = "euler", "simple"
 
 
@@ -79,18 +78,13 @@ class LoadQwenImageDiffusers:
 
     def load(self, model, model_path="", dtype="auto", device="auto", offload="none", hf_token="", fp8_storage=False,
              **kwargs):
-        from ..core.safe_paths import resolve_inside
         from ..core.sampling import load_qwen_image_pipeline
 
-        typed = (model_path or "").strip()
-        if not typed and (not model or model == NO_FOLDER):
-            raise UserInputError("no Qwen-Image pipeline chosen: put a diffusers Qwen-Image folder (with "
-                                 "model_index.json) in ComfyUI/models/diffusers/ or type a path / hub id "
-                                 "(e.g. Qwen/Qwen-Image) in model_path.")
+        source = chosen_model_source(
+            model, model_path, "diffusers", "Qwen-Image pipeline folder", placeholder=NO_FOLDER,
+            no_choice="no Qwen-Image pipeline chosen: put a diffusers Qwen-Image folder (with model_index.json) in "
+                      "ComfyUI/models/diffusers/ or type a path / hub id (e.g. Qwen/Qwen-Image) in model_path.")
         dirs = model_dirs("diffusers")
-        # a typed path may be any folder or a hub id; a dropdown value (possibly from someone else's workflow)
-        # must stay inside the models folders
-        source = typed or str(resolve_inside(model, dirs, what="Qwen-Image pipeline folder"))
         mm = model_management()
         if mm is not None and device == "auto":
             device = mm.get_torch_device()
