@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Make a ComfyUI test environment for this pack's integration suite (tests/test_comfyui_integration.py).
+#
+#   scripts/setup_comfyui.sh COMFYUI_DIR VENV
+#
+# COMFYUI_DIR: an existing ComfyUI checkout (git clone https://github.com/comfyanonymous/ComfyUI).
+# VENV:        a virtual environment to create (or reuse) for ComfyUI + the pack's test deps. It is kept
+#              apart from the pack's own ./.venv so ComfyUI's requirements never change the pack's pins.
+#
+# Installs: torch/torchvision pinned by constraints.txt, ComfyUI's requirements.txt minus
+# torch/torchvision/torchaudio (torchaudio only feeds ComfyUI's audio nodes, which then log an import
+# failure and are otherwise harmless), the pack's runtime deps, pytest, the Playwright *Python package*
+# (the browser is the system chromium: `apt-get install -y chromium`; never `playwright install`),
+# and comfy-cli. Then the integration suite runs with
+#   COMFYUI_DIR=... VENV/bin/python -m pytest tests/test_comfyui_integration.py
+set -euo pipefail
+if [ $# -ne 2 ]; then
+  echo "usage: $0 COMFYUI_DIR VENV" >&2
+  exit 2
+fi
+PACK=$(cd "$(dirname "$0")/.." && pwd)
+COMFYUI_DIR=$(cd "$1" && pwd)
+VENV=$2
+PY=${PYTHON:-python3}
+[ -f "$COMFYUI_DIR/main.py" ] && [ -f "$COMFYUI_DIR/requirements.txt" ] || {
+  echo "error: $COMFYUI_DIR is not a ComfyUI checkout (no main.py/requirements.txt); clone ComfyUI there first" >&2
+  exit 2
+}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q -c "$PACK/constraints.txt")
+req=$(mktemp)
+trap 'rm -f "$req"' EXIT
+grep -viE '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*$' "$COMFYUI_DIR/requirements.txt" > "$req"
+echo "[setup_comfyui] torch/torchvision (pinned by constraints.txt)" >&2
+"${PIP[@]}" torch torchvision
+echo "[setup_comfyui] ComfyUI requirements (without torch/torchvision/torchaudio)" >&2
+"${PIP[@]}" -r "$req"
+echo "[setup_comfyui] the pack's runtime deps + test tools" >&2
+"${PIP[@]}" -r "$PACK/requirements.txt" pytest hypothesis playwright comfy-cli
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  echo "[setup_comfyui] note: no system chromium found; browser tests will skip." \
+       "Install it with: apt-get install -y chromium   (do not run 'playwright install')" >&2
+fi
+"$VENV/bin/python" - "$COMFYUI_DIR" <<'PY'
+import sys, importlib.metadata as md
+print("[setup_comfyui] ready:", "ComfyUI", open(sys.argv[1] + "/comfyui_version.py").read().split('"')[1],
+      "| frontend", md.version("comfyui-frontend-package"), "| torch", md.version("torch"),
+      "| playwright", md.version("playwright"), "| comfy-cli", md.version("comfy-cli"))
+PY

@@ -1,0 +1,163 @@
+"""Drive ComfyUI's frontend in headless Chromium: load a UI workflow, report missing nodes, queue it.
+
+    from comfyui_harness.browser import Frontend
+    with Frontend(url, chromium="/usr/bin/chromium") as fe:
+        report = fe.load_workflow(path, via="drop", queue=True, screenshot=tmp / "wf.png")
+        report["missing_node_types"], report["missing_dialog"], report["run_status"]
+
+Needs the Playwright *Python package* (its bundled driver) and a system Chromium
+(`apt-get install -y chromium`); never `playwright install`.
+
+How missing nodes are seen (frontend 1.27.x): an extension registered before loading records the
+`missingNodeTypes` argument of the `afterConfigureGraph` hook (the list the "Some Nodes Are Missing"
+dialog shows); the dialog itself (`.comfy-missing-nodes`) is checked too. Loading `via="drop"`
+dispatches dragenter/dragover/drop with a File on the canvas, as a user's drag-and-drop does;
+`via="api"` calls `app.loadGraphData`. Queueing calls `app.queuePrompt(0, 1)` (the Run button's code
+path), captures the POST /prompt answer and polls /history.
+Baseline noise with frontend 1.27.10 on an offline server (not failures): the page error "Cannot
+read properties of undefined (reading 'id')", 404s for user.css / userdata / comfy.templates.json,
+net::ERR_NAME_NOT_RESOLVED for api.comfy.org. `BASELINE_NOISE` lists them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+               # offline: every host but the local server resolves to nothing (the frontend asks api.comfy.org)
+               "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+BASELINE_NOISE = ("reading 'id'", "user.css", "/userdata", "comfy.templates.json", "ERR_NAME_NOT_RESOLVED",
+                  "api.comfy.org", "Failed to load resource")
+
+HOOK_JS = """() => {
+  window.__qi = {missing: null};
+  app.registerExtension({name: 'qwen_identity.tests.missingNodes',
+    async afterConfigureGraph(missing) { window.__qi.missing = (missing || []).map(
+      m => typeof m === 'string' ? m : (m.type + (m.hint ? ' ' + m.hint : ''))); }});
+}"""
+
+DROP_JS = """async ([b64, name]) => {
+  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+  const dt = new DataTransfer(); dt.items.add(new File([bytes], name, {type: 'application/json'}));
+  const el = document.querySelector('#graph-canvas');
+  for (const t of ['dragenter', 'dragover', 'drop'])
+    el.dispatchEvent(new DragEvent(t, {dataTransfer: dt, bubbles: true, cancelable: true}));
+}"""
+
+DIALOG_JS = """() => {
+  const vis = el => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
+  const dialogs = [...document.querySelectorAll('.p-dialog')].filter(vis).map(d => d.innerText.slice(0, 300));
+  const toasts = [...document.querySelectorAll('.p-toast-message')].map(t => t.innerText.slice(0, 300));
+  return {dialogs, toasts,
+          schema_alert: toasts.some(t => t.includes('Invalid workflow against zod schema')),
+          missing_dialog: dialogs.some(d => d.includes('Some Nodes Are Missing'))
+                          || document.querySelector('.comfy-missing-nodes') !== null};
+}"""
+
+
+EDIT_JS = """(edits) => {
+  let n = 0;
+  for (const node of app.graph._nodes) {
+    for (const [name, value] of Object.entries(edits[node.type] || {})) {
+      const w = (node.widgets || []).find(w => w.name === name);
+      if (w) { w.value = value; w.callback?.(value); n++; }
+    }
+  }
+  app.graph.setDirtyCanvas(true, true);
+  return n;
+}"""
+
+
+def is_noise(message: str) -> bool:
+    return any(n in message for n in BASELINE_NOISE)
+
+
+class Frontend:
+    """One headless Chromium for several checks; every check opens a fresh page."""
+
+    def __init__(self, url: str, chromium: str, timeout_s: float = 120):
+        self.url = url.rstrip("/")
+        self.chromium = chromium
+        self.timeout_ms = timeout_s * 1000
+
+    def __enter__(self):
+        from playwright.sync_api import sync_playwright
+
+        self._pw = sync_playwright().start()
+        self._browser = self._pw.chromium.launch(executable_path=self.chromium, headless=True, args=CHROME_ARGS)
+        return self
+
+    def __exit__(self, *exc):
+        self._browser.close()
+        self._pw.stop()
+
+    def _open(self, rep: dict):
+        page = self._browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("pageerror", lambda e: rep["page_errors"].append(str(e)[:300]))
+        page.on("console", lambda m: m.type == "error" and rep["console_errors"].append(m.text[:300]))
+        page.on("response", lambda r: r.status >= 400 and rep["failed_requests"].append(f"{r.status} {r.url}"))
+        t0 = time.time()
+        page.goto(self.url, wait_until="domcontentloaded", timeout=self.timeout_ms)
+        page.wait_for_selector("canvas#graph-canvas", timeout=self.timeout_ms)
+        page.wait_for_function("window.app && window.app.graph && window.app.vueAppReady", timeout=self.timeout_ms)
+        rep["frontend_version"] = page.evaluate("window.__COMFYUI_FRONTEND_VERSION__")
+        rep["ui_ready_s"] = round(time.time() - t0, 2)
+        return page
+
+    def load_workflow(self, path, via: str = "drop", queue: bool = False, screenshot: Optional[Path] = None,
+                      export_api: bool = False, edits: Optional[dict] = None) -> dict:
+        """Load a UI workflow; optionally export the frontend's API prompt (`exported_api`), change widget
+        values like a user would ({node type: {widget: value}}) and queue it from the page."""
+        path = Path(path)
+        rep = {"workflow": path.name, "page_errors": [], "console_errors": [], "failed_requests": []}
+        page = self._open(rep)
+        try:
+            page.evaluate(HOOK_JS)
+            if via == "drop":
+                page.evaluate("app.graph.clear()")
+                page.evaluate(DROP_JS, [base64.b64encode(path.read_bytes()).decode(), path.name])
+            else:
+                page.evaluate("wf => app.loadGraphData(wf)", json.loads(path.read_text()))
+            page.wait_for_function("window.__qi.missing !== null || document.querySelector('.comfy-missing-nodes')",
+                                   timeout=self.timeout_ms)
+            page.wait_for_timeout(1000)  # let dialogs/toasts and the canvas settle
+            rep.update(page.evaluate(DIALOG_JS))
+            rep["missing_node_types"] = page.evaluate("window.__qi.missing")
+            rep["graph_nodes"] = page.evaluate("app.graph._nodes.map(n => n.type)")
+            if screenshot:
+                page.screenshot(path=str(screenshot))
+            if export_api:  # stringified in the page: Playwright would turn `undefined` into null
+                rep["exported_api"] = json.loads(page.evaluate(
+                    "async () => JSON.stringify((await app.graphToPrompt()).output)"))
+            if edits:
+                rep["edited"] = page.evaluate(EDIT_JS, edits)
+            if queue:
+                rep.update(self._queue(page))
+        finally:
+            page.close()
+        rep["unexpected_errors"] = [e for e in rep["page_errors"] + rep["console_errors"] if not is_noise(e)]
+        return rep
+
+    def _queue(self, page) -> dict:
+        out = {}
+        pred = lambda r: r.url.endswith("/prompt") and r.request.method == "POST"  # noqa: E731
+        with page.expect_response(pred, timeout=self.timeout_ms) as info:
+            page.evaluate("app.queuePrompt(0, 1)")
+        resp = info.value
+        body = resp.json()
+        out["queue_http_status"] = resp.status
+        out["queue_response"] = body
+        pid = body.get("prompt_id")
+        from .prompt_queue import wait_for
+
+        if pid:
+            res = wait_for(self.url, pid, time.time(), self.timeout_ms / 1000)
+            out["run_status"] = "success" if res.ok else res.stage
+            out["run_error"] = None if res.ok else res.error_message()
+            out["run_outputs"] = res.outputs
+        return out

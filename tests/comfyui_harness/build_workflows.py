@@ -1,0 +1,316 @@
+"""Writes the pack's workflow files (UI format in workflows/, API twins in workflows/api/) from one
+description per graph, so a UI file and its twin can never disagree.
+
+    python tests/comfyui_harness/build_workflows.py           # rewrite workflows/*.json
+    python tests/comfyui_harness/build_workflows.py --check   # exit 1 if a file differs
+
+tests/test_workflows.py checks that the committed files equal what this writes, and validates
+the files themselves (formats, node types, widget values, link types, UI == API twin).
+Widget inputs not named here take the node's default; model files are the official
+Comfy-Org/Qwen-Image_ComfyUI release names and the pack's folder names documented in README
+"## Workflows". Seeds are fixed (seed widgets carry "fixed").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+WORKFLOWS = ROOT / "workflows"
+API_DIR = WORKFLOWS / "api"
+
+# Official Comfy-Org release files (https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI, split_files/...)
+HF = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
+UNET = "qwen_image_fp8_e4m3fn.safetensors"
+TEXT_ENCODER = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+VAE = "qwen_image_vae.safetensors"
+MODEL_LINKS = {UNET: ("diffusion_models", f"{HF}/diffusion_models/{UNET}"),
+               TEXT_ENCODER: ("text_encoders", f"{HF}/text_encoders/{TEXT_ENCODER}"),
+               VAE: ("vae", f"{HF}/vae/{VAE}")}
+# The pack's folders (README "Models: which files go where")
+QWEN3VL = "Qwen3-VL-2B-Instruct"          # models/qwen3_vl/Qwen3-VL-2B-Instruct/ (hub Qwen/Qwen3-VL-2B-Instruct)
+HEAD = "linear_head.safetensors"          # models/identity_heads/ (written by `qwen-identity train`)
+DIFFUSERS = "Qwen-Image"                  # models/diffusers/Qwen-Image/ (hub Qwen/Qwen-Image)
+PHOTOS = ["person_1.png", "person_2.png", "person_3.png"]  # ComfyUI/input/: your photos of ONE person
+
+PROMPT = "a portrait photo of a person, studio lighting, 85mm"
+NEGATIVE = "blurry, low quality, deformed, watermark"
+SEEDS = "1234,5678,9999"
+ALPHAS = "0.5,1.0,1.5"
+SHIFT = 3.1  # ModelSamplingAuraFlow shift of ComfyUI's own Qwen-Image template
+
+# (file stem, title for notes)
+WORKFLOW_FILES = {
+    "qwen_identity_alpha_grid": "α × seed grid (the POC as one graph)",
+    "qwen_identity_native_ksampler": "one image, native loaders + KSampler, strength and step window",
+    "qwen_identity_diffusers": "one image, diffusers Qwen-Image pipeline",
+    "qwen_identity_multi_photo": "several photos of one person combined",
+}
+
+
+def _import_pack():
+    """Make `qwen_identity` THIS checkout (the test session already did; a plain script run does it here)."""
+    mod = sys.modules.get("qwen_identity")
+    if mod is None or Path(mod.__file__).resolve().parent != ROOT:
+        sys.modules.pop("qwen_identity", None)
+        pkg_root = Path(tempfile.mkdtemp(prefix="qwen_identity_pkg_"))
+        (pkg_root / "qwen_identity").symlink_to(ROOT, target_is_directory=True)
+        sys.path.insert(0, str(pkg_root))
+    if str(HERE.parent) not in sys.path:
+        sys.path.insert(0, str(HERE.parent))
+
+
+def node_defs() -> dict:
+    _import_pack()
+    from comfyui_harness.workflow_format import core_node_defs, pack_node_defs
+
+    return {**core_node_defs(), **pack_node_defs()}
+
+
+def _models_property(name: str) -> dict:
+    directory, url = MODEL_LINKS[name]
+    return {"models": [{"name": name, "url": url, "directory": directory}]}
+
+
+class _Builder:
+    """Collects nodes and links; fills widget defaults from the node definitions."""
+
+    def __init__(self, defs: dict):
+        self.defs = defs
+        self.nodes, self.links, self.notes = [], [], []
+
+    def add(self, type_, pos, size=(320, 130), title=None, properties=None, **widgets):
+        from comfyui_harness.workflow_format import Node, is_widget, ordered_inputs
+
+        d = self.defs[type_]
+        values = {}
+        for name, t, opts, _ in ordered_inputs(d):
+            if not is_widget(t, opts):
+                continue
+            if name in widgets:
+                values[name] = widgets.pop(name)
+            elif "default" in opts:
+                values[name] = opts["default"]
+            elif isinstance(t, list) and t:
+                values[name] = t[0]
+            else:
+                raise ValueError(f"{type_}.{name} needs a value")
+        if widgets:
+            raise ValueError(f"{type_} has no widget inputs {sorted(widgets)}")
+        node = Node(id=len(self.nodes) + 1, type=type_, pos=pos, widgets=values, title=title, size=size,
+                    properties=properties or {})
+        self.nodes.append(node)
+        return node.id
+
+    def link(self, src, slot, dst, name):
+        self.links.append((src, slot, dst, name))
+
+    def note(self, text, pos, size=(420, 260)):
+        self.notes.append((text, pos, size))
+
+    def graph(self, stem):
+        import uuid
+
+        from comfyui_harness.workflow_format import Graph
+
+        return Graph(nodes=self.nodes, links=self.links, notes=self.notes,
+                     uid=str(uuid.uuid5(uuid.NAMESPACE_URL, f"qwen-identity/workflows/{stem}")))
+
+
+MODELS_NOTE = f"""## Files this workflow needs
+**ComfyUI/models/**
+- `diffusion_models/{UNET}`
+- `text_encoders/{TEXT_ENCODER}`
+- `vae/{VAE}`
+
+from [Comfy-Org/Qwen-Image_ComfyUI](https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/tree/main/split_files)
+- `qwen3_vl/{QWEN3VL}/` (the whole [Qwen/{QWEN3VL}](https://huggingface.co/Qwen/{QWEN3VL}) folder)
+- `identity_heads/{HEAD}` (a head from `qwen-identity train`, trained on the same Qwen3-VL)
+
+**ComfyUI/input/**: photos of ONE person (replace the example names).
+"""
+
+DIFFUSERS_NOTE = f"""## Files this workflow needs
+**ComfyUI/models/**
+- `diffusers/{DIFFUSERS}/` (the whole [Qwen/Qwen-Image](https://huggingface.co/Qwen/Qwen-Image) folder, with model_index.json)
+- `qwen3_vl/{QWEN3VL}/` (the whole [Qwen/{QWEN3VL}](https://huggingface.co/Qwen/{QWEN3VL}) folder)
+- `identity_heads/{HEAD}` (a head from `qwen-identity train`)
+
+**ComfyUI/input/**: a photo of the person.
+"""
+
+
+def _identity(b: _Builder, photos: list[str], y=0, weights=""):
+    """LoadImage(s) -> (ImageBatch) -> ExtractIdentityFeatures; LoadResidualHead. Returns (features, head)."""
+    loads = [b.add("LoadImage", (0, y + 330 * i), size=(280, 320), image=p) for i, p in enumerate(photos)]
+    images, slot = loads[0], 0
+    for k, nxt in enumerate(loads[1:]):
+        batch = b.add("ImageBatch", (320, y + 200 + 120 * k), size=(200, 50))
+        b.link(images, slot, batch, "image1")
+        b.link(nxt, 0, batch, "image2")
+        images, slot = batch, 0
+    vl = b.add("LoadQwen3VL", (320, y - 260), model=QWEN3VL)
+    feats = b.add("ExtractIdentityFeatures", (580, y + 20), size=(340, 200), weights=weights)
+    b.link(vl, 0, feats, "qwen3vl")
+    b.link(images, slot, feats, "images")
+    head = b.add("LoadResidualHead", (580, y - 160), size=(340, 90), head_name=HEAD)
+    return feats, head
+
+
+def _native_loaders(b: _Builder, y=900):
+    unet = b.add("UNETLoader", (0, y), properties=_models_property(UNET), unet_name=UNET)
+    shift = b.add("ModelSamplingAuraFlow", (340, y), size=(260, 60), shift=SHIFT)
+    b.link(unet, 0, shift, "model")
+    clip = b.add("CLIPLoader", (0, y + 160), properties=_models_property(TEXT_ENCODER), clip_name=TEXT_ENCODER,
+                 type="qwen_image")
+    vae = b.add("VAELoader", (0, y + 320), size=(320, 60), properties=_models_property(VAE), vae_name=VAE)
+    pos = b.add("CLIPTextEncode", (340, y + 100), size=(380, 120), title="Prompt", text=PROMPT)
+    neg = b.add("CLIPTextEncode", (340, y + 250), size=(380, 100), title="Negative prompt", text=NEGATIVE)
+    b.link(clip, 0, pos, "clip")
+    b.link(clip, 0, neg, "clip")
+    return shift, vae, pos, neg
+
+
+def alpha_grid(defs):
+    b = _Builder(defs)
+    feats, head = _identity(b, PHOTOS[:2])
+    model, vae, pos, neg = _native_loaders(b)
+    inj = b.add("InjectResidual", (980, 300), size=(340, 200), alphas=ALPHAS)
+    b.link(pos, 0, inj, "conditioning")
+    b.link(head, 0, inj, "head")
+    b.link(feats, 0, inj, "identity")
+    samp = b.add("QwenImageSampleFromEmbeds", (1360, 300), size=(340, 330), seeds=SEEDS, steps=28, cfg=4.5,
+                 width=512, height=768, sampler_name="euler", scheduler="simple")
+    b.link(inj, 0, samp, "positive")
+    b.link(neg, 0, samp, "negative")
+    b.link(model, 0, samp, "model")
+    b.link(vae, 0, samp, "vae")
+    grid = b.add("AlphaGrid", (1740, 300), size=(300, 130))
+    b.link(samp, 0, grid, "images")
+    b.link(inj, 1, grid, "alphas")
+    b.link(samp, 1, grid, "seeds")
+    save = b.add("SaveImage", (2080, 300), size=(420, 480), filename_prefix="qwen_identity/alpha_grid")
+    b.link(grid, 0, save, "images")
+    b.note("## α × seed grid\nPhotos → Qwen3-VL features → residual head → InjectResidual with an α list → "
+           "QwenImageSampleFromEmbeds (every α × every seed, α-major) → AlphaGrid (rows α, columns seeds).\n\n"
+           + MODELS_NOTE, (980, -300), (520, 520))
+    return b.graph("qwen_identity_alpha_grid")
+
+
+def native_ksampler(defs):
+    b = _Builder(defs)
+    feats, head = _identity(b, PHOTOS[:1])
+    model, vae, pos, neg = _native_loaders(b, y=700)
+    inj = b.add("InjectResidual", (980, 300), size=(340, 200), strength=1.0, start_at=0.0, end_at=0.6)
+    b.link(pos, 0, inj, "conditioning")
+    b.link(head, 0, inj, "head")
+    b.link(feats, 0, inj, "identity")
+    latent = b.add("EmptySD3LatentImage", (980, 600), size=(300, 110), width=512, height=768, batch_size=1)
+    ks = b.add("KSampler", (1360, 300), size=(320, 270), seed=1234, steps=28, cfg=4.5, sampler_name="euler",
+               scheduler="simple", denoise=1.0)
+    b.link(model, 0, ks, "model")
+    b.link(inj, 0, ks, "positive")
+    b.link(neg, 0, ks, "negative")
+    b.link(latent, 0, ks, "latent_image")
+    dec = b.add("VAEDecode", (1720, 300), size=(200, 50))
+    b.link(ks, 0, dec, "samples")
+    b.link(vae, 0, dec, "vae")
+    save = b.add("SaveImage", (1960, 300), size=(400, 560), filename_prefix="qwen_identity/native")
+    b.link(dec, 0, save, "images")
+    b.note("## One image with ComfyUI's own Qwen-Image loaders and KSampler\nInjectResidual adds the person "
+           "at `strength` during the first 60 % of the steps (`start_at` 0, `end_at` 0.6); the prompt alone "
+           "finishes the image. Raise strength for more likeness, lower end_at for more prompt freedom.\n\n"
+           + MODELS_NOTE, (980, -300), (520, 520))
+    return b.graph("qwen_identity_native_ksampler")
+
+
+def diffusers_single(defs):
+    b = _Builder(defs)
+    feats, head = _identity(b, PHOTOS[:1])
+    pipe = b.add("LoadQwenImageDiffusers", (0, 700), size=(340, 200), model=DIFFUSERS)
+    pos = b.add("QwenImageTextEncodeDiffusers", (380, 700), size=(380, 130), title="Prompt", text=PROMPT)
+    neg = b.add("QwenImageTextEncodeDiffusers", (380, 870), size=(380, 110), title="Negative prompt", text=NEGATIVE)
+    b.link(pipe, 0, pos, "pipeline")
+    b.link(pipe, 0, neg, "pipeline")
+    inj = b.add("InjectResidual", (980, 300), size=(340, 200), strength=1.0, start_at=0.0, end_at=0.6)
+    b.link(pos, 0, inj, "conditioning")
+    b.link(head, 0, inj, "head")
+    b.link(feats, 0, inj, "identity")
+    samp = b.add("QwenImageSampleFromEmbeds", (1360, 300), size=(340, 330), seeds="1234", steps=28, cfg=4.5,
+                 width=512, height=768)
+    b.link(inj, 0, samp, "positive")
+    b.link(neg, 0, samp, "negative")
+    b.link(pipe, 0, samp, "pipeline")
+    save = b.add("SaveImage", (1740, 300), size=(400, 560), filename_prefix="qwen_identity/diffusers")
+    b.link(samp, 0, save, "images")
+    b.note("## One image with a diffusers Qwen-Image pipeline\nThe pack loads the pipeline and encodes the "
+           "prompts itself; InjectResidual and the sampler are the same as on the native path.\n\n"
+           + DIFFUSERS_NOTE, (980, -300), (520, 420))
+    return b.graph("qwen_identity_diffusers")
+
+
+def multi_photo(defs):
+    b = _Builder(defs)
+    feats, head = _identity(b, PHOTOS, weights="1,1,0.5")
+    preview = b.add("PreviewImage", (580, 300), size=(340, 300), title="What Qwen3-VL sees")
+    b.link(feats, 1, preview, "images")
+    model, vae, pos, neg = _native_loaders(b, y=1050)
+    inj = b.add("InjectResidual", (980, 300), size=(340, 200), strength=1.0, start_at=0.0, end_at=1.0)
+    b.link(pos, 0, inj, "conditioning")
+    b.link(head, 0, inj, "head")
+    b.link(feats, 0, inj, "identity")
+    samp = b.add("QwenImageSampleFromEmbeds", (1360, 300), size=(340, 330), seeds="1234,5678", steps=28, cfg=4.5,
+                 width=512, height=768, sampler_name="euler", scheduler="simple")
+    b.link(inj, 0, samp, "positive")
+    b.link(neg, 0, samp, "negative")
+    b.link(model, 0, samp, "model")
+    b.link(vae, 0, samp, "vae")
+    save = b.add("SaveImage", (1740, 300), size=(420, 560), filename_prefix="qwen_identity/multi_photo")
+    b.link(samp, 0, save, "images")
+    b.note("## Several photos of one person\nThe photos are batched (ImageBatch resizes to the first one) and "
+           "ExtractIdentityFeatures averages their features with `weights` (here 1, 1, 0.5: the third photo "
+           "counts half). Use views that differ (angle, light, expression) of the SAME person.\n\n"
+           + MODELS_NOTE, (980, -300), (520, 560))
+    return b.graph("qwen_identity_multi_photo")
+
+
+BUILDERS = {"qwen_identity_alpha_grid": alpha_grid, "qwen_identity_native_ksampler": native_ksampler,
+            "qwen_identity_diffusers": diffusers_single, "qwen_identity_multi_photo": multi_photo}
+
+
+def render_all() -> dict[Path, str]:
+    """{path: file text} for every workflow file (UI in workflows/, API twin in workflows/api/)."""
+    _import_pack()
+    from comfyui_harness.workflow_format import to_api, to_ui
+
+    defs = node_defs()
+    out = {}
+    for stem, build in BUILDERS.items():
+        graph = build(defs)
+        out[WORKFLOWS / f"{stem}.json"] = json.dumps(to_ui(graph, defs), indent=1, ensure_ascii=False) + "\n"
+        out[API_DIR / f"{stem}_api.json"] = json.dumps(to_api(graph, defs), indent=1, ensure_ascii=False) + "\n"
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.pop("QWEN_IDENTITY_MODELS_DIR", None)  # dropdown contents must not leak into defaults
+    files = render_all()
+    if "--check" in argv:
+        stale = [str(p.relative_to(ROOT)) for p, text in files.items() if not p.is_file() or p.read_text() != text]
+        print("stale: " + ", ".join(stale) if stale else "workflows up to date")
+        return 1 if stale else 0
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

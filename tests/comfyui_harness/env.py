@@ -1,0 +1,65 @@
+"""Where the ComfyUI checkout is, and how to import `comfy.*` in this process (CPU only)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+SETUP_HINT = ("make one with `scripts/setup_comfyui.sh /path/to/ComfyUI /path/to/venv` and run "
+              "`COMFYUI_DIR=/path/to/ComfyUI /path/to/venv/bin/python -m pytest tests/test_native_sampling.py tests/test_comfyui_integration.py`")
+
+
+def comfyui_dir() -> Optional[Path]:
+    """The ComfyUI checkout named by COMFYUI_DIR, or None when unset."""
+    value = os.environ.get("COMFYUI_DIR")
+    return Path(value).resolve() if value else None
+
+
+def skip_reason() -> Optional[str]:
+    """Why tests needing a real ComfyUI cannot run here (None when they can)."""
+    d = comfyui_dir()
+    if d is None:
+        return f"COMFYUI_DIR is not set (needs a ComfyUI checkout); {SETUP_HINT}"
+    if not (d / "main.py").is_file() or not (d / "comfy").is_dir():
+        return f"COMFYUI_DIR={d} is not a ComfyUI checkout (no main.py / comfy/)"
+    return None
+
+
+def missing_comfy_deps() -> Optional[str]:
+    """A message when this interpreter lacks ComfyUI's requirements (None when they import)."""
+    import importlib.util
+
+    missing = [m for m in ("torchsde", "einops", "aiohttp", "scipy", "psutil", "safetensors")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"this Python ({sys.executable}) lacks ComfyUI's requirements {missing}; run the suite with "
+                f"the venv made by scripts/setup_comfyui.sh")
+    return None
+
+
+def import_comfy_in_process():
+    """Put COMFYUI_DIR on sys.path and force CPU before `comfy.model_management` is imported."""
+    d = comfyui_dir()
+    if d is None:
+        raise RuntimeError("COMFYUI_DIR is not set")
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    from comfy.cli_args import args
+
+    args.cpu = True  # else comfy.model_management looks for an NVIDIA driver at import
+    import comfy.model_management  # noqa: F401
+
+    return d
+
+
+def chromium_path() -> Optional[str]:
+    """The system Chromium (Debian: /usr/bin/chromium); Playwright's own browsers are never installed."""
+    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name:
+            found = shutil.which(name) or (name if os.path.isfile(name) else None)
+            if found:
+                return found
+    return None

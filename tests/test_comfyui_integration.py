@@ -1,0 +1,333 @@
+"""The pack inside a real ComfyUI (checkout in COMFYUI_DIR; skipped with a printed reason otherwise).
+
+One server for the module: `main.py --cpu` on 127.0.0.1 with a fresh --base-directory, this checkout
+symlinked into custom_nodes/ as `comfyui-qwen-identity` (plus the test-only pack in
+comfyui_harness/test_pack), and a models/ folder of random-weight stand-ins written at test time
+under the committed workflows' real file names:
+  diffusion_models/qwen_image_fp8_e4m3fn.safetensors   1-layer full-width Qwen-Image transformer
+  vae/qwen_image_vae.safetensors                       random Wan-2.1 VAE
+  text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors  1-layer full-width Qwen2.5-VL text tower
+  qwen3_vl/Qwen3-VL-2B-Instruct/                       the pack's tiny Qwen3-VL
+  diffusers/Qwen-Image/                                the pack's tiny diffusers pipeline
+  identity_heads/linear_head.safetensors               random head (tiny Qwen3-VL D -> H 3584)
+  identity_heads/tiny_diffusers_head.safetensors       random head (tiny Qwen3-VL D -> tiny pipeline H)
+Substitutions made in copies of the API workflows (the committed files keep the real names):
+CLIPLoader -> TinyQwenImageCLIPLoader (CLIPLoader always builds the full 7B encoder), the diffusers
+workflow's head -> tiny_diffusers_head.safetensors, and 32x32 images with 2 steps.
+Run with the venv from scripts/setup_comfyui.sh (ComfyUI's requirements, playwright, comfy-cli) and
+Debian's chromium.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfyui_harness import build_workflows as bw
+from comfyui_harness.env import chromium_path, comfyui_dir, import_comfy_in_process, missing_comfy_deps, skip_reason
+from comfyui_harness.prompt_queue import QueueResult, load_api_workflow, queue_prompt
+from comfyui_harness.workflow_format import core_node_defs, node_def_from_class, strip_meta
+
+pytestmark = pytest.mark.comfyui
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+PACK_LINK = "comfyui-qwen-identity"
+TEST_PACK = HERE / "comfyui_harness" / "test_pack"
+WF_DIR = ROOT / "workflows"
+API_FILES = sorted((WF_DIR / "api").glob("*_api.json"))
+UI_FILES = sorted(WF_DIR.glob("*.json"))
+SIZE, STEPS = 32, 2
+TINY_DIFFUSERS_HEAD = "tiny_diffusers_head.safetensors"
+EXPECTED_IMAGES = {"qwen_identity_alpha_grid": 1, "qwen_identity_native_ksampler": 1,
+                   "qwen_identity_diffusers": 1, "qwen_identity_multi_photo": 2}
+
+
+def _skip_or_fail():
+    reason = skip_reason()
+    if reason:
+        print(f"SKIP ComfyUI integration suite: {reason}")
+        pytest.skip(reason)
+    missing = missing_comfy_deps()
+    if missing:
+        pytest.fail(missing)
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+def _random_head(path: Path, feature_dim: int, hidden: int, tokens: int = 4, seed: int = 0):
+    import torch
+
+    from qwen_identity.core.head import HeadMeta, ResidualHead, save_head
+
+    head = ResidualHead(feature_dim, tokens, hidden, HeadMeta(feature_dim=feature_dim, tokens=tokens,
+                                                              hidden_size=hidden, qwen3_vl_model="tiny-qwen3-vl"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.randn(head.proj.weight.shape, generator=g) * 0.05)
+    save_head(head, path)
+
+
+def _config_width(folder: Path, *keys) -> int:
+    cfg = json.loads((folder / "config.json").read_text())
+    for k in keys:
+        cfg = cfg[k] if isinstance(cfg, dict) and k in cfg else cfg
+    return int(cfg["hidden_size"])
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    _skip_or_fail()
+    import_comfy_in_process()
+    from comfyui_harness.tiny_native import build_native_models
+    from qwen_identity.tiny_models import build_tiny_models
+
+    native = build_native_models()
+    tiny = build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+    root = tmp_path_factory.mktemp("models")
+    links = {f"diffusion_models/{bw.UNET}": native.transformer, f"vae/{bw.VAE}": native.vae,
+             f"text_encoders/{bw.TEXT_ENCODER}": native.text_encoder, f"qwen3_vl/{bw.QWEN3VL}": tiny.qwen3vl,
+             f"diffusers/{bw.DIFFUSERS}": tiny.qwen_image}
+    for rel, target in links.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(target)
+    d = _config_width(tiny.qwen3vl, "text_config")
+    h_tiny = _config_width(tiny.qwen_image / "text_encoder", "text_config")
+    (root / "identity_heads").mkdir()
+    _random_head(root / "identity_heads" / bw.HEAD, d, 3584)
+    _random_head(root / "identity_heads" / TINY_DIFFUSERS_HEAD, d, h_tiny, seed=1)
+    return root
+
+
+def _photos(input_dir: Path):
+    from qwen_identity.tiny_models.dataset import identity_photo
+
+    input_dir.mkdir(parents=True, exist_ok=True)
+    for v, name in enumerate(bw.PHOTOS):
+        identity_photo(0, v, (64, 80)).save(input_dir / name)
+
+
+def _server_env(base: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE / "netguard"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"
+    env["HOME"] = str(base)  # comfy-cli / HF caches stay inside the test
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, tmp_path_factory):
+    from comfyui_harness.server import start
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    _photos(base / "input")
+    srv = start(comfyui_dir(), packs={PACK_LINK: ROOT, "qwen_identity_test_pack": TEST_PACK}, base_dir=base,
+                models_dir=models_dir, env=_server_env(base))
+    print(f"ComfyUI up in {srv.startup_s} s at {srv.url} (log {srv.log})")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _pack_defs() -> dict:
+    from qwen_identity.nodes import NODE_CLASS_MAPPINGS
+
+    return NODE_CLASS_MAPPINGS
+
+
+def tiny_api(path: Path) -> dict:
+    """A copy of a committed API workflow made runnable on the tiny stand-ins."""
+    wf = copy.deepcopy(load_api_workflow(path))
+    for node in wf.values():
+        t, inputs = node["class_type"], node["inputs"]
+        if t == "CLIPLoader":
+            node["class_type"] = "TinyQwenImageCLIPLoader"
+            inputs.pop("device", None)
+        if t in ("QwenImageSampleFromEmbeds", "EmptySD3LatentImage"):
+            inputs["width"] = inputs["height"] = SIZE
+        if "steps" in inputs:
+            inputs["steps"] = STEPS
+    if any(n["class_type"] == "LoadQwenImageDiffusers" for n in wf.values()):
+        for node in wf.values():
+            if node["class_type"] == "LoadResidualHead":
+                node["inputs"]["head_name"] = TINY_DIFFUSERS_HEAD
+    return wf
+
+
+def _assert_ok(res: QueueResult):
+    assert res.ok, res.summary()
+
+
+# ---- the server and the pack ----------------------------------------------------------------------
+
+def test_pack_imports_without_failure(server):
+    log = server.log_text()
+    failed = [p for p in server.import_failures() if PACK_LINK in p or "test_pack" in p]
+    assert not failed, log[-4000:]
+    assert f"Cannot import {server.base_dir}" not in log, log[-4000:]
+    assert f"custom_nodes/{PACK_LINK}" in log  # listed under "Import times for custom nodes"
+
+
+def test_all_pack_nodes_in_object_info_with_documented_inputs(server):
+    readme = (ROOT / "README.md").read_text()
+    info = server.object_info
+    for name, cls in _pack_defs().items():
+        assert name in info, f"{name} missing from /object_info"
+        live, ours = info[name], node_def_from_class(cls)
+        assert live["category"] == "Qwen Identity"
+        assert live["input_order"] == ours["input_order"] and live["output"] == ours["output"]
+        assert live["output_name"] == ours["output_name"]
+        assert live.get("description"), f"{name} has no DESCRIPTION"
+        for sec in ("required", "optional"):
+            for inp, spec in live["input"].get(sec, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+        assert name in readme, f"README does not document {name}"
+        section = readme[readme.index(name):]
+        for sec in ("required", "optional"):
+            for inp in live["input"].get(sec, {}):
+                assert f"`{inp}`" in section, f"README does not document {name}'s input `{inp}`"
+
+
+def test_core_node_snapshot_matches_the_live_server(server):
+    """The snapshot the CI checks validate against is what this ComfyUI really serves (file lists aside)."""
+    for name, snap in core_node_defs().items():
+        live = server.object_info[name]
+        for key in ("input_order", "output", "output_name"):
+            assert live[key] == snap[key], (name, key)
+        for sec, specs in snap["input"].items():
+            for inp, spec in specs.items():
+                got = live["input"][sec][inp]
+                if isinstance(spec[0], list) and (not spec[0] or name.endswith("Loader")):
+                    # a folder listing (the snapshot server had no models; this one has): same options,
+                    # the snapshot's fixed entries (e.g. VAELoader's pixel_space) still there
+                    assert isinstance(got[0], list) and set(spec[0]) <= set(got[0]), (name, inp)
+                    assert got[1:] == spec[1:], (name, inp)
+                    continue
+                assert got == spec, (name, inp)
+
+
+def test_ui_workflows_are_in_the_template_browser_and_api_twins_are_not(server):
+    listed = server.get_json("/workflow_templates")
+    assert sorted(listed.get(PACK_LINK, [])) == sorted(bw.WORKFLOW_FILES)
+    for stem in bw.WORKFLOW_FILES:
+        served = server.get_json(f"/api/workflow_templates/{PACK_LINK}/{stem}.json")
+        assert served == json.loads((WF_DIR / f"{stem}.json").read_text())
+
+
+# ---- API workflows -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
+def test_api_workflow_runs_and_writes_images(server, path):
+    res = queue_prompt(server.url, tiny_api(path), timeout=600)
+    _assert_ok(res)
+    stem = path.stem.removesuffix("_api")
+    images = [i for i in res.images() if i["type"] == "output"]  # PreviewImage writes temp files
+    assert len(images) == EXPECTED_IMAGES[stem], res.summary()
+    for img in images:
+        f = server.base_dir / "output" / img["subfolder"] / img["filename"]
+        assert f.is_file() and f.stat().st_size > 0
+    if stem == "qwen_identity_alpha_grid":  # 3 α rows x 3 seed columns of 32 px cells, plus labels
+        from PIL import Image
+
+        with Image.open(server.base_dir / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
+            assert im.width >= 3 * SIZE and im.height >= 3 * SIZE
+
+
+def test_comfy_cli_runs_a_workflow_headless(server, tmp_path):
+    wf = tiny_api(WF_DIR / "api" / "qwen_identity_native_ksampler_api.json")
+    next(n for n in wf.values() if n["class_type"] == "KSampler")["inputs"]["seed"] = 4321  # not a cache hit
+    f = tmp_path / "wf.json"
+    f.write_text(json.dumps(wf))
+    comfy = Path(sys.executable).with_name("comfy")
+    assert comfy.is_file(), "comfy-cli is not installed in this venv (scripts/setup_comfyui.sh installs it)"
+    before = set((server.base_dir / "output").rglob("*.png"))
+    out = subprocess.run([str(comfy), "--skip-prompt", "--no-json", "--workspace", str(comfyui_dir()), "run",
+                          "--workflow", str(f), "--wait", "--host", "127.0.0.1", "--port", str(server.port),
+                          "--timeout", "300"],
+                         capture_output=True, text=True, timeout=400, env=_server_env(tmp_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert set((server.base_dir / "output").rglob("*.png")) - before, out.stdout[-2000:]
+
+
+# ---- UI workflows in the browser ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def frontend(server):
+    chromium = chromium_path()
+    if chromium is None:
+        pytest.fail("no system chromium: apt-get install -y chromium (never `playwright install`)")
+    from comfyui_harness.browser import Frontend
+
+    with Frontend(server.url, chromium) as fe:
+        yield fe
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_workflow_drops_onto_the_canvas_without_missing_nodes(frontend, path, tmp_path):
+    rep = frontend.load_workflow(path, via="drop", screenshot=tmp_path / f"{path.stem}.png", export_api=True)
+    summary = {k: rep.get(k) for k in ("missing_node_types", "missing_dialog", "schema_alert", "dialogs",
+                                       "toasts", "unexpected_errors")}
+    assert rep["missing_node_types"] == [] and not rep["missing_dialog"] and not rep["schema_alert"], summary
+    assert not rep["unexpected_errors"], summary
+    ui = json.loads(path.read_text())
+    assert sorted(rep["graph_nodes"]) == sorted(n["type"] for n in ui["nodes"])
+    # the frontend's own UI -> API conversion gives exactly the committed API twin
+    twin = load_api_workflow(WF_DIR / "api" / f"{path.stem}_api.json")
+    assert strip_meta(rep["exported_api"]) == strip_meta(twin)
+
+
+def test_ui_workflow_is_queued_from_the_page(frontend):
+    edits = {"LoadResidualHead": {"head_name": TINY_DIFFUSERS_HEAD},
+             "QwenImageSampleFromEmbeds": {"steps": STEPS, "width": SIZE, "height": SIZE}}
+    rep = frontend.load_workflow(WF_DIR / "qwen_identity_diffusers.json", via="drop", queue=True, edits=edits)
+    assert rep["queue_http_status"] == 200, rep.get("queue_response")
+    assert rep["run_status"] == "success", rep.get("run_error")
+    assert any(o.get("images") for o in rep["run_outputs"].values())
+
+
+# ---- errors users will meet ------------------------------------------------------------------------
+
+def test_missing_head_file_says_where_heads_go(server):
+    wf = tiny_api(WF_DIR / "api" / "qwen_identity_native_ksampler_api.json")
+    head = next(n for n in wf.values() if n["class_type"] == "LoadResidualHead")
+    head["inputs"]["head_path"] = "/nonexistent/my_head.safetensors"
+    res = queue_prompt(server.url, wf, timeout=300)
+    assert not res.ok
+    msg = res.error_message()
+    assert "my_head.safetensors" in msg and "identity_heads" in msg, msg
+
+
+def test_head_not_matching_the_model_names_both_sizes(server):
+    wf = tiny_api(WF_DIR / "api" / "qwen_identity_native_ksampler_api.json")
+    next(n for n in wf.values() if n["class_type"] == "LoadResidualHead")["inputs"]["head_name"] = TINY_DIFFUSERS_HEAD
+    res = queue_prompt(server.url, wf, timeout=300)
+    assert res.stage == "execution", res.summary()
+    msg = res.error_message()
+    assert "3584" in msg and "head" in msg, msg
+    assert res.execution_error["node_type"] == "InjectResidual"
+
+
+def test_empty_models_folder_names_every_missing_file(tmp_path):
+    """A fresh ComfyUI with nothing in models/: queuing a shipped workflow as is fails validation, and each
+    loader's error names the file it wanted and where the pack looks."""
+    _skip_or_fail()
+    from comfyui_harness.server import start_server
+
+    (tmp_path / "input").mkdir()
+    _photos(tmp_path / "input")
+    with start_server(comfyui_dir(), packs={PACK_LINK: ROOT}, base_dir=tmp_path, env=_server_env(tmp_path)) as srv:
+        res = queue_prompt(srv.url, load_api_workflow(WF_DIR / "api" / "qwen_identity_alpha_grid_api.json"))
+    assert res.stage == "validation" and res.body["error"]["type"] == "prompt_outputs_failed_validation", res.summary()
+    msg = res.error_message()
+    for wanted in (bw.UNET, bw.TEXT_ENCODER, bw.VAE, bw.QWEN3VL, bw.HEAD):
+        assert wanted in msg, (wanted, msg)
+    assert "models/identity_heads" in msg and "model_path" in msg, msg
+    print(msg)
