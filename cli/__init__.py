@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "train a residual head from seed directories (caption or zero target)"),
     "sweep": ("sweep", "the POC's alpha x seed sweep: (train,) inject, sample, grid + meta per seed directory"),
     "demo": ("demo", "the main job on a fresh machine: tiny offline models (or real ones) end to end"),
+    "eval": ("eval", "sweep α per identity: face distance, Qwen3-VL cosine, prompt proxy, diversity; JSON + plot"),
+    "similarity": ("similarity", "face distance of two photos (dlib 128-d embeddings), same-person verdict, JSON"),
 }
 
 

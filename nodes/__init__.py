@@ -18,6 +18,7 @@ NODE_MODULES: list[str] = [
     "inject_nodes",
     "sampling_nodes",
     "grid_nodes",
+    "eval_nodes",
 ]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}

@@ -34,10 +34,13 @@ class AlphaGrid:
             "optional": {
                 "cell_notes": ("STRING", {"default": "", "multiline": True, "tooltip": "Optional text under each "
                                "cell, one line per image in α-major order (e.g. identity scores). Empty = none."}),
+                "reference": ("IMAGE", {"tooltip": "Optional photos of the person: each cell's face distance to them "
+                              "is written under it ('d=0.31'; below 0.6 = same person for dlib's face model; 'no face' "
+                              "when none is found), after any cell_notes. Needs dlib-bin + face_recognition_models."}),
             },
         }
 
-    def grid(self, images, alphas, seeds, cell_notes=""):
+    def grid(self, images, alphas, seeds, cell_notes="", reference=None):
         alpha_list, seed_list = parse_alphas(alphas), parse_seeds(seeds)
         notes = None
         if (cell_notes or "").strip():
@@ -45,7 +48,14 @@ class AlphaGrid:
             if len(notes) != images.shape[0]:
                 raise UserInputError(f"cell_notes has {len(notes)} lines for {images.shape[0]} images: give one line "
                                      "per image, α-major.")
-        g = make_grid(comfy_to_pil(images), alpha_list, seed_list, cell_notes=notes)
+        extra = None
+        if reference is not None:  # identity score per cell (see ScoreIdentity)
+            from .eval_nodes import score_identity
+
+            scored = score_identity(images, reference)
+            notes = scored["notes"] if notes is None else [f"{a} {b}".strip() for a, b in zip(notes, scored["notes"])]
+            extra = {"identity_scores": scored["summary"], "cell_scores": scored["notes"]}
+        g = make_grid(comfy_to_pil(images), alpha_list, seed_list, cell_notes=notes, extra_meta=extra)
         return (pil_to_comfy([g.image]), json.dumps(g.meta, ensure_ascii=False))
 
 

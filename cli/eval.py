@@ -1,0 +1,205 @@
+"""Evaluate a head: sweep α per identity and measure identity, prompt adherence and diversity.
+
+For every seed directory (one identity) its photos give the Qwen3-VL identity features, the head turns
+them into a residual, and Qwen-Image (diffusers) generates one image per --gen-seeds seed at every α,
+plus α = 0 (the baseline without the identity, sampled once and shared by all identities). Each image is
+scored against that identity's photos:
+- face distance (dlib 128-d embeddings; lower = more alike, < --threshold = same person) and the share
+  of images judged the same person; images without a face are counted, not scored;
+- Qwen3-VL feature cosine to the photos (the features the head was trained on; --no-qwen3vl-cosine off);
+- a prompt-adherence PROXY: Qwen3-VL's P(yes) to 'Does this image show "<prompt>"?' (--no-prompt-proxy off);
+- diversity across seeds per α: mean pairwise face distance and Qwen3-VL feature distance.
+Writes OUT/eval.json, OUT/identity_vs_alpha.png (one curve per identity, dashed: α = 0 baseline) and
+OUT/<identity>_eval_grid.png (α × seed grid with each cell's face distance under it), all atomically.
+See README "Measuring identity" for how to read the numbers and their limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = "eval_output"
+DEFAULT_ALPHAS = "0.5,1.0,1.5"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
+    from ..core.face_similarity import DETECTORS, THRESHOLD
+    from ..core.injection import DEFAULT_MODE, MODES
+    from ..core.sampling import (DEFAULT_CFG, DEFAULT_HEIGHT, DEFAULT_MAX_BATCH, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SEEDS,
+                                 DEFAULT_STEPS, DEFAULT_WIDTH)
+    from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN_IMAGE
+
+    g = p.add_argument_group("data")
+    g.add_argument("--seed-dirs", default=None, help="comma-separated seed_* folders (globs allowed, e.g. '/data/seed_*')")
+    g.add_argument("--seed-dirs-file", default=None, help="a text file with one seed folder (or glob) per line")
+    g.add_argument("--head", required=True, help="the head to evaluate (.safetensors from `qwen-identity train`)")
+    g.add_argument("--out-dir", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
+    g = p.add_argument_group("models")
+    g.add_argument("--qwen3-vl-model", default=None, help="Qwen3-VL folder, models-folder name or hub id (default: the "
+                   "one recorded in the head, else Qwen/Qwen3-VL-2B-Instruct)")
+    g.add_argument("--qwen-image-model", default=DEFAULT_QWEN_IMAGE,
+                   help=f"diffusers Qwen-Image folder, models-folder name or hub id (default: {DEFAULT_QWEN_IMAGE})")
+    g = p.add_argument_group("sweep")
+    g.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f"comma-separated α values; 0 is always added as the "
+                   f"baseline (default: {DEFAULT_ALPHAS})")
+    g.add_argument("--gen-seeds", default=DEFAULT_SEEDS, help=f"comma-separated generation seeds (default: {DEFAULT_SEEDS})")
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default: {DEFAULT_STEPS})")
+    g.add_argument("--cfg", "--guidance", dest="cfg", type=float, default=DEFAULT_CFG,
+                   help=f"true CFG scale (default: {DEFAULT_CFG}; <= 1 turns the negative prompt off)")
+    g.add_argument("--height", type=int, default=DEFAULT_HEIGHT, help=f"image height, multiple of 16 (default: {DEFAULT_HEIGHT})")
+    g.add_argument("--width", type=int, default=DEFAULT_WIDTH, help=f"image width, multiple of 16 (default: {DEFAULT_WIDTH})")
+    g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT, help=f'default: "{DEFAULT_BASE_PROMPT}"')
+    g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help=f'default: "{DEFAULT_NEGATIVE_PROMPT}"')
+    g.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=f"strength semantics of α (default: {DEFAULT_MODE}; "
+                   "see InjectResidual)")
+    g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"images per transformer batch (default: {DEFAULT_MAX_BATCH})")
+    g = p.add_argument_group("measures")
+    g.add_argument("--threshold", type=float, default=THRESHOLD, help=f"same-person face distance (default: {THRESHOLD})")
+    g.add_argument("--detector", choices=DETECTORS, default="hog", help="face detector (default: hog)")
+    g.add_argument("--no-qwen3vl-cosine", action="store_true", help="skip the Qwen3-VL feature cosine")
+    g.add_argument("--no-prompt-proxy", action="store_true", help="skip the Qwen3-VL prompt-adherence proxy")
+    g.add_argument("--plot-backend", choices=("auto", "matplotlib", "pil"), default="auto",
+                   help="auto = matplotlib when installed, else PIL (default: auto)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="default: auto (bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--hf-token", default=None, help="hub token (default: $HUGGINGFACE_TOKEN or $HF_TOKEN)")
+    g.add_argument("--cache-dir", default=None, help="hub cache folder (default: $HF_HUB_CACHE)")
+
+
+def _warn(message: str) -> None:
+    print(f"qwen-identity eval: warning: {message}", file=sys.stderr)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "identity"
+
+
+def _validate(args):
+    from ..core.errors import UserInputError
+    from ..core.evaluation import parse_alphas
+    from ..core.injection import parse_alphas as parse_alpha_list
+    from ..core.sampling import check_size, parse_seeds
+
+    alphas = parse_alphas(parse_alpha_list(args.alphas))
+    seeds = parse_seeds(args.gen_seeds)
+    check_size(args.width, args.height)
+    if args.steps < 1:
+        raise UserInputError(f"--steps must be at least 1, got {args.steps}.")
+    if args.max_batch < 1:
+        raise UserInputError(f"--max-batch must be at least 1, got {args.max_batch}.")
+    if not 0 < args.threshold < 4:
+        raise UserInputError(f"--threshold must be between 0 and 4, got {args.threshold}.")
+    if not args.base_prompt.strip():
+        raise UserInputError("--base-prompt is empty.")
+    return alphas, seeds
+
+
+def run(args) -> int:
+    from ..core.atomic import atomic_write, atomic_write_json
+    from ..core.evaluation import (PROMPT_PROXY_NAME, Scorers, cell_notes_for, evaluate_alpha_sweep,
+                                   plot_identity_vs_alpha, qwen3vl_embedder, qwen3vl_prompt_scorer, sampler_generate)
+    from ..core.face_similarity import FaceEmbedder
+    from ..core.features import extract_features, settings_from_meta
+    from ..core.grid import make_grid
+    from ..core.head import load_head
+    from ..core.images import load_image
+    from ..core.progress import offset_progress, tqdm_progress
+    from ..core.qwen3vl import load_qwen3vl
+    from ..core.sampling import encode_text, load_qwen_image_pipeline
+    from ..core.seed_dirs import load_seed_dirs, parse_seed_dir_args
+    from ..nodes.model_folders import model_dirs
+    from ..training.pipeline import DEFAULT_QWEN3_VL
+
+    alphas, seeds = _validate(args)
+    seed_dirs = load_seed_dirs(parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file))
+    photos = {d.path: [load_image(p) for p in d.photos] for d in seed_dirs}   # fail fast, before models load
+    head = load_head(args.head)
+    settings = settings_from_meta(head.meta.feature_settings or {})
+    face = FaceEmbedder(detector=args.detector)
+    out = Path(args.out_dir)
+
+    vl_source = args.qwen3_vl_model or head.meta.qwen3_vl_model or DEFAULT_QWEN3_VL
+    vl_dirs, qi_dirs = model_dirs("qwen3_vl"), model_dirs("diffusers")
+    vl = load_qwen3vl(vl_source, search_dirs=vl_dirs, download_dir=vl_dirs[0] if vl_dirs else None,
+                      token=args.hf_token, cache_dir=args.cache_dir, device=args.device, dtype=args.dtype)
+    qi = load_qwen_image_pipeline(args.qwen_image_model, device=args.device, dtype=args.dtype, search_dirs=qi_dirs,
+                                  token=args.hf_token, cache_dir=args.cache_dir)
+    positive = encode_text(qi, args.base_prompt)
+    negative = encode_text(qi, args.negative_prompt) if args.cfg > 1 else None
+    scorers = Scorers(face=face, threshold=args.threshold,
+                      image_features=None if args.no_qwen3vl_cosine else qwen3vl_embedder(vl, settings),
+                      prompt=None if args.no_prompt_proxy else qwen3vl_prompt_scorer(vl))
+    print(f"Qwen3-VL {vl.model_id} and Qwen-Image {qi.model_id} on {qi.device}; {len(seed_dirs)} identities, "
+          f"α {alphas} (0 = baseline), seeds {seeds}; measures: {', '.join(scorers.names())}",
+          file=sys.stderr)
+
+    baseline_cache: dict = {}
+    results, curves, warnings_all = {}, {}, []
+    steps_per_identity = len(alphas) + 1
+    grand = steps_per_identity * len(seed_dirs)
+    used_names: set[str] = set()
+    with tqdm_progress("eval", unit="step") as bar:
+        for i, d in enumerate(seed_dirs):
+            name = d.name if d.name not in used_names else f"{d.name}_{i}"
+            used_names.add(name)
+            features = extract_features(vl, photos[d.path], settings, extra_meta={"seed_dir": str(d.path)})
+            generate, warnings = sampler_generate(qi, head, features, positive, negative, args.steps, args.cfg,
+                                                  args.width, args.height, args.max_batch, args.mode, baseline_cache)
+            for w in warnings:
+                _warn(f"{name}: {w}")
+                warnings_all.append(f"{name}: {w}")
+            ev = evaluate_alpha_sweep(generate, alphas, seeds, photos[d.path], args.base_prompt, scorers,
+                                      progress=offset_progress(bar, i * steps_per_identity, grand))
+            if ev.references["with_face"] == 0:
+                _warn(f"{name}: no face found in any of its {len(photos[d.path])} photos; face distances are null.")
+            grid = make_grid([im for a in ev.alphas for im in ev.images[a]], ev.alphas, seeds,
+                             cell_notes=cell_notes_for(ev), extra_meta={"identity": name})
+            grid_path = out / f"{_safe_name(name)}_eval_grid.png"
+            atomic_write(grid_path, lambda tmp, g=grid: g.image.save(tmp, format="PNG"))
+            results[name] = {"seed_dir": str(d.path), "grid": str(grid_path), **ev.to_json()}
+            curves[name] = ev
+    plot_path = plot_identity_vs_alpha(curves, out / "identity_vs_alpha.png", backend=args.plot_backend)
+    report = {
+        "head": str(args.head), "qwen3_vl_model": vl.model_id, "qwen_image_model": qi.model_id,
+        "feature_settings": settings.to_meta(), "base_prompt": args.base_prompt,
+        "negative_prompt": args.negative_prompt if negative is not None else None,
+        "alphas": alphas, "seeds": seeds, "steps": args.steps, "cfg": args.cfg, "width": args.width,
+        "height": args.height, "mode": args.mode,
+        "measures": {
+            "face": {"model": "dlib_face_recognition_resnet_model_v1", "detector": args.detector,
+                     "threshold": args.threshold, "distance": "Euclidean, mean over the reference faces"},
+            "qwen3vl_cosine": None if args.no_qwen3vl_cosine else "cosine of Qwen3-VL features to the mean reference feature",
+            PROMPT_PROXY_NAME: None if args.no_prompt_proxy else
+            "PROXY: Qwen3-VL P(yes) to 'Does this image show \"<prompt>\"? Please answer yes or no.'",
+            "diversity": "mean pairwise distance across seeds (face: Euclidean; qwen3vl: 1 - cosine)",
+        },
+        "warnings": warnings_all, "plot": str(plot_path), "identities": results,
+    }
+    atomic_write_json(out / "eval.json", report)
+    _print_summary(results)
+    print(f"wrote {out / 'eval.json'}, {plot_path} and {len(results)} grid(s) in {out}")
+    return 0
+
+
+def _fmt(v) -> str:
+    return "  -  " if v is None else f"{v:5.3f}"
+
+
+def _print_summary(results: dict) -> None:
+    from ..core.evaluation import PROMPT_PROXY_NAME
+
+    print(f"{'identity':24s} {'alpha':>6s} {'face_d':>6s} {'same%':>6s} {'qvl_cos':>7s} {'prompt':>6s} {'div_f':>6s}")
+    for name, res in results.items():
+        for row in res["rows"]:
+            s = row["summary"]
+            same = s.get("same_person_rate")
+            print(f"{name[:24]:24s} {row['alpha']:6g} {_fmt(s.get('face_distance')):>6s} "
+                  f"{'  -  ' if same is None else f'{100 * same:5.0f}%':>6s} {_fmt(s.get('qwen3vl_cosine')):>7s} "
+                  f"{_fmt(s.get(PROMPT_PROXY_NAME)):>6s} {_fmt(s.get('face_diversity')):>6s}")
+    sys.stdout.flush()

@@ -1,0 +1,94 @@
+"""ScoreIdentity: how close generated images are to a person's reference photos (a thin adapter over
+core.face_similarity / core.evaluation). dlib's face distance always; the Qwen3-VL feature cosine when
+a QWEN3VL model is connected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from ..core.evaluation import Scorers, notes_for, prepare_references, qwen3vl_embedder, score_images
+from ..core.face_similarity import DETECTORS, THRESHOLD, FaceEmbedder
+from ..core.images import comfy_to_pil
+
+CATEGORY = "Qwen Identity"
+NO_FACE_MEAN = -1.0
+
+
+def score_identity(images, reference, threshold: float = THRESHOLD, detector: str = "hog", qwen3vl=None,
+                   progress=None) -> dict:
+    """Scores of IMAGE `images` against IMAGE `reference` (JSON-ready dict with `notes`, one per image)."""
+    from ..core.errors import UserInputError
+
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+        raise UserInputError(f"threshold must be a positive number (0.6 is the model's operating point), got {threshold}.")
+    refs_pil, imgs_pil = comfy_to_pil(reference), comfy_to_pil(images)
+    image_features = None
+    if qwen3vl is not None:
+        from ..core.qwen3vl import Qwen3VLBundle
+
+        if not isinstance(qwen3vl, Qwen3VLBundle):
+            raise UserInputError("the qwen3vl input must come from LoadQwen3VL.")
+        image_features = qwen3vl_embedder(qwen3vl)
+    scorers = Scorers(face=FaceEmbedder(detector=detector), image_features=image_features, threshold=float(threshold))
+    if qwen3vl is not None:
+        from .qwen3vl_nodes import _ensure_on_device, _release
+
+        _ensure_on_device(qwen3vl)
+    try:
+        refs = prepare_references(refs_pil, scorers)
+        row = score_images(imgs_pil, refs, scorers, progress=progress)
+    finally:
+        if qwen3vl is not None:
+            _release(qwen3vl)
+    return {"references": refs.to_json(), **row, "notes": notes_for(row)}
+
+
+class ScoreIdentity:
+    DESCRIPTION = ("Scores generated images against reference photos of the person: dlib's face-embedding distance "
+                   "(lower = more alike; below the threshold, 0.6, the model calls it the same person), and, with a "
+                   "Qwen3-VL model connected, the Qwen3-VL feature cosine. Images without a face are reported, not "
+                   "an error. See README 'Measuring identity' for what the numbers mean and their limits.")
+    CATEGORY = CATEGORY
+    FUNCTION = "score"
+    RETURN_TYPES = ("STRING", "FLOAT", "STRING")
+    RETURN_NAMES = ("scores", "mean_distance", "notes")
+    OUTPUT_TOOLTIPS = (
+        "JSON: per image its face distance to the references (mean and min), same-person verdict, faces found "
+        "with boxes, Qwen3-VL cosine when measured; and a summary (mean distance, same-person rate, diversity).",
+        f"Mean face distance over the images that have a face; {NO_FACE_MEAN} when no image (or no reference) has one.",
+        "One short line per image ('d=0.31 cos=0.87', or 'no face'), in batch order: feed it to AlphaGrid's "
+        "cell_notes to print each cell's score under it.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The images to score (e.g. the sampler's α×seed batch)."}),
+                "reference": ("IMAGE", {"tooltip": "One or more photos of the person (an IMAGE batch). Each image is "
+                                        "compared with every reference face; the mean distance is reported."}),
+                "threshold": ("FLOAT", {"default": THRESHOLD, "min": 0.05, "max": 2.0, "step": 0.01,
+                                        "tooltip": "Same-person threshold on the face distance (default 0.6, the "
+                                        "dlib model's operating point; lower = stricter)."}),
+                "detector": (list(DETECTORS), {"default": "hog", "tooltip": "Face detector: hog (default; fast on "
+                             "CPU, frontal faces) or cnn (finds more poses, seconds per image on CPU)."}),
+            },
+            "optional": {
+                "qwen3vl": ("QWEN3VL", {"tooltip": "Optional: a model from LoadQwen3VL adds the Qwen3-VL feature "
+                            "cosine to the references (default features: merger_pooled, 448 centre crop)."}),
+            },
+        }
+
+    def score(self, images, reference, threshold=THRESHOLD, detector="hog", qwen3vl=None):
+        from .qwen3vl_nodes import comfy_progress
+
+        n = int(images.shape[0]) if hasattr(images, "shape") and images.ndim == 4 else 1
+        result = score_identity(images, reference, threshold, detector, qwen3vl, progress=comfy_progress(n))
+        mean = result["summary"].get("face_distance")
+        return (json.dumps(result, indent=2), NO_FACE_MEAN if mean is None else float(mean), "\n".join(result["notes"]))
+
+
+NODE_CLASS_MAPPINGS = {"ScoreIdentity": ScoreIdentity}
+NODE_DISPLAY_NAME_MAPPINGS = {"ScoreIdentity": "Score Identity (face distance)"}
