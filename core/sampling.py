@@ -108,7 +108,7 @@ def load_qwen_image_pipeline(source: str, device: str | torch.device = "auto", d
     from diffusers import QwenImagePipeline
 
     try:
-        pipe = QwenImagePipeline.from_pretrained(str(folder), dtype=dt)
+        pipe = QwenImagePipeline.from_pretrained(str(folder), dtype=dt, use_safetensors=True)  # no pickles
     except (OSError, ValueError, KeyError) as e:
         raise UserInputError(f"cannot load the Qwen-Image pipeline from {folder} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); the folder is incomplete or damaged.") from None
