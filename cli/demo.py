@@ -44,8 +44,6 @@ def run(args) -> int:
     from ..core.injection import parse_alphas
     from ..core.out_dir_lock import OutDirLock
     from ..core.sampling import parse_seeds
-    from ..core.seed_dirs import parse_seed_dir_args
-    from .sweep import SweepConfig, run_sweep, train_first
 
     if (args.qwen3_vl_model is None) != (args.qwen_image_model is None):
         raise UserInputError("give both --qwen3-vl-model and --qwen-image-model (real models), or neither (tiny "
@@ -54,6 +52,15 @@ def run(args) -> int:
         raise UserInputError(f"--identities must be between 1 and {MAX_IDENTITIES}, got {args.identities}.")
     alphas, seeds = parse_alphas(args.alphas), parse_seeds(args.gen_seeds)
     out = Path(args.out_dir)
+    with OutDirLock(out, allow_nested=True):  # the whole demo (models, data, training, sweep) is one writer
+        return _demo(args, out, alphas, seeds)
+
+
+def _demo(args, out: Path, alphas, seeds) -> int:
+    from ..core.out_dir_lock import OutDirLock
+    from ..core.seed_dirs import parse_seed_dir_args
+    from .sweep import SweepConfig, run_sweep, train_first
+
     t0 = time.time()
     ran: list[str] = []
     stand_in = args.qwen3_vl_model is None

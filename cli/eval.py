@@ -101,6 +101,14 @@ def _validate(args):
 
 
 def run(args) -> int:
+    from ..core.out_dir_lock import OutDirLock
+
+    _validate(args)  # bad arguments fail before the output folder is created
+    with OutDirLock(args.out_dir):  # one writer per output folder (as train, sweep and extract)
+        return _run(args)
+
+
+def _run(args) -> int:
     from ..core.atomic import atomic_write, atomic_write_json
     from ..core.evaluation import (PROMPT_PROXY_NAME, Scorers, cell_notes_for, evaluate_alpha_sweep,
                                    plot_identity_vs_alpha, qwen3vl_embedder, qwen3vl_prompt_scorer, sampler_generate)

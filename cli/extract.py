@@ -63,6 +63,17 @@ def readable_photos(seed_dir) -> tuple[list[Path], list[Path]]:
 
 def run(args) -> int:
     from ..core.errors import UserInputError
+    from ..core.out_dir_lock import OutDirLock
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UserInputError(f"--out {out} must end in .safetensors (the feature cache is a safetensors file).")
+    with OutDirLock(out.parent):  # one writer per output folder (as train, sweep and eval)
+        return _run(args)
+
+
+def _run(args) -> int:
+    from ..core.errors import UserInputError
     from ..core.features import FeatureSettings, extract_features, feature_cache_key, save_feature_cache
     from ..core.images import load_image
     from ..core.progress import offset_progress, tqdm_progress
@@ -71,8 +82,6 @@ def run(args) -> int:
     from ..nodes.model_folders import model_dirs
 
     out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise UserInputError(f"--out {out} must end in .safetensors (the feature cache is a safetensors file).")
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
     settings = FeatureSettings(source=args.feature_source, layer=args.layer, resolution=args.resolution,

@@ -28,13 +28,10 @@ from hypothesis import strategies as st
 
 from qwen_identity import cli
 from qwen_identity.core.head import ResidualHead, save_head
+from robustness_helpers import ReachedModels, block_model_loading
 
 EXAMPLES_PER_COMMAND = int(os.environ.get("QWEN_IDENTITY_FUZZ_EXAMPLES", "40"))  # raise for a deep local run
 HANG_SECONDS = 30
-
-
-class ReachedModels(BaseException):
-    """Raised instead of loading a model: the arguments were all accepted."""
 
 
 class Hang(BaseException):
@@ -126,23 +123,7 @@ def argv_for(draw, command: str):
 
 @pytest.fixture
 def no_models(monkeypatch):
-    """Replace every model loader in every loaded module of the pack by the sentinel."""
-    def reached(*a, **k):
-        raise ReachedModels()
-
-    import qwen_identity.cli.eval  # noqa: F401  (make sure every subcommand module is loaded)
-    import qwen_identity.core.face_similarity as fs
-    import qwen_identity.core.qwen3vl  # noqa: F401
-    import qwen_identity.core.sampling  # noqa: F401
-    import qwen_identity.tiny_models  # noqa: F401
-
-    names = ("load_qwen3vl", "load_qwen_image_pipeline", "load_text_encoder", "build_tiny_models")
-    for mod_name, mod in list(sys.modules.items()):
-        if mod_name.startswith("qwen_identity") and mod is not None:
-            for n in names:
-                if hasattr(mod, n):
-                    monkeypatch.setattr(mod, n, reached)
-    monkeypatch.setattr(fs, "FaceEmbedder", reached)
+    block_model_loading(monkeypatch)
 
 
 def _alarm(signum, frame):
