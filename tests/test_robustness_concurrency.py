@@ -100,41 +100,40 @@ def test_every_writing_subcommand_is_listed():
     assert set(cli.SUBCOMMANDS) - {w.split()[0] for w in WRITERS} == {"similarity"}   # similarity prints only
 
 
-@pytest.mark.parametrize("name", sorted(WRITERS))
-def test_writing_subcommands_refuse_an_out_dir_another_run_holds(name, inputs, tmp_path, cli_env, capsys,
-                                                                  monkeypatch):
-    block_model_loading(monkeypatch)   # if the lock were not taken first, the run would reach a model
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def held_out_dir(tmp_path_factory, cli_env):
+    out = tmp_path_factory.mktemp("held") / "out"
     holder = LockHolder(out, cli_env)
+    yield out, holder.pid
+    holder.close()
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_writing_subcommands_refuse_an_out_dir_another_run_holds(name, inputs, held_out_dir, capsys, monkeypatch):
+    block_model_loading(monkeypatch)   # if the lock were not taken first, the run would reach a model
+    out, pid = held_out_dir
+    argv = [a.format(data=inputs / "data", out=out, head=inputs / "head.safetensors") for a in WRITERS[name]]
     try:
-        argv = [a.format(data=inputs / "data", out=out, head=inputs / "head.safetensors") for a in WRITERS[name]]
-        try:
-            code = cli.main(argv)
-        except ReachedModels:
-            pytest.fail(f"{name} loaded a model while another run held {out}")
-        err = capsys.readouterr().err
-        assert code == 2 and f"another qwen-identity run (pid {holder.pid}) is writing to {out}" in err, err
-        assert os.listdir(out) == [".qwen-identity.lock"]   # nothing written
-    finally:
-        holder.close()
+        code = cli.main(argv)
+    except ReachedModels:
+        pytest.fail(f"{name} loaded a model while another run held {out}")
+    err = capsys.readouterr().err
+    assert code == 2 and f"another qwen-identity run (pid {pid}) is writing to {out}" in err, err
+    assert os.listdir(out) == [".qwen-identity.lock"]   # nothing written
 
 
-def test_nested_steps_of_one_run_share_the_lock_and_others_are_refused(tmp_path, cli_env):
+def test_nested_steps_of_one_run_share_the_lock_and_others_are_refused(tmp_path, held_out_dir):
     out = tmp_path / "out"
     with OutDirLock(out, allow_nested=True):
         with OutDirLock(out):          # a step of the same run (training inside `sweep --train`)
             pass
         with OutDirLock(out):          # the next step: the outer hold is still in place
-            r = subprocess.run([sys.executable, "-c", "import sys\nfrom qwen_identity.core.out_dir_lock import "
-                                "OutDirLock\nOutDirLock(sys.argv[1]).acquire()", str(out)],
-                               env=cli_env, capture_output=True, text=True, timeout=60)
-            assert r.returncode != 0 and "another qwen-identity run" in r.stderr
-    holder = LockHolder(out, cli_env)   # released: another process may take it now
-    try:
-        with pytest.raises(UserInputError, match=str(holder.pid)):
-            OutDirLock(out, allow_nested=True).acquire()
-    finally:
-        holder.close()
+            assert OutDirLock(out).acquire()._fd is None     # nested: no second OS lock
+    with OutDirLock(out):              # released: a new run may take it
+        pass
+    held, pid = held_out_dir           # a folder another process holds: refused, nested or not
+    with pytest.raises(UserInputError, match=str(pid)):
+        OutDirLock(held, allow_nested=True).acquire()
 
 
 def test_two_real_extract_runs_racing_for_one_output(tiny_qwen3vl_dir, inputs, tmp_path, cli_env):
