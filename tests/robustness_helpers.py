@@ -90,3 +90,24 @@ def block_model_loading(monkeypatch) -> None:
     import qwen_identity.core.face_similarity as fs
 
     monkeypatch.setattr(fs, "FaceEmbedder", reached)
+
+
+def check_photo_decodes_or_fails_clearly(path, data: bytes, size: tuple[int, int]) -> None:
+    """Write `data` to `path`; load_image gives an 8-bit RGB image of `size` or a UserInputError naming the
+    file, and the file is unchanged."""
+    import hashlib
+
+    import numpy as np
+
+    from qwen_identity.core.errors import UserInputError
+    from qwen_identity.core.images import load_image
+
+    path.write_bytes(data)
+    before = hashlib.sha256(data).hexdigest()
+    try:
+        im = load_image(path)
+    except UserInputError as e:
+        assert str(path) in str(e)
+    else:
+        assert im.mode == "RGB" and im.size == size and np.asarray(im).dtype == np.uint8
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
