@@ -130,3 +130,73 @@ def test_sample_node_paths(pipeline):
                                            model=object(), vae=object())
     with pytest.raises(UserInputError, match="LoadQwenImageDiffusers"):
         QwenImageSampleFromEmbeds().sample(cond, cond, seeds="1", steps=1, width=32, height=32, pipeline=object())
+
+
+def _fake_comfy(monkeypatch, calls, interrupt_after=None):
+    import sys
+    import types
+
+    def check():
+        calls.append(("interrupt_check",))
+        if interrupt_after is not None and sum(c == ("interrupt_check",) for c in calls) > interrupt_after:
+            raise InterruptedError("cancelled")
+
+    mm = types.SimpleNamespace(throw_exception_if_processing_interrupted=check,
+                               get_torch_device=lambda: torch.device("cpu"))
+
+    class ProgressBar:
+        def __init__(self, total):
+            calls.append(("bar", total))
+
+        def update_absolute(self, value, total=None):
+            calls.append(("update", value, total))
+
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.utils = mm, types.SimpleNamespace(ProgressBar=ProgressBar)
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
+
+
+def test_sample_node_progress_and_cancel_inside_comfyui(pipeline, monkeypatch):
+    cond = [[torch.randn(1, 4, 32), {"pooled_output": None}]]
+    calls = []
+    _fake_comfy(monkeypatch, calls)
+    QwenImageSampleFromEmbeds().sample(cond, cond, seeds="1,2", steps=3, width=32, height=32, max_batch=1,
+                                       pipeline=pipeline)
+    assert [c for c in calls if c[0] == "update"] == [("update", d, 6) for d in range(1, 7)]  # 2 cells x 3 steps
+    assert sum(c == ("interrupt_check",) for c in calls) >= 6  # before every step
+    calls.clear()
+    _fake_comfy(monkeypatch, calls, interrupt_after=2)
+    with pytest.raises(InterruptedError):
+        QwenImageSampleFromEmbeds().sample(cond, cond, seeds="1", steps=5, width=32, height=32, pipeline=pipeline)
+    assert 1 <= len([c for c in calls if c[0] == "update"]) < 5  # stopped early, at a step boundary
+
+
+def test_sample_node_delegates_native_model_and_vae(monkeypatch):
+    """MODEL + VAE go to nodes/native_sampling.sample_native with the node's arguments (its own tests run it
+    against a real ComfyUI); without that module the node says the native path is unavailable."""
+    import sys
+    import types
+
+    cond = [[torch.zeros(2, 4, 32), {"pooled_output": None}]]
+    got = {}
+
+    def sample_native(model, vae, positive, negative, seeds, steps, cfg, width, height, sampler_name, scheduler,
+                      progress=None, max_batch=None):
+        got.update(model=model, vae=vae, seeds=seeds, steps=steps, cfg=cfg, size=(width, height),
+                   sampler=(sampler_name, scheduler), max_batch=max_batch)
+        return torch.zeros(len(seeds) * 2, height, width, 3)
+
+    fake = types.ModuleType("qwen_identity.nodes.native_sampling")
+    fake.sample_native = sample_native
+    monkeypatch.setitem(sys.modules, "qwen_identity.nodes.native_sampling", fake)
+    images, seeds = QwenImageSampleFromEmbeds().sample(cond, cond, seeds="5,6", steps=7, cfg=3.0, width=32,
+                                                       height=48, max_batch=2, model="M", vae="V",
+                                                       sampler_name="euler", scheduler="simple")
+    assert images.shape == (4, 48, 32, 3) and seeds == "5,6"
+    assert got == dict(model="M", vae="V", seeds=[5, 6], steps=7, cfg=3.0, size=(32, 48),
+                       sampler=("euler", "simple"), max_batch=2)
+    monkeypatch.setitem(sys.modules, "qwen_identity.nodes.native_sampling", None)  # import fails
+    with pytest.raises(UserInputError, match="native MODEL \\+ VAE path is not available"):
+        QwenImageSampleFromEmbeds().sample(cond, cond, seeds="5", steps=1, width=32, height=32, model="M", vae="V")
