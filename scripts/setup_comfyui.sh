@@ -3,7 +3,7 @@
 #
 #   scripts/setup_comfyui.sh COMFYUI_DIR VENV
 #
-# COMFYUI_DIR: an existing ComfyUI checkout (git clone https://github.com/comfyanonymous/ComfyUI).
+# COMFYUI_DIR: an existing ComfyUI checkout (git clone https://github.com/Comfy-Org/ComfyUI).
 # VENV:        a virtual environment to create (or reuse) for ComfyUI + the pack's test deps. It is kept
 #              apart from the pack's own ./.venv so ComfyUI's requirements never change the pack's pins.
 #

@@ -23,15 +23,17 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from comfyui_harness import build_workflows as bw
-from comfyui_harness.env import chromium_path, comfyui_dir, import_comfy_in_process, missing_comfy_deps, skip_reason
+from comfyui_harness.env import chromium_path, comfyui_dir, import_comfy_in_process, require_comfyui
 from comfyui_harness.prompt_queue import QueueResult, load_api_workflow, queue_prompt
 from comfyui_harness.workflow_format import core_node_defs, node_def_from_class, strip_meta
 
@@ -48,16 +50,6 @@ SIZE, STEPS = 32, 2
 TINY_DIFFUSERS_HEAD = "tiny_diffusers_head.safetensors"
 EXPECTED_IMAGES = {"qwen_identity_alpha_grid": 1, "qwen_identity_native_ksampler": 1,
                    "qwen_identity_diffusers": 1, "qwen_identity_multi_photo": 2}
-
-
-def _skip_or_fail():
-    reason = skip_reason()
-    if reason:
-        print(f"SKIP ComfyUI integration suite: {reason}")
-        pytest.skip(reason)
-    missing = missing_comfy_deps()
-    if missing:
-        pytest.fail(missing)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -84,7 +76,7 @@ def _config_width(folder: Path, *keys) -> int:
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    _skip_or_fail()
+    require_comfyui()
     import_comfy_in_process()
     from comfyui_harness.tiny_native import build_native_models
     from qwen_identity.tiny_models import build_tiny_models
@@ -176,9 +168,19 @@ def test_pack_imports_without_failure(server):
     assert f"custom_nodes/{PACK_LINK}" in log  # listed under "Import times for custom nodes"
 
 
+def _readme_node_section(readme: str, name: str):
+    """The text under README's `### <name>` heading (up to the next heading), or None."""
+    m = re.search(rf"^###\s+`?{re.escape(name)}`?\b.*$", readme, flags=re.M)
+    if not m:
+        return None
+    nxt = re.search(r"^##", readme[m.end():], flags=re.M)
+    return readme[m.end(): m.end() + nxt.start() if nxt else len(readme)]
+
+
 def test_all_pack_nodes_in_object_info_with_documented_inputs(server):
     readme = (ROOT / "README.md").read_text()
     info = server.object_info
+    undocumented = []
     for name, cls in _pack_defs().items():
         assert name in info, f"{name} missing from /object_info"
         live, ours = info[name], node_def_from_class(cls)
@@ -189,11 +191,13 @@ def test_all_pack_nodes_in_object_info_with_documented_inputs(server):
         for sec in ("required", "optional"):
             for inp, spec in live["input"].get(sec, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
-        assert name in readme, f"README does not document {name}"
-        section = readme[readme.index(name):]
+        section = _readme_node_section(readme, name)
+        if section is None:
+            undocumented.append(f"{name}: no '### {name}' section in README")
+            continue
         for sec in ("required", "optional"):
-            for inp in live["input"].get(sec, {}):
-                assert f"`{inp}`" in section, f"README does not document {name}'s input `{inp}`"
+            undocumented += [f"{name}.{inp}" for inp in live["input"].get(sec, {}) if f"`{inp}`" not in section]
+    assert not undocumented, "README does not document: " + "; ".join(undocumented)
 
 
 def test_core_node_snapshot_matches_the_live_server(server):
@@ -241,20 +245,52 @@ def test_api_workflow_runs_and_writes_images(server, path):
             assert im.width >= 3 * SIZE and im.height >= 3 * SIZE
 
 
+def _comfy_cli(server, args: list, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    comfy = Path(sys.executable).with_name("comfy")
+    assert comfy.is_file(), "comfy-cli is not installed in this venv (scripts/setup_comfyui.sh installs it)"
+    return subprocess.run([str(comfy), "--skip-prompt", "--no-json", "--workspace", str(comfyui_dir()), "run",
+                           *args, "--host", "127.0.0.1", "--port", str(server.port)],
+                          capture_output=True, text=True, timeout=timeout, env=_server_env(cwd), cwd=cwd)
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_comfy_cli_converts_each_ui_file_to_its_api_twin(server, path, tmp_path):
+    out = _comfy_cli(server, ["--workflow", str(path), "--print-prompt"], tmp_path, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    printed = json.loads(out.stdout[out.stdout.index("{"):])
+    assert strip_meta(printed) == strip_meta(load_api_workflow(WF_DIR / "api" / f"{path.stem}_api.json"))
+
+
 def test_comfy_cli_runs_a_workflow_headless(server, tmp_path):
     wf = tiny_api(WF_DIR / "api" / "qwen_identity_native_ksampler_api.json")
     next(n for n in wf.values() if n["class_type"] == "KSampler")["inputs"]["seed"] = 4321  # not a cache hit
     f = tmp_path / "wf.json"
     f.write_text(json.dumps(wf))
-    comfy = Path(sys.executable).with_name("comfy")
-    assert comfy.is_file(), "comfy-cli is not installed in this venv (scripts/setup_comfyui.sh installs it)"
     before = set((server.base_dir / "output").rglob("*.png"))
-    out = subprocess.run([str(comfy), "--skip-prompt", "--no-json", "--workspace", str(comfyui_dir()), "run",
-                          "--workflow", str(f), "--wait", "--host", "127.0.0.1", "--port", str(server.port),
-                          "--timeout", "300"],
-                         capture_output=True, text=True, timeout=400, env=_server_env(tmp_path), cwd=tmp_path)
+    out = _comfy_cli(server, ["--workflow", str(f), "--wait", "--timeout", "300"], tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert set((server.base_dir / "output").rglob("*.png")) - before, out.stdout[-2000:]
+
+
+def test_readme_curl_command_queues_a_workflow(server, tmp_path):
+    """README's `curl -X POST .../prompt -d "{\"prompt\": $(cat FILE)}"`, then /history with curl."""
+    if shutil.which("curl") is None:
+        pytest.fail("curl is not installed")
+    wf = tiny_api(WF_DIR / "api" / "qwen_identity_native_ksampler_api.json")
+    next(n for n in wf.values() if n["class_type"] == "KSampler")["inputs"]["seed"] = 999  # not a cache hit
+    (tmp_path / "wf.json").write_text(json.dumps(wf))
+    cmd = (f"curl -s -X POST {server.url}/prompt -H 'Content-Type: application/json' "
+           "-d \"{\\\"prompt\\\": $(cat wf.json)}\"")
+    out = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    answer = json.loads(out.stdout)
+    assert answer.get("node_errors") == {} and answer.get("prompt_id"), out.stdout
+    from comfyui_harness.prompt_queue import wait_for
+
+    res = wait_for(server.url, answer["prompt_id"], time.time(), 300)
+    _assert_ok(res)
+    hist = subprocess.run(["curl", "-s", f"{server.url}/history/{answer['prompt_id']}"], capture_output=True,
+                          text=True, timeout=60)
+    assert json.loads(hist.stdout)[answer["prompt_id"]]["status"]["status_str"] == "success"
 
 
 # ---- UI workflows in the browser ------------------------------------------------------------------
@@ -318,7 +354,7 @@ def test_head_not_matching_the_model_names_both_sizes(server):
 def test_empty_models_folder_names_every_missing_file(tmp_path):
     """A fresh ComfyUI with nothing in models/: queuing a shipped workflow as is fails validation, and each
     loader's error names the file it wanted and where the pack looks."""
-    _skip_or_fail()
+    require_comfyui()
     from comfyui_harness.server import start_server
 
     (tmp_path / "input").mkdir()

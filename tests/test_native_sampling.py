@@ -10,7 +10,7 @@ import torch
 from qwen_identity.core.errors import ModelMismatchError, UserInputError
 from qwen_identity.nodes import native_sampling as ns
 
-from comfyui_harness.env import import_comfy_in_process, missing_comfy_deps, skip_reason
+from comfyui_harness.env import import_comfy_in_process, require_comfyui
 
 
 def _cond(batch: int, seq: int = 6, width: int = 3584, seed: int = 0, mask: bool = False):
@@ -64,17 +64,18 @@ def test_stochastic_samplers_are_recognised():
     assert not ns.is_stochastic_sampler("euler") and not ns.is_stochastic_sampler("dpmpp_2m")
 
 
+def test_auto_max_batch_falls_back_to_one_for_an_unknown_model():
+    class NotAModelPatcher:
+        pass
+
+    assert ns._auto_max_batch(NotAModelPatcher(), (1, 16, 1, 4, 4), cells=6) == 1
+
+
 # ---- against a real ComfyUI, in this process -------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def comfy_native():
-    reason = skip_reason()
-    if reason:
-        print(f"SKIP native sampling against ComfyUI: {reason}")
-        pytest.skip(reason)
-    missing = missing_comfy_deps()
-    if missing:
-        pytest.fail(missing)
+    require_comfyui()
     import_comfy_in_process()
     import comfy.sd
     import comfy.utils
@@ -128,6 +129,13 @@ def test_sample_native_errors_name_the_fix(comfy_native):
         ns.sample_native(model, vae, _cond(1), _cond(1), [1], 1, 1.0, 32, 32, sampler_name="nope")
     with pytest.raises(UserInputError, match="batch sizes"):
         ns.sample_native(model, vae, _cond(2), _cond(3), [1], 1, 1.0, 32, 32)
+
+
+def test_auto_max_batch_uses_comfyuis_memory_estimate(comfy_native):
+    model, _ = comfy_native
+    n = ns._auto_max_batch(model, (1, 16, 1, 4, 4), cells=5)
+    assert 1 <= n <= 5
+    assert ns._auto_max_batch(model, (1, 16, 1, 4, 4), cells=1) == 1
 
 
 def test_sample_native_honours_interrupt(comfy_native):

@@ -154,16 +154,16 @@ def _identity(b: _Builder, photos: list[str], y=0, weights=""):
         b.link(images, slot, batch, "image1")
         b.link(nxt, 0, batch, "image2")
         images, slot = batch, 0
-    vl = b.add("LoadQwen3VL", (320, y - 260), model=QWEN3VL)
-    feats = b.add("ExtractIdentityFeatures", (580, y + 20), size=(340, 200), weights=weights)
+    vl = b.add("LoadQwen3VL", (300, y - 340), size=(300, 220), model=QWEN3VL)
+    feats = b.add("ExtractIdentityFeatures", (620, y - 60), size=(330, 200), weights=weights)
     b.link(vl, 0, feats, "qwen3vl")
     b.link(images, slot, feats, "images")
-    head = b.add("LoadResidualHead", (580, y - 160), size=(340, 90), head_name=HEAD)
+    head = b.add("LoadResidualHead", (620, y - 340), size=(330, 100), head_name=HEAD)
     return feats, head
 
 
 def _native_loaders(b: _Builder, y=900):
-    unet = b.add("UNETLoader", (0, y), properties=_models_property(UNET), unet_name=UNET)
+    unet = b.add("UNETLoader", (0, y), size=(320, 90), properties=_models_property(UNET), unet_name=UNET)
     shift = b.add("ModelSamplingAuraFlow", (340, y), size=(260, 60), shift=SHIFT)
     b.link(unet, 0, shift, "model")
     clip = b.add("CLIPLoader", (0, y + 160), properties=_models_property(TEXT_ENCODER), clip_name=TEXT_ENCODER,
@@ -176,20 +176,32 @@ def _native_loaders(b: _Builder, y=900):
     return shift, vae, pos, neg
 
 
+def _inject(b: _Builder, pos, head, feats, **widgets):
+    inj = b.add("InjectResidual", (980, 300), size=(340, 200), **widgets)
+    b.link(pos, 0, inj, "conditioning")
+    b.link(head, 0, inj, "head")
+    b.link(feats, 0, inj, "identity")
+    return inj
+
+
+def _pack_sampler(b: _Builder, positive, negative, sources: dict, **widgets):
+    """QwenImageSampleFromEmbeds fed by `sources` ({"model": id, "vae": id} or {"pipeline": id})."""
+    samp = b.add("QwenImageSampleFromEmbeds", (1360, 300), size=(340, 330), steps=28, cfg=4.5, width=512,
+                 height=768, **widgets)
+    b.link(positive, 0, samp, "positive")
+    b.link(negative, 0, samp, "negative")
+    for name, src in sources.items():
+        b.link(src, 0, samp, name)
+    return samp
+
+
 def alpha_grid(defs):
     b = _Builder(defs)
     feats, head = _identity(b, PHOTOS[:2])
     model, vae, pos, neg = _native_loaders(b)
-    inj = b.add("InjectResidual", (980, 300), size=(340, 200), alphas=ALPHAS)
-    b.link(pos, 0, inj, "conditioning")
-    b.link(head, 0, inj, "head")
-    b.link(feats, 0, inj, "identity")
-    samp = b.add("QwenImageSampleFromEmbeds", (1360, 300), size=(340, 330), seeds=SEEDS, steps=28, cfg=4.5,
-                 width=512, height=768, sampler_name="euler", scheduler="simple")
-    b.link(inj, 0, samp, "positive")
-    b.link(neg, 0, samp, "negative")
-    b.link(model, 0, samp, "model")
-    b.link(vae, 0, samp, "vae")
+    inj = _inject(b, pos, head, feats, alphas=ALPHAS)
+    samp = _pack_sampler(b, inj, neg, {"model": model, "vae": vae}, seeds=SEEDS, sampler_name="euler",
+                         scheduler="simple")
     grid = b.add("AlphaGrid", (1740, 300), size=(300, 130))
     b.link(samp, 0, grid, "images")
     b.link(inj, 1, grid, "alphas")
@@ -206,10 +218,7 @@ def native_ksampler(defs):
     b = _Builder(defs)
     feats, head = _identity(b, PHOTOS[:1])
     model, vae, pos, neg = _native_loaders(b, y=700)
-    inj = b.add("InjectResidual", (980, 300), size=(340, 200), strength=1.0, start_at=0.0, end_at=0.6)
-    b.link(pos, 0, inj, "conditioning")
-    b.link(head, 0, inj, "head")
-    b.link(feats, 0, inj, "identity")
+    inj = _inject(b, pos, head, feats, strength=1.0, start_at=0.0, end_at=0.6)
     latent = b.add("EmptySD3LatentImage", (980, 600), size=(300, 110), width=512, height=768, batch_size=1)
     ks = b.add("KSampler", (1360, 300), size=(320, 270), seed=1234, steps=28, cfg=4.5, sampler_name="euler",
                scheduler="simple", denoise=1.0)
@@ -237,15 +246,8 @@ def diffusers_single(defs):
     neg = b.add("QwenImageTextEncodeDiffusers", (380, 870), size=(380, 110), title="Negative prompt", text=NEGATIVE)
     b.link(pipe, 0, pos, "pipeline")
     b.link(pipe, 0, neg, "pipeline")
-    inj = b.add("InjectResidual", (980, 300), size=(340, 200), strength=1.0, start_at=0.0, end_at=0.6)
-    b.link(pos, 0, inj, "conditioning")
-    b.link(head, 0, inj, "head")
-    b.link(feats, 0, inj, "identity")
-    samp = b.add("QwenImageSampleFromEmbeds", (1360, 300), size=(340, 330), seeds="1234", steps=28, cfg=4.5,
-                 width=512, height=768)
-    b.link(inj, 0, samp, "positive")
-    b.link(neg, 0, samp, "negative")
-    b.link(pipe, 0, samp, "pipeline")
+    inj = _inject(b, pos, head, feats, strength=1.0, start_at=0.0, end_at=0.6)
+    samp = _pack_sampler(b, inj, neg, {"pipeline": pipe}, seeds="1234")
     save = b.add("SaveImage", (1740, 300), size=(400, 560), filename_prefix="qwen_identity/diffusers")
     b.link(samp, 0, save, "images")
     b.note("## One image with a diffusers Qwen-Image pipeline\nThe pack loads the pipeline and encodes the "
@@ -257,19 +259,12 @@ def diffusers_single(defs):
 def multi_photo(defs):
     b = _Builder(defs)
     feats, head = _identity(b, PHOTOS, weights="1,1,0.5")
-    preview = b.add("PreviewImage", (580, 300), size=(340, 300), title="What Qwen3-VL sees")
+    preview = b.add("PreviewImage", (620, 300), size=(330, 300), title="What Qwen3-VL sees")
     b.link(feats, 1, preview, "images")
     model, vae, pos, neg = _native_loaders(b, y=1050)
-    inj = b.add("InjectResidual", (980, 300), size=(340, 200), strength=1.0, start_at=0.0, end_at=1.0)
-    b.link(pos, 0, inj, "conditioning")
-    b.link(head, 0, inj, "head")
-    b.link(feats, 0, inj, "identity")
-    samp = b.add("QwenImageSampleFromEmbeds", (1360, 300), size=(340, 330), seeds="1234,5678", steps=28, cfg=4.5,
-                 width=512, height=768, sampler_name="euler", scheduler="simple")
-    b.link(inj, 0, samp, "positive")
-    b.link(neg, 0, samp, "negative")
-    b.link(model, 0, samp, "model")
-    b.link(vae, 0, samp, "vae")
+    inj = _inject(b, pos, head, feats, strength=1.0, start_at=0.0, end_at=1.0)
+    samp = _pack_sampler(b, inj, neg, {"model": model, "vae": vae}, seeds="1234,5678", sampler_name="euler",
+                         scheduler="simple")
     save = b.add("SaveImage", (1740, 300), size=(420, 560), filename_prefix="qwen_identity/multi_photo")
     b.link(samp, 0, save, "images")
     b.note("## Several photos of one person\nThe photos are batched (ImageBatch resizes to the first one) and "

@@ -63,3 +63,17 @@ def chromium_path() -> Optional[str]:
             if found:
                 return found
     return None
+
+
+def require_comfyui():
+    """In a test/fixture: skip (printing why) without COMFYUI_DIR; fail when this Python lacks ComfyUI's
+    requirements (the suite was asked to run but cannot)."""
+    import pytest
+
+    reason = skip_reason()
+    if reason:
+        print(f"SKIP (needs a real ComfyUI): {reason}")
+        pytest.skip(reason)
+    missing = missing_comfy_deps()
+    if missing:
+        pytest.fail(missing)

@@ -34,11 +34,12 @@ def _jsonable(value):
 def node_def_from_class(cls) -> dict:
     """A V1 node class as /object_info describes it (INPUT_TYPES() is called)."""
     types = cls.INPUT_TYPES()
-    inputs = {sec: {name: list(spec) for name, spec in types.get(sec, {}).items()} for sec in ("required", "optional")}
+    inputs = {sec: {name: list(spec) for name, spec in types[sec].items()} for sec in ("required", "optional")
+              if sec in types}
     out = list(cls.RETURN_TYPES)
     return _jsonable({
         "input": inputs,
-        "input_order": {sec: list(v) for sec, v in inputs.items()},
+        "input_order": {sec: list(v) for sec, v in types.items()},  # as /object_info builds it
         "output": out,
         "output_name": list(getattr(cls, "RETURN_NAMES", None) or out),
         "output_is_list": list(getattr(cls, "OUTPUT_IS_LIST", None) or [False] * len(out)),
@@ -213,7 +214,18 @@ def to_ui(graph: Graph, defs: dict) -> dict:
         next_id += 1
     return {"id": graph.uid, "revision": 0, "last_node_id": next_id - 1, "last_link_id": len(links),
             "nodes": ui_nodes, "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}}, "version": 0.4}
+            "extra": {"ds": fit_view(ui_nodes)}, "version": 0.4}
+
+
+def fit_view(ui_nodes: list, view=(1400, 860), margin: int = 20) -> dict:
+    """Canvas scale/offset that shows the graph from its top-left corner, all of it when it fits."""
+    x0 = min(n["pos"][0] for n in ui_nodes)
+    y0 = min(n["pos"][1] for n in ui_nodes) - 30  # title bar
+    x1 = max(n["pos"][0] + n["size"][0] for n in ui_nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in ui_nodes)
+    scale = min(1.0, (view[0] - 2 * margin) / (x1 - x0), (view[1] - 2 * margin) / (y1 - y0))
+    scale = round(max(scale, 0.6), 3)  # below 0.6 the canvas drops widget text (low-quality rendering)
+    return {"scale": scale, "offset": [round(margin / scale - x0, 1), round(margin / scale - y0, 1)]}
 
 
 # ---- reading UI files back -------------------------------------------------------------------------
