@@ -17,6 +17,7 @@ See README "Measuring identity" for how to read the numbers and their limits.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -26,50 +27,54 @@ DEFAULT_ALPHAS = "0.5,1.0,1.5"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
     from ..core.face_similarity import DETECTORS, THRESHOLD
     from ..core.injection import DEFAULT_MODE, MODES
-    from ..core.sampling import (DEFAULT_CFG, DEFAULT_HEIGHT, DEFAULT_MAX_BATCH, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SEEDS,
-                                 DEFAULT_STEPS, DEFAULT_WIDTH)
-    from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN_IMAGE
+    from ..core.sampling import DEFAULT_MAX_BATCH, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SEEDS
+    from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
+    from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
+    from .train import _finite_float
 
     g = p.add_argument_group("data")
-    g.add_argument("--seed-dirs", default=None, help="comma-separated seed_* folders (globs allowed, e.g. '/data/seed_*')")
+    g.add_argument("--seed-dirs", default=None, help="comma-separated seed_* folders with photo_view_*.png (globs "
+                   "allowed) - required unless --seed-dirs-file is given")
     g.add_argument("--seed-dirs-file", default=None, help="a text file with one seed folder (or glob) per line")
     g.add_argument("--head", required=True, help="the head to evaluate (.safetensors from `qwen-identity train`)")
     g.add_argument("--out-dir", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     g = p.add_argument_group("models")
-    g.add_argument("--qwen3-vl-model", default=None, help="Qwen3-VL folder, models-folder name or hub id (default: the "
-                   "one recorded in the head, else Qwen/Qwen3-VL-2B-Instruct)")
+    g.add_argument("--qwen3-vl-model", default=None, help="Qwen3-VL folder, models-folder name or hub id (default: "
+                   f"the one recorded in the head, else {DEFAULT_QWEN3_VL})")
     g.add_argument("--qwen-image-model", default=DEFAULT_QWEN_IMAGE,
                    help=f"diffusers Qwen-Image folder, models-folder name or hub id (default: {DEFAULT_QWEN_IMAGE})")
     g = p.add_argument_group("sweep")
     g.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f"comma-separated α values; 0 is always added as the "
                    f"baseline (default: {DEFAULT_ALPHAS})")
     g.add_argument("--gen-seeds", default=DEFAULT_SEEDS, help=f"comma-separated generation seeds (default: {DEFAULT_SEEDS})")
-    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default: {DEFAULT_STEPS})")
-    g.add_argument("--cfg", "--guidance", dest="cfg", type=float, default=DEFAULT_CFG,
-                   help=f"true CFG scale (default: {DEFAULT_CFG}; <= 1 turns the negative prompt off)")
-    g.add_argument("--height", type=int, default=DEFAULT_HEIGHT, help=f"image height, multiple of 16 (default: {DEFAULT_HEIGHT})")
-    g.add_argument("--width", type=int, default=DEFAULT_WIDTH, help=f"image width, multiple of 16 (default: {DEFAULT_WIDTH})")
-    g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT, help=f'default: "{DEFAULT_BASE_PROMPT}"')
-    g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help=f'default: "{DEFAULT_NEGATIVE_PROMPT}"')
-    g.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=f"strength semantics of α (default: {DEFAULT_MODE}; "
-                   "see InjectResidual)")
+    g.add_argument("--steps", type=int, default=28, help="denoising steps (default: 28)")
+    g.add_argument("--guidance", type=_finite_float, default=4.5,
+                   help="true classifier-free guidance scale with the negative prompt (default: 4.5; <= 1: off)")
+    g.add_argument("--height", type=int, default=768, help="image height, a multiple of 16 (default: 768)")
+    g.add_argument("--width", type=int, default=512, help="image width, a multiple of 16 (default: 512)")
     g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"images per transformer batch (default: {DEFAULT_MAX_BATCH})")
+                   help=f"images denoised together (default: {DEFAULT_MAX_BATCH}); lower it on out-of-memory")
+    g.add_argument("--strength-mode", choices=MODES, default=DEFAULT_MODE,
+                   help=f"how α scales the residual (default: {DEFAULT_MODE}; see README)")
+    g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT,
+                   help=f'the prompt, also what the prompt proxy asks about (default: "{DEFAULT_BASE_PROMPT}")')
+    g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help=f'default: "{DEFAULT_NEGATIVE_PROMPT}"')
     g = p.add_argument_group("measures")
-    g.add_argument("--threshold", type=float, default=THRESHOLD, help=f"same-person face distance (default: {THRESHOLD})")
-    g.add_argument("--detector", choices=DETECTORS, default="hog", help="face detector (default: hog)")
+    g.add_argument("--threshold", type=_finite_float, default=THRESHOLD,
+                   help=f"same-person face distance (default: {THRESHOLD})")
+    g.add_argument("--detector", choices=DETECTORS, default="hog", help="face detector: hog or cnn (default: hog)")
     g.add_argument("--no-qwen3vl-cosine", action="store_true", help="skip the Qwen3-VL feature cosine")
     g.add_argument("--no-prompt-proxy", action="store_true", help="skip the Qwen3-VL prompt-adherence proxy")
     g.add_argument("--plot-backend", choices=("auto", "matplotlib", "pil"), default="auto",
                    help="auto = matplotlib when installed, else PIL (default: auto)")
     g = p.add_argument_group("system")
     g.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
-    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="default: auto (bf16 on GPU, fp32 on CPU)")
-    g.add_argument("--hf-token", default=None, help="hub token (default: $HUGGINGFACE_TOKEN or $HF_TOKEN)")
-    g.add_argument("--cache-dir", default=None, help="hub cache folder (default: $HF_HUB_CACHE)")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="model precision (default: auto = bf16 on GPUs that have it, fp32 on CPU)")
+    g.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HUGGINGFACE_TOKEN or $HF_TOKEN)")
+    g.add_argument("--cache-dir", default=None, help="Hugging Face cache (default: $HF_HUB_CACHE)")
 
 
 def _warn(message: str) -> None:
@@ -91,6 +96,8 @@ def _validate(args):
     check_size(args.width, args.height)
     if args.steps < 1:
         raise UserInputError(f"--steps must be at least 1, got {args.steps}.")
+    if not args.seed_dirs and not args.seed_dirs_file:
+        raise UserInputError("--seed-dirs is required: pass DIR[,DIR...] (globs allowed) or --seed-dirs-file.")
     if args.max_batch < 1:
         raise UserInputError(f"--max-batch must be at least 1, got {args.max_batch}.")
     if not 0 < args.threshold < 4:
@@ -111,7 +118,8 @@ def run(args) -> int:
 def _run(args) -> int:
     from ..core.atomic import atomic_write, atomic_write_json
     from ..core.evaluation import (PROMPT_PROXY_NAME, Scorers, cell_notes_for, evaluate_alpha_sweep,
-                                   plot_identity_vs_alpha, qwen3vl_embedder, qwen3vl_prompt_scorer, sampler_generate)
+                                   plot_identity_vs_alpha, qwen3vl_embedder, qwen3vl_prompt_scorer,
+                                   sample_alpha_images)
     from ..core.face_similarity import FaceEmbedder
     from ..core.features import extract_features, settings_from_meta
     from ..core.grid import make_grid
@@ -123,62 +131,82 @@ def _run(args) -> int:
     from ..core.seed_dirs import load_seed_dirs, parse_seed_dir_args
     from ..nodes.model_folders import model_dirs
     from ..training.pipeline import DEFAULT_QWEN3_VL
+    from .sweep import _release_memory
+
+    from ..core.errors import UserInputError
 
     alphas, seeds = _validate(args)
     seed_dirs = load_seed_dirs(parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file))
-    photos = {d.path: [load_image(p) for p in d.photos] for d in seed_dirs}   # fail fast, before models load
+    names = [d.name for d in seed_dirs]
+    if len(set(names)) != len(names):
+        raise UserInputError(f"two seed directories share a folder name ({', '.join(sorted(names))}); the outputs "
+                              "are named after it: rename one.")
+    photos = {d.name: [load_image(p) for p in d.photos] for d in seed_dirs}   # fail fast, before models load
     head = load_head(args.head)
     settings = settings_from_meta(head.meta.feature_settings or {})
     face = FaceEmbedder(detector=args.detector)
     out = Path(args.out_dir)
+    hf_token = args.hf_token or os.environ.get("HUGGINGFACE_TOKEN") or os.environ.get("HF_TOKEN")
+    cache_dir = args.cache_dir or os.environ.get("HF_HUB_CACHE")
 
+    # 1. Qwen3-VL: identity features of every identity; then it waits on the CPU while Qwen-Image runs
     vl_source = args.qwen3_vl_model or head.meta.qwen3_vl_model or DEFAULT_QWEN3_VL
-    vl_dirs, qi_dirs = model_dirs("qwen3_vl"), model_dirs("diffusers")
+    vl_dirs = model_dirs("qwen3_vl")
     vl = load_qwen3vl(vl_source, search_dirs=vl_dirs, download_dir=vl_dirs[0] if vl_dirs else None,
-                      token=args.hf_token, cache_dir=args.cache_dir, device=args.device, dtype=args.dtype)
-    qi = load_qwen_image_pipeline(args.qwen_image_model, device=args.device, dtype=args.dtype, search_dirs=qi_dirs,
-                                  token=args.hf_token, cache_dir=args.cache_dir)
-    positive = encode_text(qi, args.base_prompt)
-    negative = encode_text(qi, args.negative_prompt) if args.cfg > 1 else None
-    scorers = Scorers(face=face, threshold=args.threshold,
-                      image_features=None if args.no_qwen3vl_cosine else qwen3vl_embedder(vl, settings),
-                      prompt=None if args.no_prompt_proxy else qwen3vl_prompt_scorer(vl))
-    print(f"Qwen3-VL {vl.model_id} and Qwen-Image {qi.model_id} on {qi.device}; {len(seed_dirs)} identities, "
-          f"α {alphas} (0 = baseline), seeds {seeds}; measures: {', '.join(scorers.names())}",
-          file=sys.stderr)
+                      token=hf_token, cache_dir=cache_dir, device=args.device, dtype=args.dtype)
+    features = {name: extract_features(vl, photos[name], settings) for name in names}
+    vl.model.to("cpu")
+    _release_memory()
 
-    baseline_cache: dict = {}
-    results, curves, warnings_all = {}, {}, []
-    steps_per_identity = len(alphas) + 1
-    grand = steps_per_identity * len(seed_dirs)
-    used_names: set[str] = set()
-    with tqdm_progress("eval", unit="step") as bar:
-        for i, d in enumerate(seed_dirs):
-            name = d.name if d.name not in used_names else f"{d.name}_{i}"
-            used_names.add(name)
-            features = extract_features(vl, photos[d.path], settings, extra_meta={"seed_dir": str(d.path)})
-            generate, warnings = sampler_generate(qi, head, features, positive, negative, args.steps, args.cfg,
-                                                  args.width, args.height, args.max_batch, args.mode, baseline_cache)
+    # 2. Qwen-Image: every α × seed image of every identity; the α = 0 baseline once for all
+    qi = load_qwen_image_pipeline(args.qwen_image_model, device=args.device, dtype=args.dtype,
+                                  search_dirs=model_dirs("diffusers"), token=hf_token, cache_dir=cache_dir)
+    positive = encode_text(qi, args.base_prompt)
+    negative = encode_text(qi, args.negative_prompt) if args.guidance > 1 else None
+    print(f"Qwen3-VL {vl.model_id} and Qwen-Image {qi.model_id} on {qi.device}; {len(names)} identities, "
+          f"α {alphas} (0 = baseline), seeds {seeds}", file=sys.stderr)
+    generated, warnings_all, baseline = {}, [], None
+    with tqdm_progress("generate", unit="step") as bar:
+        for name in names:
+            generated[name], warnings = sample_alpha_images(
+                qi, head, features[name], positive, negative, alphas, seeds, args.steps, args.guidance, args.width,
+                args.height, args.max_batch, args.strength_mode, baseline=baseline, progress=bar)
+            baseline = generated[name][0.0]
             for w in warnings:
                 _warn(f"{name}: {w}")
                 warnings_all.append(f"{name}: {w}")
-            ev = evaluate_alpha_sweep(generate, alphas, seeds, photos[d.path], args.base_prompt, scorers,
-                                      progress=offset_progress(bar, i * steps_per_identity, grand))
+    qi_id, qi_device = qi.model_id, str(qi.device)
+    del qi, positive, negative
+    _release_memory()
+
+    # 3. scores: faces on the CPU, Qwen3-VL measures back on its device
+    vl.model.to(vl.device)
+    scorers = Scorers(face=face, threshold=args.threshold,
+                      image_features=None if args.no_qwen3vl_cosine else qwen3vl_embedder(vl, settings),
+                      prompt=None if args.no_prompt_proxy else qwen3vl_prompt_scorer(vl))
+    results, curves = {}, {}
+    steps_per_identity = len(alphas) + 1
+    with tqdm_progress("score", unit="step") as bar:
+        for i, name in enumerate(names):
+            ev = evaluate_alpha_sweep(lambda a, s, n=name: generated[n][a], alphas, seeds, photos[name],
+                                      args.base_prompt, scorers,
+                                      progress=offset_progress(bar, i * steps_per_identity, steps_per_identity * len(names)))
             if ev.references["with_face"] == 0:
-                _warn(f"{name}: no face found in any of its {len(photos[d.path])} photos; face distances are null.")
+                _warn(f"{name}: no face found in any of its {len(photos[name])} photos; face distances are null.")
             grid = make_grid([im for a in ev.alphas for im in ev.images[a]], ev.alphas, seeds,
                              cell_notes=cell_notes_for(ev), extra_meta={"identity": name})
             grid_path = out / f"{_safe_name(name)}_eval_grid.png"
             atomic_write(grid_path, lambda tmp, g=grid: g.image.save(tmp, format="PNG"))
-            results[name] = {"seed_dir": str(d.path), "grid": str(grid_path), **ev.to_json()}
+            seed_dir = next(d for d in seed_dirs if d.name == name)
+            results[name] = {"seed_dir": str(seed_dir.path), "grid": str(grid_path), **ev.to_json()}
             curves[name] = ev
     plot_path = plot_identity_vs_alpha(curves, out / "identity_vs_alpha.png", backend=args.plot_backend)
     report = {
-        "head": str(args.head), "qwen3_vl_model": vl.model_id, "qwen_image_model": qi.model_id,
+        "head": str(args.head), "qwen3_vl_model": vl.model_id, "qwen_image_model": qi_id, "device": qi_device,
         "feature_settings": settings.to_meta(), "base_prompt": args.base_prompt,
-        "negative_prompt": args.negative_prompt if negative is not None else None,
-        "alphas": alphas, "seeds": seeds, "steps": args.steps, "cfg": args.cfg, "width": args.width,
-        "height": args.height, "mode": args.mode,
+        "negative_prompt": args.negative_prompt if args.guidance > 1 else None,
+        "alphas": alphas, "seeds": seeds, "steps": args.steps, "guidance": args.guidance, "width": args.width,
+        "height": args.height, "strength_mode": args.strength_mode,
         "measures": {
             "face": {"model": "dlib_face_recognition_resnet_model_v1", "detector": args.detector,
                      "threshold": args.threshold, "distance": "Euclidean, mean over the reference faces"},

@@ -118,6 +118,8 @@ def qwen3vl_prompt_scores(bundle, images: Sequence[Image.Image], prompt: str,
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": question.format(prompt=prompt.strip())}]}]
     prefix = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if prefix.rstrip().endswith("<think>"):  # Thinking variants: answer right away, with an empty thought
+        prefix = prefix.rstrip() + "\n\n</think>\n\n"
     seen = prepare_images(images, FeatureSettings(resolution="pixel_budget", max_pixels=max_pixels),
                           bundle.patch_multiple)
     scores = []
@@ -131,34 +133,38 @@ def qwen3vl_prompt_scorer(bundle) -> PromptScorer:
     return lambda images, prompt: qwen3vl_prompt_scores(bundle, images, prompt)
 
 
-# --- a generator over the diffusers sampler ------------------------------------------------------
-def sampler_generate(pipeline_bundle, head, identity, positive: list, negative: list | None, steps: int,
-                     cfg: float, width: int, height: int, max_batch: int = 4, mode: str = "absolute",
-                     baseline_cache: dict | None = None,
-                     progress: Progress | None = None) -> tuple[Generate, list[str]]:
-    """(`generate(alpha, seeds)`, warnings) over `core.sampling.sample`: the head's residual for `identity`
-    injected into `positive` (CONDITIONING) at α, exactly as InjectResidual does (head/feature/width checks
-    run once here; a mismatch raises). α = 0 is the plain prompt; with `baseline_cache` (a dict shared by
-    several identities) it is sampled once per seed list, since it does not depend on the identity."""
+# --- images over the diffusers sampler -----------------------------------------------------------
+def sample_alpha_images(pipeline_bundle, head, identity, positive: list, negative: list | None,
+                        alphas: Sequence[float], seeds: Sequence[int], steps: int, cfg: float, width: int,
+                        height: int, max_batch: int = 4, mode: str = "absolute",
+                        baseline: list[Image.Image] | None = None,
+                        progress: Progress | None = None) -> tuple[dict[float, list[Image.Image]], list[str]]:
+    """({α: one image per seed}, warnings) from `core.sampling.sample`, the head's residual for `identity`
+    injected into `positive` exactly as InjectResidual does (head/feature/width checks; a mismatch raises).
+
+    All α are sampled in one batched call (α-major; at α = 0 the prompt is left as it is). With `baseline`
+    (one image per seed) α = 0 is taken from it instead: it does not depend on the identity, so several
+    identities can share one baseline.
+    """
     from .images import comfy_to_pil
     from .injection import inject_identity
     from .sampling import sample
 
-    _, warnings = inject_identity(positive, head, identity, [1.0], mode=mode)
-
-    def generate(alpha: float, seeds: Sequence[int]) -> list[Image.Image]:
-        key = tuple(int(s) for s in seeds)
-        if alpha == BASELINE_ALPHA and baseline_cache is not None and key in baseline_cache:
-            return list(baseline_cache[key])
-        cond = positive if alpha == BASELINE_ALPHA else inject_identity(positive, head, identity, [alpha], mode=mode)[0]
-        result = sample(pipeline_bundle, cond, negative, seeds=list(key), steps=steps, cfg=cfg, width=width,
+    alphas, seeds = parse_alphas(alphas), [int(s) for s in seeds]
+    out: dict[float, list[Image.Image]] = {}
+    if baseline is not None:
+        if len(baseline) != len(seeds):
+            raise UserInputError(f"the shared baseline has {len(baseline)} images for {len(seeds)} seeds.")
+        out[BASELINE_ALPHA] = list(baseline)
+    todo = [a for a in alphas if a not in out]
+    cond, warnings = inject_identity(positive, head, identity, todo or [1.0], mode=mode)  # α = 0: the plain prompt
+    if todo:
+        result = sample(pipeline_bundle, cond, negative, seeds=seeds, steps=steps, cfg=cfg, width=width,
                         height=height, max_batch=max_batch, progress=progress)
         images = comfy_to_pil(result.images)
-        if alpha == BASELINE_ALPHA and baseline_cache is not None:
-            baseline_cache[key] = images
-        return images
-
-    return generate, warnings
+        for i, a in enumerate(todo):
+            out[a] = images[i * len(seeds):(i + 1) * len(seeds)]
+    return out, warnings
 
 
 # --- the sweep ---------------------------------------------------------------------------------

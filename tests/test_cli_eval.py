@@ -46,9 +46,9 @@ def test_eval_end_to_end(setup, monkeypatch, capsys):
     calls = []
     real_sample = sampling.sample
 
-    def counting(*a, **kw):
-        calls.append(kw.get("seeds"))
-        return real_sample(*a, **kw)
+    def counting(bundle, positive, *a, **kw):
+        calls.append((kw.get("seeds"), positive[0][0].shape[0]))
+        return real_sample(bundle, positive, *a, **kw)
 
     monkeypatch.setattr(sampling, "sample", counting)
     out = setup["root"] / "out"
@@ -56,8 +56,8 @@ def test_eval_end_to_end(setup, monkeypatch, capsys):
                *setup["models"], "--alphas", "1.5", "--gen-seeds", "7,8", "--out-dir", str(out), *SIZE])
     stdout = capsys.readouterr().out
     assert rc == 0, stdout
-    # the α = 0 baseline is sampled once for both identities; α = 1.5 once per identity
-    assert calls == [[7, 8], [7, 8], [7, 8]]
+    # one batched call per identity; the α = 0 baseline is sampled once (with the first) and shared
+    assert calls == [([7, 8], 2), ([7, 8], 1)]
     report = json.loads((out / "eval.json").read_text())
     assert set(report["identities"]) == {setup["dirs"][0].name, "seed_astronaut"}
     assert report["alphas"] == [0.0, 1.5] and report["seeds"] == [7, 8]
@@ -85,7 +85,7 @@ def test_eval_end_to_end(setup, monkeypatch, capsys):
 def test_eval_without_optional_measures(setup, capsys):
     out = setup["root"] / "out2"
     rc = main(["eval", "--seed-dirs", str(setup["dirs"][1]), "--head", str(setup["head"]), *setup["models"],
-               "--alphas", "1", "--gen-seeds", "3", "--no-qwen3vl-cosine", "--no-prompt-proxy", "--cfg", "1",
+               "--alphas", "1", "--gen-seeds", "3", "--no-qwen3vl-cosine", "--no-prompt-proxy", "--guidance", "1",
                "--plot-backend", "pil", "--out-dir", str(out), *SIZE])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "eval.json").read_text())

@@ -193,3 +193,44 @@ def test_plot_panels_follow_the_measures(two_identities, tmp_path):
         ev.plot_identity_vs_alpha({}, tmp_path / "x.png")
     with pytest.raises(UserInputError, match="backend"):
         ev.plot_identity_vs_alpha(curves, tmp_path / "x.png", backend="svg")
+
+
+def test_sample_alpha_images_batches_alphas_and_shares_the_baseline(tiny_qwenimage_dir, tiny_qwen3vl_dir):
+    from qwen_identity.core import sampling
+    from qwen_identity.core.head import HeadMeta, ResidualHead
+    from qwen_identity.core.images import comfy_to_pil
+
+    bundle = sampling.load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", dtype="fp32")
+    pos = sampling.encode_text(bundle, "a portrait photo of a person")
+    neg = sampling.encode_text(bundle, "blurry")
+    h = pos[0][0].shape[-1]
+    torch.manual_seed(0)
+    head = ResidualHead(8, 2, h, meta=HeadMeta(feature_dim=8, tokens=2, hidden_size=h))
+    with torch.no_grad():
+        head.proj.weight.normal_(0, 2.0)
+    from qwen_identity.core.features import IdentityFeatures
+
+    v = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    identity = IdentityFeatures(per_image=v[None], combined=v, weights=None, meta={"feature_dim": 8})
+    kw = dict(steps=2, cfg=4.5, width=32, height=32)
+    images, warnings = ev.sample_alpha_images(bundle, head, identity, pos, neg, [1.5], [5, 6], **kw)
+    assert sorted(images) == [0.0, 1.5] and all(len(v) == 2 for v in images.values()) and warnings == []
+    alone = comfy_to_pil(sampling.sample(bundle, pos, neg, seeds=[5, 6], **kw).images)
+    assert [np.asarray(a).tobytes() for a in alone] == [np.asarray(b).tobytes() for b in images[0.0]]
+    assert np.asarray(images[1.5][0]).tobytes() != np.asarray(images[0.0][0]).tobytes()
+    shared, _ = ev.sample_alpha_images(bundle, head, identity, pos, neg, [1.5], [5, 6], baseline=alone, **kw)
+    assert shared[0.0] == alone
+    assert [np.asarray(a).tobytes() for a in shared[1.5]] == [np.asarray(b).tobytes() for b in images[1.5]]
+    with pytest.raises(UserInputError, match="baseline has 1 images for 2 seeds"):
+        ev.sample_alpha_images(bundle, head, identity, pos, neg, [1.5], [5, 6], baseline=alone[:1], **kw)
+
+
+def test_prompt_proxy_closes_a_thinking_prefix(bundle, monkeypatch):
+    seen = []
+    real = ev._answer_logprob
+    monkeypatch.setattr(ev, "_answer_logprob", lambda m, p, prefix, a, im: seen.append(prefix) or real(m, p, prefix, a, im))
+    template = bundle.processor.apply_chat_template
+    monkeypatch.setattr(bundle.processor, "apply_chat_template", lambda *a, **kw: template(*a, **kw) + "<think>\n")
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    (p,) = ev.qwen3vl_prompt_scores(bundle, [image], "a cat", max_pixels=64 * 64)
+    assert 0 < p < 1 and len(seen) == 2 and all(s.endswith("<think>\n\n</think>\n\n") for s in seen)
