@@ -66,10 +66,14 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        if e.errno in _PATH_ERRNOS:  # a path argument the OS cannot use (too long, a loop, a file as a folder)
+            print(f"qwen-identity {args.command}: error: cannot use the path{where}: {e.strerror or e}. "
+                  "Check the path arguments.", file=sys.stderr)
+            return 2
         if e.errno not in _WRITE_ERRNOS:
             return _internal_error(args, e)
         # a full disk or a read-only / forbidden folder is the user's to fix, not a bug
-        where = f" ({e.filename})" if e.filename else ""
         print(f"qwen-identity {args.command}: error: cannot write{where}: {e.strerror or e}. Files finished "
               "before are complete (every output is written atomically); free space or choose another output "
               "folder, then rerun.", file=sys.stderr)
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR}
 
 
 def _internal_error(args, e: Exception) -> int:

@@ -265,3 +265,17 @@ def test_demo_refuses_an_absurd_identity_count_before_writing(workspace, no_mode
                                    "99999999999", "--out-dir", "o"], capsys)
     assert code == 2 and "--identities must be between 1 and 100" in err
     assert not (tmp_path / "o" / "data").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--seed-dirs", "x" * 300],
+    ["sweep", "--seed-dirs", "data/seed_*", "--out-dir", "x" * 300, "--head", "head.safetensors"],
+    ["demo", "--out-dir", "x" * 300],
+    ["extract", "--seed-dirs", "data/seed_*", "--qwen3-vl-model", "m", "--out", "a_file/f.safetensors"],
+])
+def test_paths_the_os_refuses_are_user_errors(argv, workspace, no_models, capsys, monkeypatch):
+    """Found by a deep fuzz run (400 argv per subcommand): a 300-character path was an 'internal error'."""
+    monkeypatch.chdir(workspace)
+    code, out, err = run_in_process(argv, capsys)
+    _check_outcome(argv, code, out, err)
+    assert code == 2, err
