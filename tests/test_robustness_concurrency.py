@@ -154,3 +154,14 @@ def test_two_real_extract_runs_racing_for_one_output(tiny_qwen3vl_dir, inputs, t
     items = load_feature_cache(out)            # one complete, readable file
     assert len(items) == 2
     assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("name", ["extract", "eval", "train"])
+def test_bad_input_is_refused_before_the_out_dir_is_made(name, inputs, tmp_path, capsys, monkeypatch):
+    """The lock is taken after the inputs are checked: a run refused for bad input leaves no empty folder."""
+    block_model_loading(monkeypatch)
+    (tmp_path / "data" / "seed_nophotos").mkdir(parents=True)
+    out = tmp_path / "never"
+    argv = [a.format(data=tmp_path / "data", out=out, head=inputs / "head.safetensors") for a in WRITERS[name]]
+    assert cli.main(argv) == 2 and "has no photo_view_*.png files" in capsys.readouterr().err
+    assert not out.exists()
