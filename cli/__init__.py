@@ -8,6 +8,7 @@ unless QWEN_IDENTITY_DEBUG=1.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -46,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:  # importing the subcommands (torch, transformers, diffusers) takes seconds: Ctrl-C there is no bug
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("qwen-identity: interrupted while starting; nothing was written.", file=sys.stderr)
+        return 130
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -60,12 +65,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen-identity {args.command}: interrupted; finished outputs are kept, nothing half-written.",
               file=sys.stderr)
         return 130
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        if e.errno in _PATH_ERRNOS:  # a path argument the OS cannot use (too long, a loop, a file as a folder)
+            print(f"qwen-identity {args.command}: error: cannot use the path{where}: {e.strerror or e}. "
+                  "Check the path arguments.", file=sys.stderr)
+            return 2
+        if e.errno not in _WRITE_ERRNOS:
+            return _internal_error(args, e)
+        # a full disk or a read-only / forbidden folder is the user's to fix, not a bug
+        print(f"qwen-identity {args.command}: error: cannot write{where}: {e.strerror or e}. Files finished "
+              "before are complete (every output is written atomically); free space or choose another output "
+              "folder, then rerun.", file=sys.stderr)
+        return 2
     except Exception as e:  # a bug, not bad input: say so briefly
-        if os.environ.get("QWEN_IDENTITY_DEBUG"):
-            raise
-        print(f"qwen-identity {args.command}: internal error: {type(e).__name__}: {e}\n"
-              "This is a bug; rerun with QWEN_IDENTITY_DEBUG=1 for the traceback and report it.", file=sys.stderr)
-        return 1
+        return _internal_error(args, e)
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR}
+
+
+def _internal_error(args, e: Exception) -> int:
+    if os.environ.get("QWEN_IDENTITY_DEBUG"):
+        raise e
+    print(f"qwen-identity {args.command}: internal error: {type(e).__name__}: {e}\n"
+          "This is a bug; rerun with QWEN_IDENTITY_DEBUG=1 for the traceback and report it.", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

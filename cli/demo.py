@@ -21,6 +21,9 @@ CAPTIONS = ["a woman with short red hair and green eyes", "a bearded man with gl
             "an old man with white hair, smiling", "a young woman with long black hair and a hat"]
 
 
+MAX_IDENTITIES = 100
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .sweep import DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT
 
@@ -28,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qwen3-vl-model", default=None, help="Qwen3-VL folder or hub id (default: tiny offline stand-in)")
     p.add_argument("--qwen-image-model", default=None,
                    help="diffusers Qwen-Image folder or hub id (default: tiny offline stand-in)")
-    p.add_argument("--identities", type=int, default=3, help="synthetic identities to make (default: 3)")
+    p.add_argument("--identities", type=int, default=3, help="synthetic identities to make, 1..100 (default: 3)")
     p.add_argument("--seed-dirs", default=None, help="your own seed_* folders instead of synthetic identities")
     p.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT, help=f'default: "{DEFAULT_BASE_PROMPT}"')
     p.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f'default: "{DEFAULT_ALPHAS}"')
@@ -41,16 +44,23 @@ def run(args) -> int:
     from ..core.injection import parse_alphas
     from ..core.out_dir_lock import OutDirLock
     from ..core.sampling import parse_seeds
-    from ..core.seed_dirs import parse_seed_dir_args
-    from .sweep import SweepConfig, run_sweep, train_first
 
     if (args.qwen3_vl_model is None) != (args.qwen_image_model is None):
         raise UserInputError("give both --qwen3-vl-model and --qwen-image-model (real models), or neither (tiny "
                              "stand-ins): a real model cannot be mixed with a stand-in.")
-    if args.identities < 1:
-        raise UserInputError("--identities must be at least 1")
+    if not 1 <= args.identities <= MAX_IDENTITIES:  # each one is written to disk before any model loads
+        raise UserInputError(f"--identities must be between 1 and {MAX_IDENTITIES}, got {args.identities}.")
     alphas, seeds = parse_alphas(args.alphas), parse_seeds(args.gen_seeds)
     out = Path(args.out_dir)
+    with OutDirLock(out, allow_nested=True):  # the whole demo (models, data, training, sweep) is one writer
+        return _demo(args, out, alphas, seeds)
+
+
+def _demo(args, out: Path, alphas, seeds) -> int:
+    from ..core.out_dir_lock import OutDirLock
+    from ..core.seed_dirs import parse_seed_dir_args
+    from .sweep import SweepConfig, run_sweep, train_first
+
     t0 = time.time()
     ran: list[str] = []
     stand_in = args.qwen3_vl_model is None

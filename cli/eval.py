@@ -92,6 +92,14 @@ def _validate(args):
 
 
 def run(args) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as stack:  # holds the out-dir lock that _run takes once the inputs are checked
+        return _run(args, stack)
+
+
+def _run(args, stack) -> int:
+    from ..core.out_dir_lock import OutDirLock
     from ..core.atomic import atomic_write, atomic_write_json
     from ..core.evaluation import (PROMPT_PROXY_NAME, Scorers, cell_notes_for, evaluate_alpha_sweep,
                                    plot_identity_vs_alpha, qwen3vl_embedder, qwen3vl_prompt_scorer,
@@ -120,8 +128,9 @@ def run(args) -> int:
     photos = {d.name: [load_image(p) for p in d.photos] for d in seed_dirs}   # fail fast, before models load
     head = load_head(args.head)
     settings = settings_from_meta(head.meta.feature_settings or {})
-    face = FaceEmbedder(detector=args.detector)
     out = Path(args.out_dir)
+    stack.enter_context(OutDirLock(out))  # one writer per output folder (as train, sweep and extract)
+    face = FaceEmbedder(detector=args.detector)
     hf_token = args.hf_token or os.environ.get("HUGGINGFACE_TOKEN") or os.environ.get("HF_TOKEN")
     cache_dir = args.cache_dir or os.environ.get("HF_HUB_CACHE")
 

@@ -62,7 +62,15 @@ def readable_photos(seed_dir) -> tuple[list[Path], list[Path]]:
 
 
 def run(args) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as stack:  # holds the out-dir lock that _run takes once the inputs are checked
+        return _run(args, stack)
+
+
+def _run(args, stack) -> int:
     from ..core.errors import UserInputError
+    from ..core.out_dir_lock import OutDirLock
     from ..core.features import FeatureSettings, extract_features, feature_cache_key, save_feature_cache
     from ..core.images import load_image
     from ..core.progress import offset_progress, tqdm_progress
@@ -80,6 +88,7 @@ def run(args) -> int:
     seed_dirs = load_seed_dirs(parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file))
     keys = [feature_cache_key(d.path) for d in seed_dirs]
     plan = [(d, *readable_photos(d)) for d in seed_dirs]  # fail fast, before the model loads
+    stack.enter_context(OutDirLock(out.parent))  # one writer per output folder (as train, sweep and eval)
 
     search = model_dirs("qwen3_vl")
     bundle = load_qwen3vl(args.qwen3_vl_model, search_dirs=search, download_dir=search[0] if search else None,

@@ -269,9 +269,9 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     t0 = time.perf_counter()
-    if args.train:
-        train_first(cfg, args.epochs, args.batch_size, args.lr, args.target, args.tokens, args.overwrite)
-    with OutDirLock(cfg.out_dir):
+    with OutDirLock(cfg.out_dir, allow_nested=True):  # training and sampling are one writer: nobody slips in between
+        if args.train:
+            train_first(cfg, args.epochs, args.batch_size, args.lr, args.target, args.tokens, args.overwrite)
         written = run_sweep(cfg)
     print(f"done in {time.perf_counter() - t0:.1f}s: {len(written)} grid(s) in {cfg.out_dir / 'generations'}")
     return 0

@@ -61,6 +61,12 @@ def load_text_encoder(pipeline_dir: str | os.PathLike, device: torch.device | st
     except (KeyError, TypeError, AttributeError, IndexError):
         raise UserInputError(f"{root} is not a Qwen-Image diffusers folder: model_index.json names no usable "
                              "text_encoder/tokenizer (expected Qwen2_5_VLForConditionalGeneration / Qwen2Tokenizer).") from None
-    text_encoder = te_cls.from_pretrained(root / "text_encoder", dtype=dtype).to(device).eval()
-    tokenizer = tok_cls.from_pretrained(root / "tokenizer")
+    try:
+        text_encoder = te_cls.from_pretrained(root / "text_encoder", dtype=dtype,
+                                              use_safetensors=True).to(device).eval()  # no pickles
+        tokenizer = tok_cls.from_pretrained(root / "tokenizer")
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserInputError(f"cannot load the Qwen-Image text encoder from {root} ({type(e).__name__}: {first[:300]}); "
+                             "the folder is incomplete or damaged (its weights must be safetensors).") from None
     return text_encoder, tokenizer

@@ -199,6 +199,11 @@ def load_qwen3vl(source: str, *, search_dirs: Iterable[str | os.PathLike] = (), 
     if attn_implementation == "flash_attention_2" and not flash_attention_available():
         raise UserInputError("attention 'flash_attention_2' needs the flash-attn package, which is not installed: "
                              "use 'sdpa' (the default) or install flash-attn.")
+    if trust_remote_code:  # only ever on when the caller asks for it, for this one model
+        import warnings
+
+        warnings.warn(f"trust_remote_code=True for {folder}: Python code shipped inside that folder will run. "
+                      "Turn it on only for a model you trust.", stacklevel=2)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     cls = _model_class(model_type)

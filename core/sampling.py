@@ -130,7 +130,7 @@ def load_qwen_image_pipeline(source: str, device: str | torch.device = "auto", d
     from diffusers import QwenImagePipeline
 
     try:
-        pipe = QwenImagePipeline.from_pretrained(str(folder), dtype=dt)
+        pipe = QwenImagePipeline.from_pretrained(str(folder), dtype=dt, use_safetensors=True)  # no pickles
     except (OSError, ValueError, KeyError) as e:
         raise UserInputError(f"cannot load the Qwen-Image pipeline from {folder} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); the folder is incomplete or damaged.") from None
@@ -305,8 +305,11 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
     channels = transformer.config.in_channels // 4
     img_shape = (1, height // vsf // 2, width // vsf // 2)
     image_seq_len = (lat_h // 2) * (lat_w // 2)
-    sigmas = np.linspace(1.0, 1 / steps, steps)
     sched_cfg = pipe.scheduler.config
+    if steps == 1 and sched_cfg.get("shift_terminal"):  # diffusers' terminal stretch divides 0 by 0 at one step
+        raise UserInputError("steps=1 does not work with Qwen-Image's scheduler (its shift_terminal stretch is "
+                             "undefined for a single step and every image would be NaN): use at least 2 steps.")
+    sigmas = np.linspace(1.0, 1 / steps, steps)
     mu = calculate_shift(image_seq_len, sched_cfg.get("base_image_seq_len", 256), sched_cfg.get("max_image_seq_len", 4096),
                          sched_cfg.get("base_shift", 0.5), sched_cfg.get("max_shift", 1.15))
 

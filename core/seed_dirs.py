@@ -50,8 +50,12 @@ def parse_seed_dir_args(seed_dirs: str | None = None, seed_dirs_file: str | None
         f = Path(seed_dirs_file)
         if not f.is_file():
             raise UserInputError(f"--seed-dirs-file {f} does not exist or is not a file.")
-        raw += [ln.strip() for ln in f.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and not ln.strip().startswith("#")]
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserInputError(f"cannot read --seed-dirs-file {f} ({e}): it must be a UTF-8 text file with one "
+                                 "folder per line.") from None
+        raw += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     paths: list[Path] = []
     for item in raw:
         if any(ch in item for ch in "*?["):

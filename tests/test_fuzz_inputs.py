@@ -21,6 +21,7 @@ from qwen_identity.core.errors import UserInputError
 from qwen_identity.core.head import HeadMeta, ResidualHead, load_head, save_head
 from qwen_identity.core.images import load_image
 from qwen_identity.core.seed_dirs import parse_seed_dir_args
+from robustness_helpers import check_photo_decodes_or_fails_clearly
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -55,16 +56,7 @@ def test_any_png_or_truncation_decodes_or_fails_clearly(tmp_path, mode, w, h, se
     data = _png_bytes(mode, w, h, seed)
     if cut is not None:
         data = data[: min(cut, len(data) - 1)]
-    path = tmp_path / "photo_view_0.png"
-    path.write_bytes(data)
-    before = _digest(path)
-    try:
-        im = load_image(path)
-    except UserInputError as e:
-        assert str(path) in str(e)
-    else:
-        assert im.mode == "RGB" and im.size == (w, h)
-    assert _digest(path) == before
+    check_photo_decodes_or_fails_clearly(tmp_path / "photo_view_0.png", data, (w, h))
 
 
 @FUZZ
