@@ -76,8 +76,16 @@ def parse_float_list(text: str | Iterable[float], what: str = "alphas") -> list[
     return values
 
 
+MAX_ABS_ALPHA = 100.0  # far past any useful strength; larger values overflow fp16/bf16 embeddings into NaN images
+
+
 def parse_alphas(text: str | Iterable[float]) -> list[float]:
-    return parse_float_list(text, "alphas")
+    values = parse_float_list(text, "alphas")
+    for v in values:
+        if abs(v) > MAX_ABS_ALPHA:
+            raise UserInputError(f"alphas value {v:g} is outside -{MAX_ABS_ALPHA:g}..{MAX_ABS_ALPHA:g}: useful strengths "
+                                 "are around 0..3; values this large only turn the prompt into noise (or NaN).")
+    return values
 
 
 def compute_residual(head, identity) -> torch.Tensor:

@@ -183,3 +183,14 @@ def test_alpha_zero_reproduces_the_base_image_exactly(bundle):
     got = sampling.sample(bundle, swept, neg, **kw)
     assert torch.equal(got.images[0], base.images[0])
     assert not torch.allclose(got.images[1], base.images[0], atol=1e-4)  # α = 1 changes the image
+
+
+def test_absurd_alphas_are_refused_before_they_become_nan_images():
+    """Found by the workflow fuzzer: α = 1.1e39 overflowed to inf embeddings and NaN images."""
+    from qwen_identity.core.errors import UserInputError
+    from qwen_identity.core.injection import MAX_ABS_ALPHA, parse_alphas
+
+    assert parse_alphas(f"0,{MAX_ABS_ALPHA:g},-{MAX_ABS_ALPHA:g}") == [0.0, MAX_ABS_ALPHA, -MAX_ABS_ALPHA]
+    for bad in ("1" * 40, "101", "-1e6"):
+        with pytest.raises(UserInputError, match="outside"):
+            parse_alphas(bad)
