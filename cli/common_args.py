@@ -18,6 +18,17 @@ def finite_float(text: str) -> float:
     return v
 
 
+def add_head_training_arguments(group: argparse._ArgumentGroup) -> None:
+    """The POC's training flags (train, and sweep --train), with its defaults."""
+    group.add_argument("--epochs", type=int, default=3, help="total epochs (default: 3)")
+    group.add_argument("--batch-size", type=int, default=2, help="photos per step (default: 2)")
+    group.add_argument("--lr", type=finite_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    group.add_argument("--target", choices=("caption", "zero"), default="caption",
+                       help="caption: the person's description inside the base prompt (default); zero: the POC's "
+                            "zero residual")
+    group.add_argument("--tokens", type=int, default=1, help="K identity slots of the head (default: 1)")
+
+
 def add_system_arguments(group: argparse._ArgumentGroup, dtype_note: str = "") -> None:
     from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
 

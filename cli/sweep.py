@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
-from .common_args import add_generation_arguments, add_system_arguments, finite_float
+from .common_args import add_generation_arguments, add_head_training_arguments, add_system_arguments
 
 DEFAULT_OUT = "outputs"
 DEFAULT_ALPHAS = "0.5,1.0,1.5"
@@ -42,12 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                         "OUT/checkpoints/linear_head.safetensors")
     g.add_argument("--head", default=None, help="an existing head file to use instead (default: "
                                                 "OUT/checkpoints/linear_head.safetensors)")
-    g.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
-    g.add_argument("--batch-size", type=int, default=2, help="training batch size (default: 2)")
-    g.add_argument("--lr", type=finite_float, default=1e-3, help="learning rate (default: 1e-3)")
-    g.add_argument("--target", choices=("caption", "zero"), default="caption",
-                   help="training target: caption (default) or zero (the POC's)")
-    g.add_argument("--tokens", type=int, default=1, help="K identity slots of a trained head (default: 1)")
+    add_head_training_arguments(g)
     g.add_argument("--overwrite", action="store_true", help="with --train: replace a head already in OUT")
     g = p.add_argument_group("inference")
     add_generation_arguments(g, DEFAULT_ALPHAS)

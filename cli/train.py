@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..core.features import DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS
 from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
-from .common_args import add_system_arguments, finite_float
+from .common_args import add_head_training_arguments, add_system_arguments, finite_float
 
 DEFAULT_OUT = "train_output"
 
@@ -27,12 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of identities held out for validation, split by identity (default: 0.2)")
     g.add_argument("--out-dir", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=3, help="total epochs (default: 3)")
-    g.add_argument("--batch-size", type=int, default=2, help="photos per step (default: 2)")
-    g.add_argument("--lr", type=finite_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
-    g.add_argument("--target", choices=("caption", "zero"), default="caption",
-                   help="caption: the person's description inside the base prompt (default); zero: the POC's zero residual")
-    g.add_argument("--tokens", type=int, default=1, help="K identity slots of the head (default: 1)")
+    add_head_training_arguments(g)
     g.add_argument("--mse-weight", type=finite_float, default=1.0, help="weight of the MSE term (default: 1.0)")
     g.add_argument("--cos-weight", type=finite_float, default=1.0, help="weight of the 1-cosine term (default: 1.0)")
     g.add_argument("--seed", type=int, default=123, help="seed of every random choice (default: 123)")
