@@ -33,6 +33,7 @@ class Targets:
     residuals: torch.Tensor  # [N, K, H] float32
     mask: torch.Tensor       # [N, K] bool, True = the slot takes part in the loss
     prompts: list[str]       # the prompts whose embeddings were the goal (the base prompt for `zero`)
+    text_token_rms: float | None = None  # ρ: mean RMS of the base prompt's valid tokens (InjectResidual's relative mode)
 
 
 def compose_prompt(base_prompt: str, caption: str) -> str:
@@ -61,10 +62,15 @@ def caption_targets(text_encoder, tokenizer, base_prompt: str, captions: list[st
     if not base_prompt.strip():
         raise UserInputError("the base prompt is empty: pass --base-prompt with the prompt the head will be used with.")
     prompts = [compose_prompt(base_prompt, c) for c in captions]
-    base = encode_pooled(text_encoder, tokenizer, [base_prompt], k)  # [1, K, H]
-    goal = encode_pooled(text_encoder, tokenizer, prompts, k)         # [N, K, H]
+    with torch.no_grad():
+        enc = encode_prompts(text_encoder, tokenizer, [base_prompt])
+    embeds, mask = enc.embeds.float().cpu(), enc.mask.cpu()
+    base = pool_to_slots(embeds, mask, k)                               # [1, K, H]
+    valid = embeds[mask.bool()]                                          # [S_valid, H]
+    rho = float(valid.pow(2).mean(-1).sqrt().mean())
+    goal = encode_pooled(text_encoder, tokenizer, prompts, k)            # [N, K, H]
     residuals = (goal - base).contiguous()
-    return Targets(residuals, torch.ones(residuals.shape[:2], dtype=torch.bool), prompts)
+    return Targets(residuals, torch.ones(residuals.shape[:2], dtype=torch.bool), prompts, text_token_rms=rho)
 
 
 def zero_targets(n: int, k: int, hidden_size: int, base_prompt: str = "") -> Targets:

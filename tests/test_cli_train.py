@@ -63,6 +63,9 @@ def test_seed_dirs_to_checkpoint_to_node_to_residual(train, make_dataset, tmp_pa
     assert m.length_policy == "segment-mean-v1" and len(m.dataset_fingerprint) == 64 and m.pack_version
     assert m.feature_settings["source"] == "merger_pooled" and m.training_args["lr"] == 1e-3
     assert m.metrics["epochs"] == 2 and "train_loss" in m.metrics and "D=64" in summary
+    from qwen_identity.core.injection import reference_rms
+
+    assert reference_rms(m) > 0  # ρ for InjectResidual's relative strength mode travels with the head
 
     # a rerun finds everything cached: no model is loaded at all
     def no_load(*a, **k):

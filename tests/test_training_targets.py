@@ -43,3 +43,16 @@ def test_zero_targets_and_bad_k(tiny_text_encoder):
         caption_targets(te, tok, BASE, ["x"], 0)
     with pytest.raises(UserInputError, match="base prompt is empty"):
         caption_targets(te, tok, "  ", ["x"], 1)
+
+
+def test_caption_targets_record_the_base_prompts_token_rms(tiny_text_encoder):
+    """ρ for InjectResidual's relative mode: the mean RMS of the base prompt's valid tokens."""
+    from qwen_identity.core.prompt_encoding import encode_prompts
+    from qwen_identity.core.training_targets import caption_targets
+
+    te, tok = tiny_text_encoder
+    base = "a portrait photo of a person"
+    t = caption_targets(te, tok, base, ["red hair"], 1)
+    enc = encode_prompts(te, tok, base)
+    expected = enc.embeds[enc.mask.bool()].float().pow(2).mean(-1).sqrt().mean()
+    assert t.text_token_rms is not None and abs(t.text_token_rms - float(expected)) < 1e-5

@@ -30,6 +30,7 @@ from ..core.errors import UserInputError
 from ..core.head import HeadMeta, ResidualHead, save_head
 from ..core.out_dir_lock import OutDirLock
 from ..core.length_policy import POLICY_NAME
+from ..core.injection import REFERENCE_RMS_KEY
 from ..core.training_targets import Targets, caption_targets, compose_prompt, zero_targets
 from ..version import __version__
 from . import checkpoint as ckpt
@@ -285,15 +286,16 @@ def _targets(cfg: TrainConfig, identities: list[Identity], captions: list[str], 
 
         try:
             t = load_file(str(path))
-            if t["residuals"].shape[0] == len(identities):
-                return Targets(t["residuals"], t["mask"].bool(), prompts)
+            if t["residuals"].shape[0] == len(identities) and "text_token_rms" in t:
+                return Targets(t["residuals"], t["mask"].bool(), prompts, float(t["text_token_rms"][0]))
         except Exception:  # a damaged cache is recomputed
             pass
     say(f"encoding {len(prompts) + 1} prompts with Qwen-Image's text encoder (cached afterwards)")
     te, tok = models.text_encoder()
     targets = caption_targets(te, tok, cfg.base_prompt, captions, cfg.tokens)
     if dist.is_main:
-        ckpt.save_tensors(path, {"residuals": targets.residuals.contiguous(), "mask": targets.mask.to(torch.uint8)},
+        ckpt.save_tensors(path, {"residuals": targets.residuals.contiguous(), "mask": targets.mask.to(torch.uint8),
+                                 "text_token_rms": torch.tensor([targets.text_token_rms], dtype=torch.float64)},
                           {"prompts": json.dumps(prompts)})
     return targets
 
@@ -391,7 +393,8 @@ def _train(cfg: TrainConfig, identities: list[Identity], train_ids: list[int], v
     n_train_views, n_val_views = len(train), len(val)
 
     def metrics_for(epoch: int, hist: History) -> dict:
-        return {"epochs": epoch, "train_loss": hist.train_loss[-1] if hist.train_loss else None,
+        rho = {} if targets.text_token_rms is None else {REFERENCE_RMS_KEY: targets.text_token_rms}
+        return {**rho, "epochs": epoch, "train_loss": hist.train_loss[-1] if hist.train_loss else None,
                 "val_loss": _finite_or_none(hist.val_loss[-1]) if hist.val_loss else None,
                 "train_identities": len(train_ids), "val_identities": len(val_ids),
                 "train_photos": n_train_views, "val_photos": n_val_views,
