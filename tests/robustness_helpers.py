@@ -4,48 +4,29 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 
-import torch
-
-
-class InterruptProcessingException(Exception):
-    """Stands in for comfy.model_management.InterruptProcessingException (the Cancel button)."""
+from fake_comfy import InterruptProcessingException, install_fake_comfy  # noqa: F401 (re-exported)
 
 
-def fake_comfy(monkeypatch, interrupt_at: int | None = None) -> dict:
-    """Install a minimal `comfy` (model_management + utils.ProgressBar); returns its call log.
+class _FakeComfyLog:
+    """The stand-in's call log, counted the way the robustness tests read it."""
 
-    `interrupt_at=n`: the n-th interrupt check raises InterruptProcessingException, as ComfyUI does
-    when the user presses Cancel in the middle of a node.
-    """
-    log = {"checks": 0, "free_memory": [], "soft_empty_cache": 0}
+    def __init__(self, calls: list[tuple]):
+        self.calls = calls
 
-    def check():
-        log["checks"] += 1
-        if interrupt_at is not None and log["checks"] == interrupt_at:
-            raise InterruptProcessingException()
+    def __getitem__(self, key: str):
+        if key == "checks":
+            return self.calls.count(("interrupt_check",))
+        if key == "soft_empty_cache":
+            return self.calls.count(("soft_empty_cache",))
+        if key == "free_memory":
+            return [c[1] for c in self.calls if c[0] == "free_memory"]
+        raise KeyError(key)
 
-    mm = types.SimpleNamespace(
-        free_memory=lambda n, dev: log["free_memory"].append(dev.type),
-        soft_empty_cache=lambda: log.__setitem__("soft_empty_cache", log["soft_empty_cache"] + 1),
-        throw_exception_if_processing_interrupted=check, get_torch_device=lambda: torch.device("cpu"),
-        InterruptProcessingException=InterruptProcessingException)
 
-    class ProgressBar:
-        def __init__(self, total):
-            self.total = total
-
-        def update_absolute(self, value, total=None):
-            pass
-
-    comfy = types.ModuleType("comfy")
-    comfy.model_management = mm
-    comfy.utils = types.SimpleNamespace(ProgressBar=ProgressBar)
-    monkeypatch.setitem(sys.modules, "comfy", comfy)
-    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
-    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
-    return log
+def fake_comfy(monkeypatch, interrupt_at: int | None = None) -> _FakeComfyLog:
+    """`fake_comfy.install_fake_comfy` with counters (see there)."""
+    return _FakeComfyLog(install_fake_comfy(monkeypatch, interrupt_at))
 
 
 HOLD_LOCK = ("import sys\nfrom qwen_identity.core.out_dir_lock import OutDirLock\n"

@@ -1,8 +1,5 @@
 """LoadQwen3VL / ExtractIdentityFeatures run without ComfyUI; IMAGE input equals the PNG file."""
 
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -112,26 +109,9 @@ def test_wrong_model_input():
 
 def test_comfyui_memory_cooperation(loaded, monkeypatch):
     """With ComfyUI present: progress bar + interrupt check; keep_loaded=False offloads and empties the cache."""
-    calls = []
-    mm = types.SimpleNamespace(
-        free_memory=lambda n, dev: calls.append(("free_memory", dev.type)),
-        soft_empty_cache=lambda: calls.append(("soft_empty_cache",)),
-        throw_exception_if_processing_interrupted=lambda: calls.append(("interrupt_check",)),
-        get_torch_device=lambda: torch.device("cpu"))
+    from fake_comfy import install_fake_comfy
 
-    class ProgressBar:
-        def __init__(self, total):
-            calls.append(("bar", total))
-
-        def update_absolute(self, value, total=None):
-            calls.append(("update", value, total))
-
-    comfy = types.ModuleType("comfy")
-    comfy.model_management = mm
-    comfy.utils = types.SimpleNamespace(ProgressBar=ProgressBar)
-    monkeypatch.setitem(sys.modules, "comfy", comfy)
-    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
-    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
+    calls = install_fake_comfy(monkeypatch)
     ExtractIdentityFeatures().extract(loaded, torch.rand(2, 32, 32, 3), resolution="pixel_budget")
     assert ("bar", 2) in calls and ("update", 2, 2) in calls and ("interrupt_check",) in calls
 

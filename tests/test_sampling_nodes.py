@@ -132,43 +132,17 @@ def test_sample_node_paths(pipeline):
         QwenImageSampleFromEmbeds().sample(cond, cond, seeds="1", steps=1, width=32, height=32, pipeline=object())
 
 
-def _fake_comfy(monkeypatch, calls, interrupt_after=None):
-    import sys
-    import types
-
-    def check():
-        calls.append(("interrupt_check",))
-        if interrupt_after is not None and sum(c == ("interrupt_check",) for c in calls) > interrupt_after:
-            raise InterruptedError("cancelled")
-
-    mm = types.SimpleNamespace(throw_exception_if_processing_interrupted=check,
-                               get_torch_device=lambda: torch.device("cpu"))
-
-    class ProgressBar:
-        def __init__(self, total):
-            calls.append(("bar", total))
-
-        def update_absolute(self, value, total=None):
-            calls.append(("update", value, total))
-
-    comfy = types.ModuleType("comfy")
-    comfy.model_management, comfy.utils = mm, types.SimpleNamespace(ProgressBar=ProgressBar)
-    monkeypatch.setitem(sys.modules, "comfy", comfy)
-    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
-    monkeypatch.setitem(sys.modules, "comfy.utils", comfy.utils)
-
-
 def test_sample_node_progress_and_cancel_inside_comfyui(pipeline, monkeypatch):
     cond = [[torch.randn(1, 4, 32), {"pooled_output": None}]]
-    calls = []
-    _fake_comfy(monkeypatch, calls)
+    from fake_comfy import InterruptProcessingException, install_fake_comfy
+
+    calls = install_fake_comfy(monkeypatch)
     QwenImageSampleFromEmbeds().sample(cond, cond, seeds="1,2", steps=3, width=32, height=32, max_batch=1,
                                        pipeline=pipeline)
     assert [c for c in calls if c[0] == "update"] == [("update", d, 6) for d in range(1, 7)]  # 2 cells x 3 steps
     assert sum(c == ("interrupt_check",) for c in calls) >= 6  # before every step
-    calls.clear()
-    _fake_comfy(monkeypatch, calls, interrupt_after=2)
-    with pytest.raises(InterruptedError):
+    calls = install_fake_comfy(monkeypatch, interrupt_at=3)
+    with pytest.raises(InterruptProcessingException):
         QwenImageSampleFromEmbeds().sample(cond, cond, seeds="1", steps=5, width=32, height=32, pipeline=pipeline)
     assert 1 <= len([c for c in calls if c[0] == "update"]) < 5  # stopped early, at a step boundary
 
