@@ -100,6 +100,28 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _features_from_training_cache(cfg, seed_dirs, settings):
+    """Every identity's features from `OUT/cache/features.safetensors` (written by `train`, e.g. `sweep --train`)
+    when all of them are there for this model, these settings and these exact photo files; else None."""
+    from ..core.dataset_fingerprint import file_sha256
+    from ..core.errors import UserInputError
+    from ..core.features import load_feature_cache
+    from ..training.pipeline import feature_cache_entry_key
+
+    path = cfg.out_dir / "cache" / "features.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        cached = load_feature_cache(path)
+        keys = [feature_cache_entry_key(cfg.qwen3_vl_model, settings, [file_sha256(p) for p in sd.photos])
+                for sd in seed_dirs]
+    except (UserInputError, OSError):  # a damaged cache or an unreadable photo: extract as usual
+        return None
+    if not all(k in cached for k in keys):
+        return None
+    return [cached[k] for k in keys]
+
+
 def _release_memory() -> None:
     import torch
 
@@ -146,21 +168,27 @@ def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print,
     device = resolve_device(cfg.device)
     settings = settings_from_meta(head.meta.feature_settings or {})
 
-    t = time.perf_counter()
-    vl = load_qwen3vl(cfg.qwen3_vl_model, search_dirs=_search("qwen3_vl"), token=cfg.hf_token,
-                      cache_dir=cfg.cache_dir, device=device, dtype=cfg.dtype)
-    timings["load_qwen3_vl_s"] = time.perf_counter() - t
-    identities = []
-    t = time.perf_counter()
-    with tqdm_progress("features", unit="identity") as bar:
-        for i, sd in enumerate(seed_dirs):
-            feats = extract_features(vl, [load_image(p) for p in sd.photos], settings)
-            feats.combined, feats.per_image = feats.combined.cpu(), feats.per_image.cpu()
-            identities.append(feats)
-            bar(i + 1, len(seed_dirs))
-    timings["features_s"] = time.perf_counter() - t
-    del vl
-    _release_memory()
+    t_features = time.perf_counter()
+    identities = _features_from_training_cache(cfg, seed_dirs, settings)
+    if identities is not None:
+        print("using the Qwen3-VL features `train` cached in OUT/cache (same model, settings and photos)",
+              file=sys.stderr)
+    else:
+        t = time.perf_counter()
+        vl = load_qwen3vl(cfg.qwen3_vl_model, search_dirs=_search("qwen3_vl"), token=cfg.hf_token,
+                          cache_dir=cfg.cache_dir, device=device, dtype=cfg.dtype)
+        timings["load_qwen3_vl_s"] = time.perf_counter() - t
+        identities = []
+        t = time.perf_counter()
+        with tqdm_progress("features", unit="identity") as bar:
+            for i, sd in enumerate(seed_dirs):
+                feats = extract_features(vl, [load_image(p) for p in sd.photos], settings)
+                feats.combined, feats.per_image = feats.combined.cpu(), feats.per_image.cpu()
+                identities.append(feats)
+                bar(i + 1, len(seed_dirs))
+        del vl
+        _release_memory()
+    timings["features_s"] = time.perf_counter() - t_features
 
     t = time.perf_counter()
     bundle = load_qwen_image_pipeline(cfg.qwen_image_model, device=device, dtype=cfg.dtype,

@@ -103,3 +103,22 @@ def test_missing_head_and_seed_dirs(make_dataset, tmp_path, capsys):
     assert "no head at" in capsys.readouterr().err
     assert main(["sweep", "--out-dir", str(tmp_path / "o")]) == 2
     assert "--seed-dirs is required" in capsys.readouterr().err
+
+
+def test_sweep_reuses_the_features_train_cached(trained, tiny_models, tmp_path, monkeypatch):
+    """`sweep` in an out-dir where `train` cached the features loads no Qwen3-VL, and the grid equals the one
+    made from freshly extracted features (another out-dir, same head)."""
+    dirs, out = trained
+    common = ["--seed-dirs", str(dirs[1]), "--alphas", "0,1.5", "--gen-seeds", "1234,7",
+              "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model", str(tiny_models.qwen_image), *SMALL]
+    head = out / "checkpoints" / "linear_head.safetensors"
+    fresh = tmp_path / "fresh"
+    assert main(["sweep", *common, "--out-dir", str(fresh), "--head", str(head)]) == 0  # extracts
+
+    def no_load(*a, **k):
+        raise AssertionError("Qwen3-VL was loaded although train had cached every feature")
+
+    monkeypatch.setattr("qwen_identity.core.qwen3vl.load_qwen3vl", no_load)
+    assert main(["sweep", *common, "--out-dir", str(out)]) == 0
+    name = f"{dirs[1].name}_alpha_grid.png"
+    assert (out / "generations" / name).read_bytes() == (fresh / "generations" / name).read_bytes()

@@ -205,6 +205,12 @@ def _captions(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
     return [c or "" for c in captions], sources
 
 
+def feature_cache_entry_key(qwen3_vl_model: str, settings, photo_hashes: list[str]) -> str:
+    """The key of one identity in `OUT/cache/features.safetensors`: model, feature settings, photo hashes
+    (shared with `sweep`, which reuses the features training extracted)."""
+    return cache_key("features", _model_key(qwen3_vl_model), settings.to_meta(), photo_hashes)
+
+
 def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dist, progress: ProgressFactory,
               say: Callable[[str], None]) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Per-identity per-image features [n_i, D] (cached) and the features' metadata."""
@@ -213,8 +219,7 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
     settings = FeatureSettings(**cfg.feature_settings)
     path = cfg.out_dir / "cache" / "features.safetensors"
     cached = load_feature_cache(path) if path.is_file() else {}
-    model = _model_key(cfg.qwen3_vl_model)
-    keys = [cache_key("features", model, settings.to_meta(), ident.photo_hashes) for ident in identities]
+    keys = [feature_cache_entry_key(cfg.qwen3_vl_model, settings, ident.photo_hashes) for ident in identities]
     if cfg.features_file:
         _adopt_extracted(cfg, settings, identities, keys, cached, say)
     todo = [i for i, k in enumerate(keys) if k not in cached]
