@@ -330,18 +330,14 @@ def save_feature_cache(path: str | os.PathLike, items: dict[str, IdentityFeature
 
 def load_feature_cache(path: str | os.PathLike) -> dict[str, IdentityFeatures]:
     """Read a feature cache back (insertion order kept); every problem is a UserInputError naming the file."""
-    from safetensors import safe_open
+    from .safetensors_io import read_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"feature cache not found: {path}. Create it with `qwen-identity extract --out {path}`.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # SafetensorError, OSError, a renamed pickle
-        raise UserInputError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}). Recreate it "
-                             "with `qwen-identity extract`.") from None
+    metadata, tensors = read_safetensors(
+        path, lambda e: f"{path} is not a readable safetensors file ({type(e).__name__}: {e}). Recreate it "
+                        "with `qwen-identity extract`.")
     if CACHE_METADATA_KEY not in metadata:
         raise UserInputError(f"{path} is a safetensors file but not a Qwen identity feature cache (no "
                              f"'{CACHE_METADATA_KEY}' metadata). Recreate it with `qwen-identity extract`.")

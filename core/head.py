@@ -20,6 +20,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .errors import UserInputError
+from .safetensors_io import read_safetensors, safetensors_bytes
 
 FORMAT_NAME = "qwen-identity-residual-head"
 FORMAT_VERSION = 1
@@ -139,39 +140,15 @@ def save_head(head: ResidualHead, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """A safetensors file's bytes with its JSON header in sorted key order.
-
-    safetensors keeps metadata in a hash map whose order changes from call to call, so two saves of the
-    same tensors can differ byte-wise. Re-serialising the header with sorted keys (and the format's
-    8-byte padding) makes equal heads byte-identical files; the tensor data and offsets are unchanged,
-    so any safetensors reader loads it as before.
-    """
-    from safetensors.torch import save
-
-    raw = save(tensors, metadata=metadata)
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
-
-
 def load_head(path: str | os.PathLike, device: torch.device | str = "cpu") -> ResidualHead:
     """Load and validate a head file; every problem is a UserInputError that names the file."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"head file not found: {path}. Check the path, or put the head in ComfyUI/models/identity_heads/.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            keys = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys & {"proj.weight", "proj.bias", "scale"}}
-    except Exception as e:  # SafetensorError, OSError, header garbage, a pickle renamed .safetensors
-        raise UserInputError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}). "
-                             "Heads are .safetensors files written by `qwen-identity train`.") from None
+    metadata, tensors = read_safetensors(
+        path, lambda e: f"{path} is not a readable safetensors file ({type(e).__name__}: {e}). "
+                        "Heads are .safetensors files written by `qwen-identity train`.",
+        keys=("proj.weight", "proj.bias", "scale"))
     if METADATA_KEY not in metadata:
         raise UserInputError(f"{path} is a safetensors file but not a Qwen identity head (no '{METADATA_KEY}' metadata).")
     meta = HeadMeta.from_json(metadata[METADATA_KEY], source=str(path))

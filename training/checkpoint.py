@@ -18,7 +18,7 @@ import torch
 
 from ..core.atomic import atomic_write
 from ..core.errors import UserInputError
-from ..core.head import safetensors_bytes
+from ..core.safetensors_io import read_safetensors, safetensors_bytes
 
 STATE_FORMAT = "qwen-identity-train-state"
 STATE_VERSION = 1
@@ -66,17 +66,11 @@ def save_train_state(path: Path, head: torch.nn.Module, optimizer: torch.optim.O
 
 
 def load_train_state(path: Path) -> tuple[dict[str, torch.Tensor], int, dict[str, Any]]:
-    from safetensors import safe_open
-
     if not path.is_file():
         raise UserInputError(f"--resume: no training state at {path}; run without --resume to start training.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise UserInputError(f"--resume: {path} is damaged ({type(e).__name__}: {e}); rerun without --resume "
-                             "(and --overwrite) to start over.") from None
+    meta, tensors = read_safetensors(
+        path, lambda e: f"--resume: {path} is damaged ({type(e).__name__}: {e}); rerun without --resume "
+                        "(and --overwrite) to start over.")
     if meta.get("format") != STATE_FORMAT or meta.get("format_version") != str(STATE_VERSION):
         raise UserInputError(f"--resume: {path} is not a training state this version can read.")
     return tensors, int(meta["epoch"]), json.loads(meta.get("info", "{}"))
