@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 
+from ..core import interrupts
 from ..core.errors import UserInputError
 from ..version import __version__
 
@@ -47,24 +48,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with interrupts.catching_interrupts():   # a Ctrl-C is never lost, even one Python drops in a finalizer
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:  # importing the subcommands (torch, transformers, diffusers) takes seconds: Ctrl-C there is no bug
         parser = build_parser()
         args = parser.parse_args(argv)
+        interrupts.raise_if_interrupted()
     except KeyboardInterrupt:
+        interrupts.acknowledge()
         print("qwen-identity: interrupted while starting; nothing was written.", file=sys.stderr)
         return 130
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    code = _run_command(args)
+    if interrupts.interrupted():   # a Ctrl-C Python swallowed in a finalizer after the last progress tick
+        interrupts.acknowledge()
+        return _report_interrupt(args)
+    return code
+
+
+def _report_interrupt(args) -> int:
+    print(f"qwen-identity {args.command}: interrupted; finished outputs are kept, nothing half-written.",
+          file=sys.stderr)
+    return 130
+
+
+def _run_command(args) -> int:
     try:
         return int(args._run(args) or 0)
     except UserInputError as e:
         print(f"qwen-identity {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"qwen-identity {args.command}: interrupted; finished outputs are kept, nothing half-written.",
-              file=sys.stderr)
-        return 130
+        interrupts.acknowledge()
+        return _report_interrupt(args)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         if e.errno in _PATH_ERRNOS:  # a path argument the OS cannot use (too long, a loop, a file as a folder)

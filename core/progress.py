@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .interrupts import raise_if_interrupted
+
 Progress = Callable[[int, int], None]
 
 
@@ -20,6 +22,7 @@ class TqdmProgress:
         self._bar = None
 
     def __call__(self, done: int, total: int) -> None:
+        raise_if_interrupted()   # a Ctrl-C Python dropped inside a finalizer stops the work here
         if self._bar is None:
             from tqdm.auto import tqdm
 

@@ -242,14 +242,19 @@ def test_real_process_sigint_exits_130_without_traceback(when, workspace, cli_en
     else:   # the pack has imported (it printed the marker below) and the subcommands are being imported
         while time.time() < deadline and proc.poll() is None and not (tmp_path / "imported").exists():
             time.sleep(0.02)
-    # Python drops a KeyboardInterrupt that lands inside a finalizer (__del__), as it would drop a user's
-    # first Ctrl-C there: press again, as the user would, until the process ends.
-    while proc.poll() is None and time.time() < deadline:
+    # Once the CLI works, one press must do: a Ctrl-C Python drops inside a finalizer (__del__) is latched
+    # and raised at the next progress tick (core/interrupts.py; CI once saw `demo` run on to exit 0).
+    # While it is still starting, the press can land before main() installs that latch: press again.
+    presses = 1 if when == "working" else 20
+    while proc.poll() is None and time.time() < deadline and presses:
         proc.send_signal(signal.SIGINT)
+        presses -= 1
         try:
-            proc.wait(timeout=5.0)
+            proc.wait(timeout=60.0 if when == "working" else 5.0)
         except subprocess.TimeoutExpired:
             pass
+    if proc.poll() is None:
+        proc.kill()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     # Python's own report of an interrupt that hit a third-party finalizer ("Exception ignored in: <function
