@@ -4,7 +4,8 @@
 the same seeds it equals diffusers' `QwenImagePipeline.__call__` (same sigmas and dynamic shift,
 same true-CFG with its norm rescale, same Euler step, same VAE decode; a test checks latents and
 images against the stock pipeline), and it is built for speed:
-- several cells (one prompt item × one seed) share a transformer forward, up to `max_batch` cells;
+- several cells (one prompt item × one seed) share a transformer forward, up to `max_batch` cells, in
+  batches of nearly equal size (9 cells at max_batch 4 go 3+3+3, not 4+4+1: `core/cell_batches.py`);
 - the positive and negative rows of those cells go through ONE forward: the text is padded to the
   longest row and masked (the transformer ignores masked text tokens, and padding at the end does not
   move the text RoPE positions of valid tokens);
@@ -51,6 +52,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .cell_batches import split_evenly
 from .conditioning import entry_mask
 from .errors import UserInputError
 from .injection import parse_number_list
@@ -314,7 +316,7 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
                          sched_cfg.get("base_shift", 0.5), sched_cfg.get("max_shift", 1.15))
 
     cells = [(item, seed) for item in range(n_items) for seed in seeds]
-    chunks = [cells[i:i + max_batch] for i in range(0, len(cells), max_batch)]
+    chunks = split_evenly(cells, max_batch)
     total, done = steps * len(chunks), 0
     images, finals = [], []
     latents_mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)

@@ -13,7 +13,8 @@ Guarantees:
   `prepare_noise(one_item_latent, seed)`, exactly what KSampler draws for batch item 0 of that seed
   (for samplers that add noise during sampling - ancestral/SDE - cells are sampled one at a time,
   since ComfyUI draws that noise for the whole batch from one seed);
-- cells are batched `max_batch` at a time (default: as many as fit the free memory, at most 8);
+- cells are batched at most `max_batch` at a time, in batches of nearly equal size (default: as many as
+  fit the free memory, at most 16);
 - progress: `progress(done, total)` in sampler steps over all batches (a `comfy.utils.ProgressBar`
   when none is given); ComfyUI's interrupt (the Cancel button) is honoured after every step.
 
@@ -26,13 +27,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..core.cell_batches import split_evenly
 from ..core.errors import ModelMismatchError, UserInputError
 
 LATENT_CHANNELS = 16          # Qwen-Image's Wan-2.1 VAE latent (ComfyUI's EmptySD3LatentImage layout)
 SPATIAL_FACTOR = 8            # VAE downscale
 SIZE_MULTIPLE = 16            # VAE /8 times the transformer's 2x2 patches
 MAX_SEED = 0xFFFFFFFFFFFFFFFF  # KSampler's seed range
-AUTO_MAX_BATCH = 8
+AUTO_MAX_BATCH = 16           # a 4x4 α×seed grid in one sampler call when memory allows
 # Samplers that draw fresh noise while sampling (from one seed for the whole batch in ComfyUI):
 # batching cells would make a seed's image depend on its batch neighbours, so they run one at a time.
 _STOCHASTIC_MARKERS = ("ancestral", "sde", "ddpm", "lcm", "seeds_", "sa_solver")
@@ -184,7 +186,7 @@ def sample_native(model, vae, positive, negative, seeds, steps, cfg, width, heig
     elif max_batch is None:
         max_batch = _auto_max_batch(model, one.shape, len(cells))
     max_batch = max(1, int(max_batch))
-    chunks = [cells[i:i + max_batch] for i in range(0, len(cells), max_batch)]
+    chunks = split_evenly(cells, max_batch)
     total = steps * len(chunks)
     if progress is None:
         bar = comfy.utils.ProgressBar(total)

@@ -126,8 +126,8 @@ class QwenImageSampleFromEmbeds:
                 "height": ("INT", {"default": DEFAULT_HEIGHT, "min": 16, "max": 4096, "step": 16, "tooltip": "Image "
                            "height, a multiple of 16."}),
                 "max_batch": ("INT", {"default": DEFAULT_MAX_BATCH, "min": 1, "max": 64, "tooltip": "Most images "
-                              "denoised together (diffusers path; each costs two transformer rows with CFG). "
-                              "Higher is faster until memory runs out."}),
+                              "denoised together (both paths; each costs two transformer rows with CFG), split "
+                              "evenly (a 3x3 grid at 4 runs 3+3+3). Higher is faster until memory runs out."}),
             },
             "optional": {
                 "pipeline": ("QWEN_IMAGE_PIPELINE", {"tooltip": "Diffusers path: the pipeline from "
