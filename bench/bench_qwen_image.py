@@ -12,6 +12,8 @@ One run, one card, side by side (ratios only mean something within one run):
   inject    the cost of injecting the residual (should be noise next to a step)
   profile   torch.profiler tables of one stock step and one step of ours
   memory    24 GB configurations: model/sequential/group offload, fp8 weight storage; peak VRAM each
+  comfy     (only when asked; needs --comfyui-dir) ComfyUI's own KSampler vs the pack's native path:
+            one image, the grid as 9 calls and batched, peak VRAM each (bench/comfy_stage.py)
 
 Models are built on the GPU directly with random bf16 weights (std 0.02, norms 1): speed does not
 depend on the values. Prompt embeddings are random ([1, S, 3584], S=20; negative S=13), so the text
@@ -20,6 +22,7 @@ encoder is only needed in `textenc`.
   python bench/bench_qwen_image.py --out results.json            # all stages, real sizes, on cuda
   python bench/bench_qwen_image.py --tiny --device cpu --out r.json   # the same code on tiny models (CI-safe)
   python bench/bench_qwen_image.py --stages env,stock,ours ...
+  python bench/bench_qwen_image.py --stages env,stock,ours,comfy --comfyui-dir /path/to/ComfyUI
 
 Prints a JSON summary last; writes it to --out after every stage (a killed run keeps what it had).
 """
@@ -759,6 +762,8 @@ def stage_stock(b: Bench):
         dt_vae, _ = b.timed(lambda: b.pipe.vae.decode(lat5, return_dict=False), repeat=2)
     res["vae_decode_one_image_s"] = round(dt_vae, 3)
     embeds, seeds = grid_embeds(b), cell_seeds(b)
+    if b.args.no_stock_grid:
+        return res
     if not b.out_of_time(120):
         b.reset_peak()
         lats = []
@@ -819,6 +824,8 @@ def stage_ours(b: Bench):
         variants = [(n, kw, True) for n, kw, _ in variants]
     for name, speed, do_grid in variants:
         if speed.get("compile") and b.args.no_compile:
+            continue
+        if b.args.ours_variants and name not in b.args.ours_variants.split(","):
             continue
         if b.out_of_time(60):
             res[name] = "skipped: time budget"
@@ -1016,14 +1023,20 @@ def stage_memory(b: Bench):
     return res
 
 
-STAGES = {"env": stage_env, "extract": stage_extract, "train": stage_train, "textenc": stage_textenc,
+def stage_comfy(b: Bench):
+    from comfy_stage import stage_comfy as run
+
+    return run(b)
+
+
+STAGES = {"comfy": stage_comfy, "env": stage_env, "extract": stage_extract, "train": stage_train, "textenc": stage_textenc,
           "forward": stage_forward, "stock": stage_stock, "ours": stage_ours, "inject": stage_inject,
           "profile": stage_profile, "memory": stage_memory}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", default=",".join(ALL_STAGES), help=f"comma list of {ALL_STAGES}")
+    p.add_argument("--stages", default=",".join(ALL_STAGES), help=f"comma list of {ALL_STAGES + ['comfy']}")
     p.add_argument("--tiny", action="store_true", help="tiny models and 64x64 images (for CPU checks)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--height", type=int, default=768)
@@ -1032,6 +1045,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--ours-grid-all", action="store_true", help="time the grid for every variant of ours "
                    "(default: only the fastest, compiled + CUDA graphs)")
+    p.add_argument("--ours-variants", default=None, help="comma list of the `ours` variants to run (eager, graphs, "
+                   "compiled, compiled_graphs; default all)")
+    p.add_argument("--no-stock-grid", action="store_true", help="stock: time one image only, not the grid")
+    p.add_argument("--comfyui-dir", default=None, help="a ComfyUI checkout for the comfy stage (default: $COMFYUI_DIR)")
     p.add_argument("--budget-s", type=float, default=None, help="skip remaining work past this many seconds")
     p.add_argument("--out", default=None, help="write the JSON results here (after every stage)")
     p.add_argument("--profile-out", default=None, help="write profiler tables here")
@@ -1039,7 +1056,7 @@ def main(argv=None) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        p.error(f"unknown stage(s) {unknown}; choose from {ALL_STAGES}")
+        p.error(f"unknown stage(s) {unknown}; choose from {ALL_STAGES + ['comfy']}")
     torch.manual_seed(0)
     b = Bench(args)
     for name in stages:  # in the order given

@@ -42,3 +42,35 @@ def test_unknown_stage_is_a_usage_error(capsys):
         bench.main(["--stages", "nope"])
     assert e.value.code == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def test_comfy_stage_without_comfyui_says_what_it_needs(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    bench = load_bench()
+    out = tmp_path / "r.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--stages", "comfy", "--out", str(out)]) == 1
+    assert "--comfyui-dir" in json.loads(out.read_text())["errors"]["comfy"]
+
+
+def test_comfy_stage_times_comfyuis_sampler_and_the_pack_on_the_same_model(tmp_path):
+    """Against a real ComfyUI (COMFYUI_DIR): ComfyUI's KSampler path and the pack's native path, in one run
+    with the diffusers-path stages, on a one-layer full-width Qwen-Image at 64x64, 2 steps."""
+    from comfyui_harness.env import require_comfyui
+
+    require_comfyui()
+    bench = load_bench()
+    out = tmp_path / "r.json"
+    rc = bench.main(["--tiny", "--device", "cpu", "--steps", "2", "--stages", "stock,ours,comfy", "--ours-variants",
+                     "eager", "--no-stock-grid", "--out", str(out)])   # the flags bench/run_comfy_on_device.sh uses
+    res = json.loads(out.read_text())
+    assert rc == 0 and not res["errors"], res["errors"]
+    assert list(res["stages"]["ours"]) == ["eager"] and "grid_9_calls" not in res["stages"]["stock"]
+    c = res["stages"]["comfy"]
+    assert c["layers"] == 1 and c["comfyui_version"] and c["ksampler_one_image"]["finite"] and c["model_fully_loaded"]
+    # the pack's native path is ComfyUI's own sampler: one cell gives KSampler's image exactly
+    assert c["pack_one_image"]["vs_ksampler_image_max_abs"] == 0.0
+    for key in ("ksampler_grid_9_calls", "ksampler_grid_batched"):
+        assert c[key]["s"] > 0
+    for key in ("pack_grid_max_batch_4", "pack_grid_max_batch_9"):
+        assert c[key]["images"] == 9 and c[key]["speedup_vs_ksampler_batched"] > 0
+    assert c["ksampler_one_image_vs_stock_diffusers"] > 0 and c["ours_diffusers_one_image_speedup_vs_ksampler"] > 0
