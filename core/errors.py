@@ -11,3 +11,7 @@ class UserInputError(ValueError):
 
 class ModelMismatchError(UserInputError):
     """Two things that must agree (a head and the features or conditioning it meets) do not."""
+
+
+class NotEnoughMemoryError(UserInputError):
+    """The device ran out of memory for what was asked (a batch, a size); the message says what to lower."""

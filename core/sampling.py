@@ -54,7 +54,7 @@ import torch
 
 from .cell_batches import split_evenly
 from .conditioning import entry_mask
-from .errors import UserInputError
+from .errors import NotEnoughMemoryError, UserInputError
 from .injection import parse_number_list
 
 DEFAULT_STEPS = 28
@@ -322,7 +322,8 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
     latents_mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
     latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
 
-    for chunk in chunks:
+    def denoise(chunk):   # its own frame: after an out-of-memory error its tensors go with it
+        nonlocal done
         noise = [torch.randn((1, 1, channels, lat_h, lat_w), generator=torch.Generator("cpu").manual_seed(seed),
                              dtype=dtype) for _, seed in chunk]
         latents = torch.cat(noise).to(device)
@@ -370,12 +371,21 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
         if return_latents:
             finals.append(latents.detach().float().cpu())
         if not decode:
-            continue
+            return
         lat = QwenImagePipeline._unpack_latents(latents, height, width, vsf).to(vae.dtype)
         lat = lat / latents_std.to(lat.device, lat.dtype) + latents_mean.to(lat.device, lat.dtype)
         with torch.no_grad():
             decoded = vae.decode(lat, return_dict=False)[0][:, :, 0]
         images.append((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu())
+
+    oom_batch = 0
+    try:
+        for chunk in chunks:
+            denoise(chunk)
+    except torch.OutOfMemoryError:   # leave the handler first: the traceback holds denoise's frame
+        oom_batch = len(chunk)
+    if oom_batch:
+        _raise_out_of_memory(oom_batch, max_batch, width, height, device)
     if hasattr(pipe, "maybe_free_model_hooks"):
         pipe.maybe_free_model_hooks()
     return SampleResult(images=torch.cat(images) if decode else None, latents=torch.cat(finals) if return_latents else None,
@@ -383,6 +393,18 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
 
 
 sample = torch.no_grad()(sample)
+
+
+def _raise_out_of_memory(batch: int, max_batch: int, width: int, height: int, device) -> None:
+    """A CUDA out-of-memory while sampling, as an error that says what to lower (the CLI exits 2 with it)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    fix = (f"set max_batch lower (now {max_batch}; 1 uses the least memory)" if batch > 1 else
+           "max_batch is already 1")
+    raise NotEnoughMemoryError(
+        f"{device} ran out of memory while denoising {batch} image(s) of {width}x{height} at once: {fix}, make the "
+        "images smaller, or load the pipeline with offload 'group' or fp8_storage on (LoadQwenImageDiffusers; "
+        "CLI --offload group / --fp8-storage), and close other programs using the GPU.")
 
 
 def _forward(transformer, plan: _Plan, rows: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

@@ -281,3 +281,28 @@ def test_offload_needs_cuda_and_names_the_choices(tiny_qwenimage_dir):
         load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", offload="group")
     with pytest.raises(UserInputError, match="group"):
         load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", offload="bogus")
+
+
+def test_out_of_memory_says_what_to_lower_and_frees_the_batch(bundle, conds, monkeypatch):
+    """A CUDA out-of-memory in a forward is an error naming max_batch and the offload options (the CLI exits 2
+    with it), and the batch's tensors are not kept alive by the error."""
+    import gc
+    import weakref
+
+    from qwen_identity.core.errors import NotEnoughMemoryError
+
+    pos, neg = conds
+    seen = []
+
+    def oom(transformer, plan, rows, timestep):
+        seen.append(weakref.ref(rows))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(sampling, "_forward", oom)
+    with pytest.raises(NotEnoughMemoryError, match=r"4 image\(s\) of 32x48 at once: set max_batch lower \(now 4;"
+                                                   r".*offload 'group' or fp8_storage") as e:
+        sampling.sample(bundle, pos, neg, seeds=[1, 2], steps=2, width=W, height=H, max_batch=4)
+    assert e.value.__context__ is None and e.value.__cause__ is None
+    gc.collect()
+    assert seen and seen[0]() is None   # the batch's latents went with the failed denoise
+    with pytest.raises(NotEnoughMemoryError, match="max_batch is already 1"):
+        sampling.sample(bundle, pos, neg, seeds=[1], steps=2, width=W, height=H, max_batch=1)
