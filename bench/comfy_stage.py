@@ -12,7 +12,8 @@ Then, all at the bench's size, steps and true CFG, euler/simple with ModelSampli
   ksampler_grid_batched   the grid as ONE KSampler call (latent batch 9, the α rows repeated per seed)
   pack_one_image          the pack's native path (nodes/native_sampling.sample_native: what
                           QwenImageSampleFromEmbeds runs on a MODEL + VAE) on one cell
-  pack_grid_max_batch_N   the pack's native grid at the node's default max_batch (4: 3+3+3) and at 9
+  pack_grid_max_batch_*   the pack's native grid at the node's default max_batch (0 = auto: as many cells as
+                          ComfyUI's memory estimate allows, recorded as auto_max_batch) and at 4 (3+3+3)
 and ratios against the diffusers-path figures of this run (`stock`, `ours`: the fastest variant that
 ran) when those stages ran; their latents-only times get the `stock` stage's VAE decode added.
 The diffusers pipeline is released first: both 20B models do not fit one 80 GB card together.
@@ -30,7 +31,6 @@ import torch
 
 SHIFT = 3.1                  # ModelSamplingAuraFlow in ComfyUI's Qwen-Image template
 SAMPLER, SCHEDULER = "euler", "simple"
-NODE_DEFAULT_MAX_BATCH = 4   # QwenImageSampleFromEmbeds' max_batch default
 
 
 def import_comfy(comfyui_dir: str | None, cpu: bool):
@@ -225,17 +225,22 @@ def _stage_comfy(b) -> dict:
         b.log(f"ComfyUI KSampler grid, one batched call: {dt:.1f}s")
         b.save()
 
-    for max_batch in (NODE_DEFAULT_MAX_BATCH, cells):
+    from qwen_identity.nodes.native_sampling import _auto_max_batch
+
+    latent_shape = (1, 16, 1, b.height // 8, b.width // 8)
+    res["auto_max_batch"] = _auto_max_batch(model, latent_shape, cells)   # what the node's default, 0, picks
+    for max_batch in (None, 4):
+        name = f"pack_grid_max_batch_{max_batch or 'auto'}"
         if b.out_of_time(60):
-            res[f"pack_grid_max_batch_{max_batch}"] = "skipped: time budget"
+            res[name] = "skipped: time budget"
             continue
         b.reset_peak()
         dt, img = _seconds(b, lambda: pack_native(b, model, vae, x["grid"], x["neg"], seeds, steps, max_batch))
         r = dict(s=round(dt, 2), images=int(img.shape[0]), **b.peak())
         r["speedup_vs_ksampler_batched"] = _ratio((res.get("ksampler_grid_batched") or {}).get("s"), dt)
         r["speedup_vs_ksampler_9_calls"] = _ratio((res.get("ksampler_grid_9_calls") or {}).get("s"), dt)
-        res[f"pack_grid_max_batch_{max_batch}"] = r
-        b.log(f"pack native grid, max_batch {max_batch}: {dt:.1f}s")
+        res[name] = r
+        b.log(f"pack native grid, max_batch {max_batch or 'auto'}: {dt:.1f}s")
         b.save()
 
     # the diffusers path of this run against ComfyUI's own sampler (latents only there: add the decode)

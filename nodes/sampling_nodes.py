@@ -18,6 +18,7 @@ from .model_folders import NO_FOLDER, chosen_model_source, list_model_folders, m
 
 CATEGORY = "Qwen Identity"
 DEFAULT_SAMPLER, DEFAULT_SCHEDULER = "euler", "simple"
+AUTO_MAX_BATCH = 0   # max_batch 0: the native path asks ComfyUI's memory estimate, the diffusers path uses 4
 
 
 def _progress_and_interrupt():
@@ -125,9 +126,12 @@ class QwenImageSampleFromEmbeds:
                           "width, a multiple of 16."}),
                 "height": ("INT", {"default": DEFAULT_HEIGHT, "min": 16, "max": 4096, "step": 16, "tooltip": "Image "
                            "height, a multiple of 16."}),
-                "max_batch": ("INT", {"default": DEFAULT_MAX_BATCH, "min": 1, "max": 64, "tooltip": "Most images "
-                              "denoised together (both paths; each costs two transformer rows with CFG), split "
-                              "evenly (a 3x3 grid at 4 runs 3+3+3). Higher is faster until memory runs out."}),
+                "max_batch": ("INT", {"default": AUTO_MAX_BATCH, "min": 0, "max": 64, "tooltip": "Most images "
+                              "denoised together (each costs two transformer rows with CFG), split evenly (a 3x3 "
+                              "grid at 4 runs 3+3+3). 0 = auto: the native path batches as many as ComfyUI's memory "
+                              "estimate allows (a 3x3 grid in ONE sampler call, like ComfyUI's own batched "
+                              f"sampling), the diffusers path {DEFAULT_MAX_BATCH}. Higher is faster until memory runs "
+                              "out."}),
             },
             "optional": {
                 "pipeline": ("QWEN_IMAGE_PIPELINE", {"tooltip": "Diffusers path: the pipeline from "
@@ -147,9 +151,12 @@ class QwenImageSampleFromEmbeds:
         }
 
     def sample(self, positive, negative, seeds=DEFAULT_SEEDS, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
-               width=DEFAULT_WIDTH, height=DEFAULT_HEIGHT, max_batch=DEFAULT_MAX_BATCH, pipeline=None, model=None,
+               width=DEFAULT_WIDTH, height=DEFAULT_HEIGHT, max_batch=AUTO_MAX_BATCH, pipeline=None, model=None,
                vae=None, sampler_name=DEFAULT_SAMPLER, scheduler=DEFAULT_SCHEDULER, speed="standard", **kwargs):
         seed_list = parse_seeds(seeds)
+        max_batch = int(max_batch)
+        if max_batch < 0:
+            raise UserInputError(f"max_batch={max_batch}: use 0 (auto) or the most images to denoise together.")
         check_size(width, height)
         seeds_text = ",".join(map(str, seed_list))
         if pipeline is not None and (model is not None or vae is not None):
@@ -161,7 +168,8 @@ class QwenImageSampleFromEmbeds:
 
             progress, interrupt = _progress_and_interrupt()
             result = sample(pipeline, positive, negative, seed_list, steps=int(steps), cfg=float(cfg),
-                            width=int(width), height=int(height), max_batch=int(max_batch), progress=progress,
+                            width=int(width), height=int(height), max_batch=max_batch or DEFAULT_MAX_BATCH,
+                            progress=progress,
                             interrupt=interrupt, **speed_options(pipeline, speed == "fast"))
             return (result.images, seeds_text)
         if model is None or vae is None:
@@ -174,7 +182,7 @@ class QwenImageSampleFromEmbeds:
                                  "(nodes/native_sampling.py is missing); use the diffusers pipeline input.") from None
         progress, _ = _progress_and_interrupt()
         images = sample_native(model, vae, positive, negative, seed_list, int(steps), float(cfg), int(width),
-                               int(height), sampler_name, scheduler, progress=progress, max_batch=int(max_batch))
+                               int(height), sampler_name, scheduler, progress=progress, max_batch=max_batch or None)
         if not isinstance(images, torch.Tensor):
             raise UserInputError("the native sampler returned no IMAGE tensor.")
         return (images, seeds_text)

@@ -71,6 +71,7 @@ def test_comfy_stage_times_comfyuis_sampler_and_the_pack_on_the_same_model(tmp_p
     assert c["pack_one_image"]["vs_ksampler_image_max_abs"] == 0.0
     for key in ("ksampler_grid_9_calls", "ksampler_grid_batched"):
         assert c[key]["s"] > 0
-    for key in ("pack_grid_max_batch_4", "pack_grid_max_batch_9"):
+    assert c["auto_max_batch"] == 9   # the whole 3x3 grid fits: one sampler call, as ComfyUI's batched one
+    for key in ("pack_grid_max_batch_auto", "pack_grid_max_batch_4"):
         assert c[key]["images"] == 9 and c[key]["speedup_vs_ksampler_batched"] > 0
     assert c["ksampler_one_image_vs_stock_diffusers"] > 0 and c["ours_diffusers_one_image_speedup_vs_ksampler"] > 0

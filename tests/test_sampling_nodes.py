@@ -3,6 +3,7 @@ InjectResidual -> QwenImageSampleFromEmbeds -> AlphaGrid, on the tiny models; pl
 
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -171,6 +172,31 @@ def test_sample_node_delegates_native_model_and_vae(monkeypatch):
     assert images.shape == (4, 48, 32, 3) and seeds == "5,6"
     assert got == dict(model="M", vae="V", seeds=[5, 6], steps=7, cfg=3.0, size=(32, 48),
                        sampler=("euler", "simple"), max_batch=2)
+    QwenImageSampleFromEmbeds().sample(cond, cond, seeds="5", steps=1, width=32, height=32, model="M", vae="V")
+    assert got["max_batch"] is None   # the default, 0 = auto: ComfyUI's memory estimate decides
+    with pytest.raises(UserInputError, match="max_batch=-1: use 0 \\(auto\\)"):
+        QwenImageSampleFromEmbeds().sample(cond, cond, seeds="5", steps=1, width=32, height=32, max_batch=-1,
+                                           model="M", vae="V")
     monkeypatch.setitem(sys.modules, "qwen_identity.nodes.native_sampling", None)  # import fails
     with pytest.raises(UserInputError, match="native MODEL \\+ VAE path is not available"):
         QwenImageSampleFromEmbeds().sample(cond, cond, seeds="5", steps=1, width=32, height=32, model="M", vae="V")
+
+
+def test_max_batch_auto_is_four_on_the_diffusers_path(monkeypatch):
+    from qwen_identity.core import sampling
+    from qwen_identity.core.sampling import DEFAULT_MAX_BATCH, QwenImageBundle
+
+    got = {}
+
+    def fake_sample(bundle, positive, negative, seeds, **kw):
+        got.update(kw)
+        return types.SimpleNamespace(images=torch.zeros(1, 32, 32, 3))
+    monkeypatch.setattr(sampling, "sample", fake_sample)
+    monkeypatch.setattr(sampling, "speed_options", lambda bundle, fast: {})
+    bundle = QwenImageBundle.__new__(QwenImageBundle)
+    cond = [[torch.zeros(1, 4, 32), {"pooled_output": None}]]
+    QwenImageSampleFromEmbeds().sample(cond, cond, seeds="5", steps=2, width=32, height=32, pipeline=bundle)
+    assert got["max_batch"] == DEFAULT_MAX_BATCH == 4
+    QwenImageSampleFromEmbeds().sample(cond, cond, seeds="5", steps=2, width=32, height=32, max_batch=7,
+                                       pipeline=bundle)
+    assert got["max_batch"] == 7
