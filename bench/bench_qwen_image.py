@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _pack import import_pack  # noqa: E402
+from _random_models import default_dtype_device, init_random_  # noqa: E402
 
 ALL_STAGES = ["env", "extract", "train", "textenc", "forward", "stock", "profile", "ours", "inject", "memory"]
 
@@ -166,33 +167,6 @@ class Bench:
             if key in name:
                 return val
         return None
-
-
-def init_random_(module: torch.nn.Module, seed: int, std: float = 0.02):
-    """Small normal weights, zero biases, unit norm weights: finite activations through any depth."""
-    gen_device = next(module.parameters()).device
-    gen = torch.Generator(device=gen_device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1:
-                if "norm" in name.lower() and name.endswith("weight"):
-                    p.fill_(1.0)
-                else:
-                    p.zero_()
-            else:
-                p.normal_(0.0, std, generator=gen)
-    return module
-
-
-@contextlib.contextmanager
-def default_dtype_device(dtype, device):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def describe_exc(e: BaseException) -> str:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from _random_models import default_dtype_device, init_random_
+
 SHIFT = 3.1                  # ModelSamplingAuraFlow in ComfyUI's Qwen-Image template
 SAMPLER, SCHEDULER = "euler", "simple"
 
@@ -53,20 +55,11 @@ def import_comfy(comfyui_dir: str | None, cpu: bool):
     return d
 
 
-def _random_state(build, device, dtype, seed: int, std: float = 0.02) -> dict:
-    """Random weights for a ComfyUI module's state dict (built on meta), drawn on `device`."""
-    with torch.device("meta"):
+def _random_state(build, b, seed: int) -> dict:
+    """A ComfyUI module built on the bench's device and dtype with `init_random_` weights, as a state dict."""
+    with torch.no_grad(), default_dtype_device(b.dtype, b.device):
         module = build()
-    g = torch.Generator(device=device).manual_seed(seed)
-    out = {}
-    for k, v in module.state_dict().items():
-        if k.endswith("bias"):
-            out[k] = torch.zeros(v.shape, device=device, dtype=dtype)
-        elif v.ndim <= 1 or "norm" in k or k.endswith(("gamma", "scale")):
-            out[k] = torch.ones(v.shape, device=device, dtype=dtype)
-        else:
-            out[k] = (torch.randn(v.shape, device=device, generator=g, dtype=torch.float32) * std).to(dtype)
-    return out
+    return init_random_(module, seed).state_dict()
 
 
 def build_models(b, layers: int):
@@ -78,7 +71,7 @@ def build_models(b, layers: int):
 
     t = time.perf_counter()
     sd = _random_state(lambda: comfy.ldm.qwen_image.model.QwenImageTransformer2DModel(
-        num_layers=layers, operations=comfy.ops.disable_weight_init), b.device, b.dtype, seed=0)
+        num_layers=layers, operations=comfy.ops.disable_weight_init), b, seed=0)
     sd["proj_out.weight"] *= 0.5   # keeps the random velocity (and so the latents) moderate
     nparams = sum(v.numel() for v in sd.values())
     model = comfy.sd.load_diffusion_model_state_dict(sd)   # what UNETLoader does with the file's tensors
@@ -86,7 +79,7 @@ def build_models(b, layers: int):
     model = adv.ModelSamplingAuraFlow().patch_aura(model, SHIFT)[0]
     vae_sd = _random_state(lambda: comfy.ldm.wan.vae.WanVAE(
         dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-        temperal_downsample=[False, True, True], dropout=0.0), b.device, b.dtype, seed=1)
+        temperal_downsample=[False, True, True], dropout=0.0), b, seed=1)
     vae = comfy.sd.VAE(sd=vae_sd)
     del vae_sd
     b.sync()
@@ -106,12 +99,6 @@ def inputs(b) -> dict:
     residual = 0.5 * torch.randn(1, 4, width, generator=g).to(b.dtype)
     pos_c = [[pos, {"pooled_output": None}]]
     return dict(pos=pos_c, neg=[[neg, {"pooled_output": None}]], grid=inject(pos_c, residual, b.alphas))
-
-
-def _rows(cond: list, rows: list[int]) -> list:
-    from qwen_identity.nodes.native_sampling import select_conditioning
-
-    return select_conditioning(cond, rows)
 
 
 def ksampler(b, model, vae, positive, negative, batch: int, seed: int, steps: int):
@@ -160,6 +147,8 @@ def _stage_comfy(b) -> dict:
     import_comfy(b.args.comfyui_dir, cpu=not b.cuda)
     import comfy.model_management as mm
 
+    from qwen_identity.nodes.native_sampling import _auto_max_batch, select_conditioning
+
     if b.pipe is not None:   # the diffusers copy of the transformer must leave the card first
         b.pipe = None
         b.flops = None
@@ -206,7 +195,7 @@ def _stage_comfy(b) -> dict:
 
     if not b.out_of_time(120):
         b.reset_peak()
-        grid_rows = [_rows(x["grid"], [r]) for r in range(n_alpha)]
+        grid_rows = [select_conditioning(x["grid"], [r]) for r in range(n_alpha)]
         t = time.perf_counter()
         for r in range(n_alpha):
             for s in seeds:
@@ -220,12 +209,11 @@ def _stage_comfy(b) -> dict:
     if not b.out_of_time(60):
         b.reset_peak()
         rows = [r for r in range(n_alpha) for _ in seeds]
-        dt, _ = _seconds(b, lambda: ksampler(b, model, vae, _rows(x["grid"], rows), x["neg"], cells, seeds[0], steps))
+        batched = select_conditioning(x["grid"], rows)
+        dt, _ = _seconds(b, lambda: ksampler(b, model, vae, batched, x["neg"], cells, seeds[0], steps))
         res["ksampler_grid_batched"] = dict(s=round(dt, 2), **b.peak())
         b.log(f"ComfyUI KSampler grid, one batched call: {dt:.1f}s")
         b.save()
-
-    from qwen_identity.nodes.native_sampling import _auto_max_batch
 
     latent_shape = (1, 16, 1, b.height // 8, b.width // 8)
     res["auto_max_batch"] = _auto_max_batch(model, latent_shape, cells)   # what the node's default, 0, picks
