@@ -8,7 +8,7 @@ One run, one card, side by side (ratios only mean something within one run):
   textenc   Qwen-Image text encoder (Qwen2.5-VL-7B): encode peak memory, offload-after-encoding cost
   forward   one transformer forward in variants (batch, padding mask, attention backend, compile, CUDA graph)
   stock     stock QwenImagePipeline: one image (s, s/step, MFU), the 3x3 α×seed grid as 9 calls and batched
-  ours      the pack's sampler (core/sampling.py) on the same inputs and seeds; latent agreement with stock
+  ours      the pack's sampler (core/generation/sampling.py) on the same inputs and seeds; latent agreement with stock
   inject    the cost of injecting the residual (should be noise next to a step)
   profile   torch.profiler tables of one stock step and one step of ours
   memory    24 GB configurations: model/sequential/group offload, fp8 weight storage; peak VRAM each
@@ -224,7 +224,7 @@ def conditioning(b: Bench, embeds: torch.Tensor) -> list:
 
 def grid_conditioning(b: Bench) -> list:
     """The α batch through the pack's own injection (InjectResidual's core call), α-major."""
-    from qwen_identity.core.injection import inject
+    from qwen_identity.core.residual.injection import inject
 
     return inject(conditioning(b, b.inputs["pos"]), b.inputs["residual"].cpu(), b.alphas)
 
@@ -406,8 +406,8 @@ def stage_extract(b: Bench):
 
 def pack_extraction(b: Bench, model, processor, name: str, photos) -> dict:
     """The pack's own extraction (core/features.extract_features): 16 photos, batch 1 and 16, both sources."""
-    from qwen_identity.core.features import FeatureSettings, extract_features
-    from qwen_identity.core.qwen3vl import Qwen3VLBundle
+    from qwen_identity.core.identity.features import FeatureSettings, extract_features
+    from qwen_identity.core.identity.qwen3vl import Qwen3VLBundle
 
     bundle = Qwen3VLBundle(model=model, processor=processor, model_id=f"random-Qwen3-VL-{name}", device=b.device,
                            dtype=b.dtype, feature_dim=model.config.text_config.hidden_size)
@@ -425,7 +425,7 @@ def pack_extraction(b: Bench, model, processor, name: str, photos) -> dict:
 
 
 def stage_train(b: Bench):
-    from qwen_identity.core.head import ResidualHead
+    from qwen_identity.core.residual.head import ResidualHead
 
     H = b.hidden if b.tiny else 3584
     res = {}
@@ -459,7 +459,7 @@ def stage_train(b: Bench):
 def stage_textenc(b: Bench):
     """The real-size text encoder: encode the prompts, then offload it (what the 24 GB chain does)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from qwen_identity.core.prompt_encoding import encode_prompts
+    from qwen_identity.core.generation.prompt_encoding import encode_prompts
     from qwen_identity.tiny_models.tokenizer import build_tokenizer, special_ids
 
     tok = build_tokenizer()
@@ -762,7 +762,7 @@ def stage_stock(b: Bench):
 
 
 def ours_call(b: Bench, grid: bool, steps: int | None = None, **speed):
-    from qwen_identity.core.sampling import sample
+    from qwen_identity.core.generation.sampling import sample
 
     i = b.inputs
     pos = grid_conditioning(b) if grid else conditioning(b, i["pos"])

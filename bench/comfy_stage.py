@@ -90,7 +90,7 @@ def build_models(b, layers: int):
 
 def inputs(b) -> dict:
     """Prompt embeddings at Qwen-Image's real text width (3584) even under --tiny, and the pack's α batch."""
-    from qwen_identity.core.injection import inject
+    from qwen_identity.core.residual.injection import inject
 
     g = torch.Generator().manual_seed(42)
     width = 3584

@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from ..core import interrupts
+from ..core.runtime import interrupts
 from ..core.errors import UserInputError
 from ..version import __version__
 

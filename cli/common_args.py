@@ -30,7 +30,7 @@ def add_head_training_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def add_system_arguments(group: argparse._ArgumentGroup, dtype_note: str = "") -> None:
-    from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
+    from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES
 
     group.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto (cuda, then mps, then cpu)")
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
@@ -41,8 +41,8 @@ def add_system_arguments(group: argparse._ArgumentGroup, dtype_note: str = "") -
 
 def add_generation_arguments(group: argparse._ArgumentGroup, default_alphas: str, alphas_note: str = "") -> None:
     """The α × seed sweep and its sampling settings (the POC's defaults), then the speed/memory flags."""
-    from ..core.injection import DEFAULT_MODE, MODES
-    from ..core.sampling import DEFAULT_MAX_BATCH, DEFAULT_SEEDS
+    from ..core.residual.injection import DEFAULT_MODE, MODES
+    from ..core.generation.sampling import DEFAULT_MAX_BATCH, DEFAULT_SEEDS
 
     group.add_argument("--alphas", default=default_alphas,
                        help=f'comma-separated α values{alphas_note} (default: "{default_alphas}")')
@@ -61,7 +61,7 @@ def add_generation_arguments(group: argparse._ArgumentGroup, default_alphas: str
 
 
 def add_qwen_image_runtime_arguments(group: argparse._ArgumentGroup) -> None:
-    from ..core.sampling import OFFLOAD_CHOICES
+    from ..core.generation.sampling import OFFLOAD_CHOICES
 
     group.add_argument("--fast", action="store_true",
                        help="on a CUDA GPU: compile the transformer blocks and replay CUDA graphs (3.2x faster than "

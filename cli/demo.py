@@ -41,9 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..core.errors import UserInputError
-    from ..core.injection import parse_alphas
-    from ..core.out_dir_lock import OutDirLock
-    from ..core.sampling import parse_seeds
+    from ..core.residual.injection import parse_alphas
+    from ..core.files.out_dir_lock import OutDirLock
+    from ..core.generation.sampling import parse_seeds
 
     if (args.qwen3_vl_model is None) != (args.qwen_image_model is None):
         raise UserInputError("give both --qwen3-vl-model and --qwen-image-model (real models), or neither (tiny "
@@ -57,8 +57,8 @@ def run(args) -> int:
 
 
 def _demo(args, out: Path, alphas, seeds) -> int:
-    from ..core.out_dir_lock import OutDirLock
-    from ..core.seed_dirs import parse_seed_dir_args
+    from ..core.files.out_dir_lock import OutDirLock
+    from ..core.identity.seed_dirs import parse_seed_dir_args
     from .sweep import SweepConfig, run_sweep, train_first
 
     t0 = time.time()

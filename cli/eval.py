@@ -29,8 +29,8 @@ DEFAULT_ALPHAS = "0.5,1.0,1.5"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..core.face_similarity import DETECTORS, THRESHOLD
-    from ..core.sampling import DEFAULT_NEGATIVE_PROMPT
+    from ..core.measurement.face_similarity import DETECTORS, THRESHOLD
+    from ..core.generation.sampling import DEFAULT_NEGATIVE_PROMPT
     from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
 
     g = p.add_argument_group("data")
@@ -71,9 +71,9 @@ def _safe_name(name: str) -> str:
 
 def _validate(args):
     from ..core.errors import UserInputError
-    from ..core.evaluation import parse_alphas
-    from ..core.injection import parse_alphas as parse_alpha_list
-    from ..core.sampling import check_size, parse_seeds
+    from ..core.measurement.evaluation import parse_alphas
+    from ..core.residual.injection import parse_alphas as parse_alpha_list
+    from ..core.generation.sampling import check_size, parse_seeds
 
     alphas = parse_alphas(parse_alpha_list(args.alphas))
     seeds = parse_seeds(args.gen_seeds)
@@ -99,21 +99,21 @@ def run(args) -> int:
 
 
 def _run(args, stack) -> int:
-    from ..core.out_dir_lock import OutDirLock
-    from ..core.atomic import atomic_write, atomic_write_json
-    from ..core.evaluation import (PROMPT_PROXY_NAME, Scorers, cell_notes_for, evaluate_alpha_sweep,
+    from ..core.files.out_dir_lock import OutDirLock
+    from ..core.files.atomic import atomic_write, atomic_write_json
+    from ..core.measurement.evaluation import (PROMPT_PROXY_NAME, Scorers, cell_notes_for, evaluate_alpha_sweep,
                                    plot_identity_vs_alpha, qwen3vl_embedder, qwen3vl_prompt_scorer,
                                    sample_alpha_images)
-    from ..core.face_similarity import FaceEmbedder
-    from ..core.features import extract_features, settings_from_meta
-    from ..core.grid import make_grid
-    from ..core.head import load_head
-    from ..core.images import load_image
-    from ..core.progress import offset_progress, tqdm_progress
-    from ..core.qwen3vl import load_qwen3vl
-    from ..core.sampling import encode_text, load_qwen_image_pipeline
-    from ..core.seed_dirs import load_seed_dirs, parse_seed_dir_args
-    from ..nodes.model_folders import model_dirs
+    from ..core.measurement.face_similarity import FaceEmbedder
+    from ..core.identity.features import extract_features, settings_from_meta
+    from ..core.generation.grid import make_grid
+    from ..core.residual.head import load_head
+    from ..core.files.images import load_image
+    from ..core.runtime.progress import offset_progress, tqdm_progress
+    from ..core.identity.qwen3vl import load_qwen3vl
+    from ..core.generation.sampling import encode_text, load_qwen_image_pipeline
+    from ..core.identity.seed_dirs import load_seed_dirs, parse_seed_dir_args
+    from ..core.runtime.model_folders import model_dirs
     from ..training.pipeline import DEFAULT_QWEN3_VL
     from .sweep import _release_memory
 
@@ -214,7 +214,7 @@ def _fmt(v) -> str:
 
 
 def _print_summary(results: dict) -> None:
-    from ..core.evaluation import PROMPT_PROXY_NAME
+    from ..core.measurement.evaluation import PROMPT_PROXY_NAME
 
     print(f"{'identity':24s} {'alpha':>6s} {'face_d':>6s} {'same%':>6s} {'qvl_cos':>7s} {'prompt':>6s} {'div_f':>6s}")
     for name, res in results.items():

@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
-from ..core.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS)
+from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES
+from ..core.identity.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def _warn(message: str) -> None:
 def readable_photos(seed_dir) -> tuple[list[Path], list[Path]]:
     """(readable, skipped) photos of a seed dir; a dir with no readable photo is a UserInputError."""
     from ..core.errors import UserInputError
-    from ..core.images import load_image
+    from ..core.files.images import load_image
 
     good, skipped = [], []
     for p in seed_dir.photos:
@@ -70,13 +70,13 @@ def run(args) -> int:
 
 def _run(args, stack) -> int:
     from ..core.errors import UserInputError
-    from ..core.out_dir_lock import OutDirLock
-    from ..core.features import FeatureSettings, extract_features, feature_cache_key, save_feature_cache
-    from ..core.images import load_image
-    from ..core.progress import offset_progress, tqdm_progress
-    from ..core.qwen3vl import load_qwen3vl
-    from ..core.seed_dirs import load_seed_dirs, parse_seed_dir_args
-    from ..nodes.model_folders import model_dirs
+    from ..core.files.out_dir_lock import OutDirLock
+    from ..core.identity.features import FeatureSettings, extract_features, feature_cache_key, save_feature_cache
+    from ..core.files.images import load_image
+    from ..core.runtime.progress import offset_progress, tqdm_progress
+    from ..core.identity.qwen3vl import load_qwen3vl
+    from ..core.identity.seed_dirs import load_seed_dirs, parse_seed_dir_args
+    from ..core.runtime.model_folders import model_dirs
 
     out = Path(args.out)
     if out.suffix != ".safetensors":

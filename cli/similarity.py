@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..core import face_similarity as fs
+from ..core.measurement import face_similarity as fs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def compare_files(path_a, path_b, threshold: float = fs.THRESHOLD, detector: str = "hog") -> dict:
-    from ..core.images import load_image
+    from ..core.files.images import load_image
 
     images = [load_image(path_a), load_image(path_b)]   # both decoded before the models load
     embedder = fs.FaceEmbedder(detector=detector)

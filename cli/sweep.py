@@ -27,7 +27,7 @@ VERSION_PACKAGES = ("torch", "transformers", "diffusers", "accelerate", "safeten
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..core.sampling import DEFAULT_NEGATIVE_PROMPT
+    from ..core.generation.sampling import DEFAULT_NEGATIVE_PROMPT
 
     g = p.add_argument_group("data")
     g.add_argument("--seed-dirs", default=None,
@@ -103,9 +103,9 @@ def package_versions() -> dict[str, str]:
 def _features_from_training_cache(cfg, seed_dirs, settings):
     """Every identity's features from `OUT/cache/features.safetensors` (written by `train`, e.g. `sweep --train`)
     when all of them are there for this model, these settings and these exact photo files; else None."""
-    from ..core.dataset_fingerprint import file_sha256
+    from ..core.files.dataset_fingerprint import file_sha256
     from ..core.errors import UserInputError
-    from ..core.features import load_feature_cache
+    from ..core.identity.features import load_feature_cache
     from ..training.pipeline import feature_cache_entry_key
 
     path = cfg.out_dir / "cache" / "features.safetensors"
@@ -131,7 +131,7 @@ def _release_memory() -> None:
 
 
 def _search(key: str):
-    from ..nodes.model_folders import model_dirs
+    from ..core.runtime.model_folders import model_dirs
 
     return model_dirs(key)
 
@@ -139,19 +139,19 @@ def _search(key: str):
 def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print,
               warn: Callable[[str], None] | None = None) -> list[tuple[Path, Path]]:
     """Features, injection, sampling and grid for every seed dir; returns [(grid png, meta json)]."""
-    from ..core.atomic import atomic_write, atomic_write_json
-    from ..core.dataset_fingerprint import file_sha256
-    from ..core.devices import resolve_device
+    from ..core.files.atomic import atomic_write, atomic_write_json
+    from ..core.files.dataset_fingerprint import file_sha256
+    from ..core.runtime.devices import resolve_device
     from ..core.errors import UserInputError
-    from ..core.features import extract_features, settings_from_meta
-    from ..core.grid import make_grid
-    from ..core.head import load_head
-    from ..core.images import comfy_to_pil, load_image
-    from ..core.injection import inject_identity
-    from ..core.progress import tqdm_progress
-    from ..core.qwen3vl import load_qwen3vl
-    from ..core.sampling import encode_text, load_qwen_image_pipeline, sample, speed_options
-    from ..core.seed_dirs import load_seed_dirs
+    from ..core.identity.features import extract_features, settings_from_meta
+    from ..core.generation.grid import make_grid
+    from ..core.residual.head import load_head
+    from ..core.files.images import comfy_to_pil, load_image
+    from ..core.residual.injection import inject_identity
+    from ..core.runtime.progress import tqdm_progress
+    from ..core.identity.qwen3vl import load_qwen3vl
+    from ..core.generation.sampling import encode_text, load_qwen_image_pipeline, sample, speed_options
+    from ..core.identity.seed_dirs import load_seed_dirs
 
     warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     timings: dict[str, float] = {}
@@ -238,9 +238,9 @@ def config_from_args(args) -> SweepConfig:
     import os
 
     from ..core.errors import UserInputError
-    from ..core.injection import parse_alphas
-    from ..core.sampling import check_size, parse_seeds
-    from ..core.seed_dirs import parse_seed_dir_args
+    from ..core.residual.injection import parse_alphas
+    from ..core.generation.sampling import check_size, parse_seeds
+    from ..core.identity.seed_dirs import parse_seed_dir_args
 
     if not args.seed_dirs and not args.seed_dirs_file:
         raise UserInputError("--seed-dirs is required: pass DIR[,DIR...] (globs allowed) or --seed-dirs-file.")
@@ -271,7 +271,7 @@ def train_first(cfg: SweepConfig, epochs: int, batch_size: int, lr: float, targe
     """--train: the training pipeline of `qwen-identity train`, writing OUT/checkpoints/linear_head.safetensors."""
     import os
 
-    from ..core.progress import tqdm_progress
+    from ..core.runtime.progress import tqdm_progress
     from ..training.loop import LoopConfig
     from ..training.pipeline import TrainConfig, run_training
 
@@ -288,7 +288,7 @@ def train_first(cfg: SweepConfig, epochs: int, batch_size: int, lr: float, targe
 
 
 def run(args) -> int:
-    from ..core.out_dir_lock import OutDirLock
+    from ..core.files.out_dir_lock import OutDirLock
 
     cfg = config_from_args(args)
     t0 = time.perf_counter()

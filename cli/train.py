@@ -10,7 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..core.features import DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS
+from ..core.identity.features import DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS
 from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
 from .common_args import add_head_training_arguments, add_system_arguments, finite_float
 
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args):
     from ..core.errors import UserInputError
-    from ..core.seed_dirs import parse_seed_dir_args
+    from ..core.identity.seed_dirs import parse_seed_dir_args
     from ..training.loop import LoopConfig
     from ..training.pipeline import TrainConfig
 
@@ -77,7 +77,7 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from ..core.progress import tqdm_progress
+    from ..core.runtime.progress import tqdm_progress
     from ..training.pipeline import run_training
 
     # deterministic cuBLAS on CUDA (must be set before the first CUDA matmul); harmless elsewhere

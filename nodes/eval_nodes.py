@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import math
 
-from ..core.evaluation import Scorers, notes_for, prepare_references, qwen3vl_embedder, score_images
-from ..core.face_similarity import DETECTORS, THRESHOLD, FaceEmbedder
-from ..core.images import comfy_to_pil
+from ..core.measurement.evaluation import Scorers, notes_for, prepare_references, qwen3vl_embedder, score_images
+from ..core.measurement.face_similarity import DETECTORS, THRESHOLD, FaceEmbedder
+from ..core.files.images import comfy_to_pil
 
 CATEGORY = "Qwen Identity"
 NO_FACE_MEAN = -1.0
@@ -26,7 +26,7 @@ def score_identity(images, reference, threshold: float = THRESHOLD, detector: st
     refs_pil, imgs_pil = comfy_to_pil(reference), comfy_to_pil(images)
     image_features = None
     if qwen3vl is not None:
-        from ..core.qwen3vl import Qwen3VLBundle
+        from ..core.identity.qwen3vl import Qwen3VLBundle
 
         if not isinstance(qwen3vl, Qwen3VLBundle):
             raise UserInputError("the qwen3vl input must come from LoadQwen3VL.")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 from ..core.errors import UserInputError
-from ..core.grid import make_grid
-from ..core.images import comfy_to_pil, pil_to_comfy
-from ..core.injection import parse_alphas
-from ..core.sampling import DEFAULT_SEEDS, parse_seeds
+from ..core.generation.grid import make_grid
+from ..core.files.images import comfy_to_pil, pil_to_comfy
+from ..core.residual.injection import parse_alphas
+from ..core.generation.sampling import DEFAULT_SEEDS, parse_seeds
 
 
 class AlphaGrid:

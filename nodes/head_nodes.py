@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import UserInputError
-from ..core.head import head_summary, load_head
-from ..core.safe_paths import resolve_inside
-from .model_folders import list_model_files, model_dirs
+from ..core.residual.head import head_summary, load_head
+from ..core.files.safe_paths import resolve_inside
+from ..core.runtime.model_folders import list_model_files, model_dirs
 
 NO_HEADS = "(no heads in models/identity_heads)"
 

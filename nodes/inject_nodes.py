@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..core.injection import DEFAULT_MODE, MODES, format_alphas, inject_identity, parse_alphas
+from ..core.residual.injection import DEFAULT_MODE, MODES, format_alphas, inject_identity, parse_alphas
 
 CATEGORY = "Qwen Identity"
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class QwenImageTextEncodeDiffusers:
         }
 
     def encode(self, pipeline, text):
-        from ..core.sampling import encode_text
+        from ..core.generation.sampling import encode_text
 
         return (encode_text(pipeline, text),)
 

@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..core.cell_batches import split_evenly
+from ..core.generation.cell_batches import split_evenly
 from ..core.errors import ModelMismatchError, UserInputError
 
 LATENT_CHANNELS = 16          # Qwen-Image's Wan-2.1 VAE latent (ComfyUI's EmptySD3LatentImage layout)

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
-from ..core.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS,
+from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES
+from ..core.identity.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS,
                              FeatureSettings, extract_features, prepare_images)
-from ..core.images import comfy_to_pil, pil_to_comfy
-from ..core.qwen3vl import Qwen3VLBundle, attention_choices, check_weight_files, load_qwen3vl
+from ..core.files.images import comfy_to_pil, pil_to_comfy
+from ..core.identity.qwen3vl import Qwen3VLBundle, attention_choices, check_weight_files, load_qwen3vl
 from .comfy_runtime import comfy_progress
 from .comfy_runtime import model_management as _model_management
-from .model_folders import NO_FOLDER, chosen_model_source, list_model_folders, model_dirs
+from ..core.runtime.model_folders import NO_FOLDER, chosen_model_source, list_model_folders, model_dirs
 
 CATEGORY = "Qwen Identity"
 
@@ -109,8 +109,8 @@ class LoadQwen3VL:
             model, model_path, "qwen3_vl", "Qwen3-VL model folder", placeholder=NO_FOLDER,
             no_choice="no Qwen3-VL model chosen: put a Qwen3-VL folder in ComfyUI/models/qwen3_vl/ or type a path / "
                       "hub id (e.g. Qwen/Qwen3-VL-2B-Instruct) in model_path.")
-        from ..core.devices import resolve_device, resolve_dtype
-        from ..core.model_sources import resolve_model_dir
+        from ..core.runtime.devices import resolve_device, resolve_dtype
+        from ..core.runtime.model_sources import resolve_model_dir
 
         dirs = model_dirs("qwen3_vl")
         token = (hf_token or "").strip() or None

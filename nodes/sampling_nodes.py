@@ -1,6 +1,6 @@
 """LoadQwenImageDiffusers and QwenImageSampleFromEmbeds: thin ComfyUI adapters over core.sampling.
 
-QwenImageSampleFromEmbeds runs on either a diffusers pipeline (our own loop, `core/sampling.py`) or
+QwenImageSampleFromEmbeds runs on either a diffusers pipeline (our own loop, `core/generation/sampling.py`) or
 ComfyUI's native Qwen-Image MODEL + VAE (delegated to `nodes/native_sampling.sample_native`, ComfyUI's
 sampler API).
 """
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..core.devices import DEVICE_CHOICES, DTYPE_CHOICES
+from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from ..core.errors import UserInputError
-from ..core.sampling import (DEFAULT_CFG, DEFAULT_HEIGHT, DEFAULT_MAX_BATCH, DEFAULT_SEEDS, DEFAULT_STEPS,
+from ..core.generation.sampling import (DEFAULT_CFG, DEFAULT_HEIGHT, DEFAULT_MAX_BATCH, DEFAULT_SEEDS, DEFAULT_STEPS,
                              DEFAULT_WIDTH, OFFLOAD_CHOICES, QwenImageBundle, check_size, parse_seeds)
 from .comfy_runtime import comfy_progress, model_management
-from .model_folders import NO_FOLDER, chosen_model_source, list_model_folders, model_dirs
+from ..core.runtime.model_folders import NO_FOLDER, chosen_model_source, list_model_folders, model_dirs
 
 CATEGORY = "Qwen Identity"
 DEFAULT_SAMPLER, DEFAULT_SCHEDULER = "euler", "simple"
@@ -79,7 +79,7 @@ class LoadQwenImageDiffusers:
 
     def load(self, model, model_path="", dtype="auto", device="auto", offload="none", hf_token="", fp8_storage=False,
              **kwargs):
-        from ..core.sampling import load_qwen_image_pipeline
+        from ..core.generation.sampling import load_qwen_image_pipeline
 
         source = chosen_model_source(
             model, model_path, "diffusers", "Qwen-Image pipeline folder", placeholder=NO_FOLDER,
@@ -164,7 +164,7 @@ class QwenImageSampleFromEmbeds:
         if pipeline is not None:
             if not isinstance(pipeline, QwenImageBundle):
                 raise UserInputError("the pipeline input must come from LoadQwenImageDiffusers.")
-            from ..core.sampling import sample, speed_options
+            from ..core.generation.sampling import sample, speed_options
 
             progress, interrupt = _progress_and_interrupt()
             result = sample(pipeline, positive, negative, seed_list, steps=int(steps), cfg=float(cfg),

@@ -72,7 +72,7 @@ def tiny_qwenimage_dir(tiny_models) -> Path:
 @pytest.fixture(scope="session")
 def tiny_text_encoder(tiny_qwenimage_dir):
     """(text_encoder, tokenizer) of the tiny Qwen-Image, loaded by the product's loader."""
-    from qwen_identity.core.prompt_encoding import load_text_encoder
+    from qwen_identity.core.generation.prompt_encoding import load_text_encoder
 
     return load_text_encoder(tiny_qwenimage_dir)
 

@@ -29,7 +29,7 @@ def fake_comfy(monkeypatch, interrupt_at: int | None = None) -> _FakeComfyLog:
     return _FakeComfyLog(install_fake_comfy(monkeypatch, interrupt_at))
 
 
-HOLD_LOCK = ("import sys\nfrom qwen_identity.core.out_dir_lock import OutDirLock\n"
+HOLD_LOCK = ("import sys\nfrom qwen_identity.core.files.out_dir_lock import OutDirLock\n"
              "OutDirLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\nsys.stdin.read()\n")
 
 
@@ -59,7 +59,7 @@ def block_model_loading(monkeypatch) -> None:
         raise ReachedModels()
 
     for m in ("qwen_identity.cli.eval", "qwen_identity.cli.demo", "qwen_identity.cli.sweep", "qwen_identity.cli.extract",
-              "qwen_identity.cli.train", "qwen_identity.core.qwen3vl", "qwen_identity.core.sampling",
+              "qwen_identity.cli.train", "qwen_identity.core.identity.qwen3vl", "qwen_identity.core.generation.sampling",
               "qwen_identity.tiny_models", "qwen_identity.training.pipeline"):
         importlib.import_module(m)
     names = ("load_qwen3vl", "load_qwen_image_pipeline", "load_text_encoder", "build_tiny_models")
@@ -68,7 +68,7 @@ def block_model_loading(monkeypatch) -> None:
             for n in names:
                 if hasattr(mod, n):
                     monkeypatch.setattr(mod, n, reached)
-    import qwen_identity.core.face_similarity as fs
+    import qwen_identity.core.measurement.face_similarity as fs
 
     monkeypatch.setattr(fs, "FaceEmbedder", reached)
 
@@ -81,7 +81,7 @@ def check_photo_decodes_or_fails_clearly(path, data: bytes, size: tuple[int, int
     import numpy as np
 
     from qwen_identity.core.errors import UserInputError
-    from qwen_identity.core.images import load_image
+    from qwen_identity.core.files.images import load_image
 
     path.write_bytes(data)
     before = hashlib.sha256(data).hexdigest()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from qwen_identity.core.captioning import clean_caption, write_caption
+from qwen_identity.core.identity.captioning import clean_caption, write_caption
 from qwen_identity.core.errors import UserInputError
 from qwen_identity.tiny_models.dataset import identity_photo
 

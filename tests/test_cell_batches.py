@@ -1,10 +1,10 @@
-"""core/cell_batches.py: as few batches as max_batch allows, sizes within one, order kept."""
+"""core/generation/cell_batches.py: as few batches as max_batch allows, sizes within one, order kept."""
 
 from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from qwen_identity.core.cell_batches import split_evenly
+from qwen_identity.core.generation.cell_batches import split_evenly
 
 
 def test_a_three_by_three_grid_goes_three_by_three_not_four_four_one():

@@ -16,7 +16,7 @@ SIZE = ["--height", "32", "--width", "32", "--steps", "2", "--device", "cpu", "-
 
 
 def _head(path, d=64, h=32):
-    from qwen_identity.core.head import HeadMeta, ResidualHead, save_head
+    from qwen_identity.core.residual.head import HeadMeta, ResidualHead, save_head
 
     torch.manual_seed(0)
     meta = HeadMeta(feature_dim=d, tokens=2, hidden_size=h, qwen3_vl_model="tiny",
@@ -41,7 +41,7 @@ def setup(tiny_models, tmp_path_factory):
 
 
 def test_eval_end_to_end(setup, monkeypatch, capsys):
-    from qwen_identity.core import sampling
+    from qwen_identity.core.generation import sampling
 
     calls = []
     real_sample = sampling.sample

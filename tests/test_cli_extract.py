@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from qwen_identity.cli import main
-from qwen_identity.core.features import FeatureSettings, extract_features, feature_cache_key, load_feature_cache
-from qwen_identity.core.images import load_image
+from qwen_identity.core.identity.features import FeatureSettings, extract_features, feature_cache_key, load_feature_cache
+from qwen_identity.core.files.images import load_image
 
 FAST = ["--device", "cpu", "--resolution", "pixel_budget", "--max-pixels", "4096"]
 
@@ -19,7 +19,7 @@ def hashes(dirs):
 
 
 def test_extract_writes_one_entry_per_seed_dir(make_dataset, tiny_qwen3vl_dir, tmp_path, capsys):
-    from qwen_identity.core.qwen3vl import load_qwen3vl
+    from qwen_identity.core.identity.qwen3vl import load_qwen3vl
 
     dirs = make_dataset(identities=2, views=3)
     before = hashes(dirs + [tiny_qwen3vl_dir])

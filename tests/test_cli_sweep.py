@@ -36,7 +36,7 @@ def trained(tiny_models, tmp_path_factory):
 
 
 def test_sweep_train_writes_head_grids_and_meta(trained, tiny_models):
-    from qwen_identity.core.dataset_fingerprint import file_sha256
+    from qwen_identity.core.files.dataset_fingerprint import file_sha256
 
     dirs, out = trained
     head = out / "checkpoints" / "linear_head.safetensors"
@@ -60,7 +60,7 @@ def test_sweep_train_writes_head_grids_and_meta(trained, tiny_models):
 
 def test_alpha_zero_row_is_the_base_image(trained, tiny_models):
     """Through the CLI with --max-batch 1: the α = 0 cells equal the base prompt sampled directly, byte for byte."""
-    from qwen_identity.core import sampling
+    from qwen_identity.core.generation import sampling
 
     dirs, out = trained
     rc = main(["sweep", "--seed-dirs", str(dirs[0]), "--out-dir", str(out), "--alphas", "0,1", "--gen-seeds", "5",
@@ -118,7 +118,7 @@ def test_sweep_reuses_the_features_train_cached(trained, tiny_models, tmp_path, 
     def no_load(*a, **k):
         raise AssertionError("Qwen3-VL was loaded although train had cached every feature")
 
-    monkeypatch.setattr("qwen_identity.core.qwen3vl.load_qwen3vl", no_load)
+    monkeypatch.setattr("qwen_identity.core.identity.qwen3vl.load_qwen3vl", no_load)
     assert main(["sweep", *common, "--out-dir", str(out)]) == 0
     name = f"{dirs[1].name}_alpha_grid.png"
     assert (out / "generations" / name).read_bytes() == (fresh / "generations" / name).read_bytes()

@@ -32,8 +32,8 @@ def _listing(dirs):
 
 
 def test_seed_dirs_to_checkpoint_to_node_to_residual(train, make_dataset, tmp_path, monkeypatch):
-    from qwen_identity.core.features import load_feature_cache
-    from qwen_identity.core.head import check_head_features, check_head_hidden
+    from qwen_identity.core.identity.features import load_feature_cache
+    from qwen_identity.core.residual.head import check_head_features, check_head_hidden
     from qwen_identity.nodes.head_nodes import LoadResidualHead
 
     dirs = make_dataset(identities=3, views=2, size=(64, 64), captions={0: "a man with short brown hair"})
@@ -63,7 +63,7 @@ def test_seed_dirs_to_checkpoint_to_node_to_residual(train, make_dataset, tmp_pa
     assert m.length_policy == "segment-mean-v1" and len(m.dataset_fingerprint) == 64 and m.pack_version
     assert m.feature_settings["source"] == "merger_pooled" and m.training_args["lr"] == 1e-3
     assert m.metrics["epochs"] == 2 and "train_loss" in m.metrics and "D=64" in summary
-    from qwen_identity.core.injection import reference_rms
+    from qwen_identity.core.residual.injection import reference_rms
 
     assert reference_rms(m) > 0  # ρ for InjectResidual's relative strength mode travels with the head
 
@@ -71,8 +71,8 @@ def test_seed_dirs_to_checkpoint_to_node_to_residual(train, make_dataset, tmp_pa
     def no_load(*a, **k):
         raise AssertionError("a model was loaded although the caches were complete")
 
-    monkeypatch.setattr("qwen_identity.core.qwen3vl.load_qwen3vl", no_load)
-    monkeypatch.setattr("qwen_identity.core.prompt_encoding.load_text_encoder", no_load)
+    monkeypatch.setattr("qwen_identity.core.identity.qwen3vl.load_qwen3vl", no_load)
+    monkeypatch.setattr("qwen_identity.core.generation.prompt_encoding.load_text_encoder", no_load)
     code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), "--tokens", "2", "--overwrite", out=out,
                          target="caption")
     assert code == 0, err
@@ -118,7 +118,7 @@ def test_full_disk_keeps_the_previous_checkpoint(train, make_dataset, tmp_path, 
     assert train("--seed-dirs", dirs, "--epochs", "1", out=out)[0] == 0
     head_file, state_file = out / "checkpoints" / "linear_head.safetensors", out / "checkpoints" / "train_state.safetensors"
     saved = head_file.read_bytes(), state_file.read_bytes()
-    import qwen_identity.core.atomic as atomic
+    import qwen_identity.core.files.atomic as atomic
 
     real = atomic.atomic_path
 
@@ -183,7 +183,7 @@ def test_features_from_qwen_identity_extract_are_reused(train, make_dataset, tin
     def no_load(*a, **k):
         raise AssertionError("Qwen3-VL was loaded although the extract file had every identity")
 
-    monkeypatch.setattr("qwen_identity.core.qwen3vl.load_qwen3vl", no_load)
+    monkeypatch.setattr("qwen_identity.core.identity.qwen3vl.load_qwen3vl", no_load)
     code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), "--features", str(feats), "--epochs", "1",
                          out=tmp_path / "o")
     assert code == 0, err

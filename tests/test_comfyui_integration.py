@@ -58,7 +58,7 @@ EXPECTED_IMAGES = {"qwen_identity_alpha_grid": 1, "qwen_identity_native_ksampler
 def _random_head(path: Path, feature_dim: int, hidden: int, tokens: int = 4, seed: int = 0):
     import torch
 
-    from qwen_identity.core.head import HeadMeta, ResidualHead, save_head
+    from qwen_identity.core.residual.head import HeadMeta, ResidualHead, save_head
 
     head = ResidualHead(feature_dim, tokens, hidden, HeadMeta(feature_dim=feature_dim, tokens=tokens,
                                                               hidden_size=hidden, qwen3_vl_model="tiny-qwen3-vl"))

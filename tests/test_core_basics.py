@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen_identity.core.atomic import atomic_write, atomic_write_json
+from qwen_identity.core.files.atomic import atomic_write, atomic_write_json
 from qwen_identity.core.errors import ModelMismatchError, UserInputError
-from qwen_identity.core.head import HeadMeta, ResidualHead, load_head, save_head
-from qwen_identity.core.images import comfy_to_pil, load_image, pil_to_comfy, to_rgb
-from qwen_identity.core.seed_dirs import load_seed_dir, parse_seed_dir_args
+from qwen_identity.core.residual.head import HeadMeta, ResidualHead, load_head, save_head
+from qwen_identity.core.files.images import comfy_to_pil, load_image, pil_to_comfy, to_rgb
+from qwen_identity.core.identity.seed_dirs import load_seed_dir, parse_seed_dir_args
 
 
 # --- atomic writes -----------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def test_bad_head_files(tmp_path):
 
 # --- devices -----------------------------------------------------------------------------------
 def test_device_and_dtype_resolution():
-    from qwen_identity.core.devices import resolve_device, resolve_dtype
+    from qwen_identity.core.runtime.devices import resolve_device, resolve_dtype
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.images import pil_to_comfy
+from qwen_identity.core.files.images import pil_to_comfy
 from qwen_identity.nodes.eval_nodes import NO_FACE_MEAN, ScoreIdentity
 from real_faces import astronaut, astronaut_variants, cat, grace_hopper
 

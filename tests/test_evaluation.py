@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen_identity.core import evaluation as ev
-from qwen_identity.core import face_similarity as fs
+from qwen_identity.core.measurement import evaluation as ev
+from qwen_identity.core.measurement import face_similarity as fs
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.features import FeatureSettings
+from qwen_identity.core.identity.features import FeatureSettings
 from real_faces import astronaut, astronaut_variants, cat, grace_hopper
 
 SMALL = FeatureSettings(resolution="pixel_budget", max_pixels=64 * 64)
@@ -21,7 +21,7 @@ SMALL = FeatureSettings(resolution="pixel_budget", max_pixels=64 * 64)
 
 @pytest.fixture(scope="module")
 def bundle(tiny_qwen3vl_dir):
-    from qwen_identity.core.qwen3vl import load_qwen3vl
+    from qwen_identity.core.identity.qwen3vl import load_qwen3vl
 
     return load_qwen3vl(str(tiny_qwen3vl_dir), device="cpu", dtype="fp32")
 
@@ -196,9 +196,9 @@ def test_plot_panels_follow_the_measures(two_identities, tmp_path):
 
 
 def test_sample_alpha_images_batches_alphas_and_shares_the_baseline(tiny_qwenimage_dir, tiny_qwen3vl_dir):
-    from qwen_identity.core import sampling
-    from qwen_identity.core.head import HeadMeta, ResidualHead
-    from qwen_identity.core.images import comfy_to_pil
+    from qwen_identity.core.generation import sampling
+    from qwen_identity.core.residual.head import HeadMeta, ResidualHead
+    from qwen_identity.core.files.images import comfy_to_pil
 
     bundle = sampling.load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", dtype="fp32")
     pos = sampling.encode_text(bundle, "a portrait photo of a person")
@@ -208,7 +208,7 @@ def test_sample_alpha_images_batches_alphas_and_shares_the_baseline(tiny_qwenima
     head = ResidualHead(8, 2, h, meta=HeadMeta(feature_dim=8, tokens=2, hidden_size=h))
     with torch.no_grad():
         head.proj.weight.normal_(0, 2.0)
-    from qwen_identity.core.features import IdentityFeatures
+    from qwen_identity.core.identity.features import IdentityFeatures
 
     v = torch.nn.functional.normalize(torch.randn(8), dim=0)
     identity = IdentityFeatures(per_image=v[None], combined=v, weights=None, meta={"feature_dim": 8})

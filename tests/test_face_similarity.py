@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_identity.core import face_similarity as fs
+from qwen_identity.core.measurement import face_similarity as fs
 from qwen_identity.core.errors import UserInputError
 from real_faces import astronaut, astronaut_variants, cat, grace_hopper
 

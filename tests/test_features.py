@@ -10,7 +10,7 @@ from hypothesis import given, settings as hyp_settings, strategies as st
 from PIL import Image
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.features import (FeatureSettings, IdentityFeatures, combine_features, extract_features,
+from qwen_identity.core.identity.features import (FeatureSettings, IdentityFeatures, combine_features, extract_features,
                                          load_feature_cache, parse_weights, prepare_images, save_feature_cache,
                                          settings_from_meta)
 
@@ -19,7 +19,7 @@ BUDGET = FeatureSettings(resolution="pixel_budget", max_pixels=96 * 96)  # small
 
 @pytest.fixture(scope="module")
 def bundle(tiny_qwen3vl_dir):
-    from qwen_identity.core.qwen3vl import load_qwen3vl
+    from qwen_identity.core.identity.qwen3vl import load_qwen3vl
 
     return load_qwen3vl(str(tiny_qwen3vl_dir), device="cpu", dtype="fp32")
 
@@ -68,7 +68,7 @@ def test_combined_is_normalised_mean_and_weights_are_honoured(bundle, photos):
 
 
 def test_views_of_one_identity_are_closer_than_other_identities(bundle, make_dataset):
-    from qwen_identity.core.images import load_image
+    from qwen_identity.core.files.images import load_image
 
     dirs = make_dataset(identities=2, views=2)
     feats = [extract_features(bundle, [load_image(p) for p in sorted(d.glob("*.png"))], BUDGET) for d in dirs]
@@ -131,7 +131,7 @@ def test_pixel_budget_bounds_a_huge_photo():
 @hyp_settings(max_examples=60, deadline=None)
 @given(w=st.integers(1, 5000), h=st.integers(1, 5000), budget=st.integers(32 * 32, 1024 * 1024))
 def test_pixel_budget_property(w, h, budget):
-    from qwen_identity.core.features import _budget_size
+    from qwen_identity.core.identity.features import _budget_size
 
     bw, bh = _budget_size(w, h, budget, 32)
     assert bw % 32 == 0 and bh % 32 == 0 and bw >= 32 and bh >= 32

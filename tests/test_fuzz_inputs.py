@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.head import HeadMeta, ResidualHead, load_head, save_head
-from qwen_identity.core.images import load_image
-from qwen_identity.core.seed_dirs import parse_seed_dir_args
+from qwen_identity.core.residual.head import HeadMeta, ResidualHead, load_head, save_head
+from qwen_identity.core.files.images import load_image
+from qwen_identity.core.identity.seed_dirs import parse_seed_dir_args
 from robustness_helpers import check_photo_decodes_or_fails_clearly
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.grid import GAP, alpha_label, make_grid, seed_label
+from qwen_identity.core.generation.grid import GAP, alpha_label, make_grid, seed_label
 
 
 def cells(n, size=(64, 48)):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qwen_identity.core.errors import ModelMismatchError, UserInputError
-from qwen_identity.core.head import (HeadMeta, ResidualHead, check_head_features, check_head_hidden, head_summary,
+from qwen_identity.core.residual.head import (HeadMeta, ResidualHead, check_head_features, check_head_hidden, head_summary,
                                      load_head, save_head)
 
 

@@ -5,10 +5,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qwen_identity.core import injection, sampling
+from qwen_identity.core.residual import injection
+
+from qwen_identity.core.generation import sampling
 from qwen_identity.core.errors import ModelMismatchError, UserInputError
-from qwen_identity.core.head import HeadMeta, ResidualHead
-from qwen_identity.core.length_policy import pool_to_slots
+from qwen_identity.core.residual.head import HeadMeta, ResidualHead
+from qwen_identity.core.residual.length_policy import pool_to_slots
 
 
 def make_head(d=8, k=3, h=32, seed=0, metrics=None):
@@ -28,8 +30,8 @@ def identity(d=8, seed=1):
 
 @pytest.fixture(scope="module")
 def cond(tiny_text_encoder):
-    from qwen_identity.core.conditioning import make_conditioning
-    from qwen_identity.core.prompt_encoding import encode_prompts
+    from qwen_identity.core.residual.conditioning import make_conditioning
+    from qwen_identity.core.generation.prompt_encoding import encode_prompts
 
     te, tok = tiny_text_encoder
     return make_conditioning(encode_prompts(te, tok, ["a portrait photo of a person, studio lighting, 85mm", "a man"]))
@@ -188,7 +190,7 @@ def test_alpha_zero_reproduces_the_base_image_exactly(bundle):
 def test_absurd_alphas_are_refused_before_they_become_nan_images():
     """Found by the workflow fuzzer: α = 1.1e39 overflowed to inf embeddings and NaN images."""
     from qwen_identity.core.errors import UserInputError
-    from qwen_identity.core.injection import MAX_ABS_ALPHA, parse_alphas
+    from qwen_identity.core.residual.injection import MAX_ABS_ALPHA, parse_alphas
 
     assert parse_alphas(f"0,{MAX_ABS_ALPHA:g},-{MAX_ABS_ALPHA:g}") == [0.0, MAX_ABS_ALPHA, -MAX_ABS_ALPHA]
     for bad in ("1" * 40, "101", "-1e6"):

@@ -1,4 +1,4 @@
-"""core/interrupts.py: a Ctrl-C Python drops inside a finalizer still stops the work (found by CI: `demo` ran on)."""
+"""core/runtime/interrupts.py: a Ctrl-C Python drops inside a finalizer still stops the work (found by CI: `demo` ran on)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from qwen_identity import cli
-from qwen_identity.core import interrupts
-from qwen_identity.core.progress import TqdmProgress
+from qwen_identity.core.runtime import interrupts
+from qwen_identity.core.runtime.progress import TqdmProgress
 
 
 class _InterruptedWhileFreed:

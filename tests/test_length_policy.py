@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qwen_identity.core.length_policy import expand_to_tokens, pool_to_slots
+from qwen_identity.core.residual.length_policy import expand_to_tokens, pool_to_slots
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 1), (7, 3), (12, 4), (5, 5), (100, 8)])

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.out_dir_lock import OutDirLock
+from qwen_identity.core.files.out_dir_lock import OutDirLock
 
 
 def test_second_writer_is_refused_and_first_release_frees(tmp_path):
@@ -18,7 +18,7 @@ def test_second_writer_is_refused_and_first_release_frees(tmp_path):
 
 
 def test_lock_held_by_another_process_and_freed_when_it_dies(tmp_path, cli_env):
-    code = ("import sys, time\nfrom qwen_identity.core.out_dir_lock import OutDirLock\n"
+    code = ("import sys, time\nfrom qwen_identity.core.files.out_dir_lock import OutDirLock\n"
             f"l = OutDirLock({str(tmp_path / 'out')!r}).acquire()\nprint('locked', flush=True)\ntime.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], env=cli_env, stdout=subprocess.PIPE, text=True)
     try:

@@ -54,22 +54,55 @@ def test_no_absolute_import_of_comfyui_names_or_own_package():
             assert not banned & set(names), f"{f.relative_to(ROOT)}:{node.lineno} imports {names} absolutely"
 
 
+def _imports(f: Path):
+    """(line, absolute module) of every import in `f`, relative ones resolved against its package."""
+    package = list(f.relative_to(ROOT).parent.parts)
+    for node in ast.walk(ast.parse(f.read_text(), str(f))):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield node.lineno, a.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                yield node.lineno, node.module or ""
+                continue
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            if node.level - 1 > len(package):
+                yield node.lineno, "<outside the package>"
+                continue
+            mod = ".".join(["qwen_identity", *base] + ([node.module] if node.module else []))
+            if node.module:
+                yield node.lineno, mod
+            else:
+                for a in node.names:
+                    yield node.lineno, f"{mod}.{a.name}"
+
+
 def test_core_never_imports_comfyui():
     comfy = {"comfy", "folder_paths", "comfy_api", "comfy_extras", "server", "execution", "nodes"}
     for f in sorted((ROOT / "core").rglob("*.py")):
-        tree = ast.parse(f.read_text(), str(f))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [a.name.split(".")[0] for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module.split(".")[0]]
-            elif isinstance(node, ast.ImportFrom) and node.level >= 2:
-                names = [(node.module or "").split(".")[0] or "<parent>"]
-                assert names[0] in {"version"}, f"{f.relative_to(ROOT)}:{node.lineno} reaches outside core: {names}"
-                continue
+        for line, mod in _imports(f):
+            where = f"{f.relative_to(ROOT)}:{line}"
+            if mod.startswith("qwen_identity"):
+                assert mod.startswith(("qwen_identity.core", "qwen_identity.version")), f"{where} reaches outside core: {mod}"
             else:
+                assert mod.split(".")[0] not in comfy, f"{where} imports ComfyUI ({mod})"
+
+
+# The comfy bench stage still reaches the native path through qwen_identity.nodes; it is being moved to
+# load the pack the way ComfyUI does (its NODE_CLASS_MAPPINGS) in the native-acceleration work.
+NODE_LAYER_IMPORT_PENDING = {"bench/comfy_stage.py"}
+
+
+def test_offline_side_never_imports_the_node_layer():
+    """cli/, training/ and bench/ sit on the core; the ComfyUI adapters in nodes/ are not theirs to use."""
+    for top in ("cli", "training", "bench"):
+        for f in sorted((ROOT / top).rglob("*.py")):
+            if f.relative_to(ROOT).as_posix() in NODE_LAYER_IMPORT_PENDING:
                 continue
-            assert not comfy & set(names), f"{f.relative_to(ROOT)}:{node.lineno} imports ComfyUI ({names})"
+            for line, mod in _imports(f):
+                assert not mod.startswith("qwen_identity.nodes"), f"{f.relative_to(ROOT)}:{line} imports {mod}"
+                assert mod.split(".")[0] not in {"comfy", "folder_paths", "nodes"} or top == "bench", (
+                    f"{f.relative_to(ROOT)}:{line} imports ComfyUI ({mod})")
 
 
 def test_pyproject_metadata():

@@ -1,6 +1,6 @@
 """The CLI's tqdm progress callback and the offset helper that lets several calls share one bar."""
 
-from qwen_identity.core.progress import offset_progress, tqdm_progress
+from qwen_identity.core.runtime.progress import offset_progress, tqdm_progress
 
 
 def test_tqdm_progress_tracks_done_and_total(capsys):

@@ -6,7 +6,7 @@ import torch
 def test_matches_diffusers_encode_prompt(tiny_qwenimage_dir, tiny_text_encoder):
     from diffusers import QwenImagePipeline
 
-    from qwen_identity.core.prompt_encoding import encode_prompts
+    from qwen_identity.core.generation.prompt_encoding import encode_prompts
 
     te, tok = tiny_text_encoder
     prompts = ["a portrait photo of a person, studio lighting, 85mm", "a man"]
@@ -19,7 +19,7 @@ def test_matches_diffusers_encode_prompt(tiny_qwenimage_dir, tiny_text_encoder):
 
 
 def test_sequence_length_is_prompt_tokens_plus_5(tiny_text_encoder):
-    from qwen_identity.core.prompt_encoding import encode_prompts
+    from qwen_identity.core.generation.prompt_encoding import encode_prompts
 
     te, tok = tiny_text_encoder
     prompt = "a portrait photo of a person"
@@ -31,8 +31,8 @@ def test_sequence_length_is_prompt_tokens_plus_5(tiny_text_encoder):
 
 
 def test_conditioning_layout(tiny_text_encoder):
-    from qwen_identity.core.conditioning import entry_mask, make_conditioning
-    from qwen_identity.core.prompt_encoding import encode_prompts
+    from qwen_identity.core.residual.conditioning import entry_mask, make_conditioning
+    from qwen_identity.core.generation.prompt_encoding import encode_prompts
 
     te, tok = tiny_text_encoder
     single = make_conditioning(encode_prompts(te, tok, "a person"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.qwen3vl import check_model_type, load_qwen3vl
+from qwen_identity.core.identity.qwen3vl import check_model_type, load_qwen3vl
 
 
 def tree_hashes(folder):
@@ -42,7 +42,7 @@ def test_name_in_a_models_folder_and_bf16(tiny_qwen3vl_dir):
     assert bundle.dtype == torch.bfloat16 and next(bundle.model.parameters()).dtype == torch.bfloat16
     from PIL import Image
 
-    from qwen_identity.core.features import FeatureSettings, extract_features
+    from qwen_identity.core.identity.features import FeatureSettings, extract_features
 
     for source in ("merger_pooled", "llm_hidden"):  # bf16 weights still give float32 unit-norm features
         f = extract_features(bundle, [Image.new("RGB", (50, 70), (30, 40, 50))],
@@ -108,7 +108,7 @@ def test_not_found_and_bad_options(tiny_qwen3vl_dir, tmp_path):
 
 
 def test_flash_attention_without_package(tiny_qwen3vl_dir, monkeypatch):
-    from qwen_identity.core import qwen3vl
+    from qwen_identity.core.identity import qwen3vl
 
     monkeypatch.setattr(qwen3vl, "flash_attention_available", lambda: False)
     assert "flash_attention_2" not in qwen3vl.attention_choices()

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.features import FeatureSettings, extract_features
-from qwen_identity.core.images import load_image
+from qwen_identity.core.identity.features import FeatureSettings, extract_features
+from qwen_identity.core.files.images import load_image
 from qwen_identity.nodes.qwen3vl_nodes import NO_FOLDER, ExtractIdentityFeatures, LoadQwen3VL, pad_to_one_size
 
 

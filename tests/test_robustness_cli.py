@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qwen_identity import cli
-from qwen_identity.core.head import ResidualHead, save_head
+from qwen_identity.core.residual.head import ResidualHead, save_head
 from robustness_helpers import ReachedModels, block_model_loading
 
 EXAMPLES_PER_COMMAND = int(os.environ.get("QWEN_IDENTITY_FUZZ_EXAMPLES", "40"))  # raise for a deep local run
@@ -243,7 +243,7 @@ def test_real_process_sigint_exits_130_without_traceback(when, workspace, cli_en
         while time.time() < deadline and proc.poll() is None and not (tmp_path / "imported").exists():
             time.sleep(0.02)
     # Once the CLI works, one press must do: a Ctrl-C Python drops inside a finalizer (__del__) is latched
-    # and raised at the next progress tick (core/interrupts.py; CI once saw `demo` run on to exit 0).
+    # and raised at the next progress tick (core/runtime/interrupts.py; CI once saw `demo` run on to exit 0).
     # While it is still starting, the press can land before main() installs that latch: press again.
     presses = 1 if when == "working" else 20
     while proc.poll() is None and time.time() < deadline and presses:

@@ -21,9 +21,9 @@ import torch
 
 from qwen_identity import cli
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.head import HeadMeta, ResidualHead, save_head
-from qwen_identity.core.images import load_image, pil_to_comfy
-from qwen_identity.core.out_dir_lock import OutDirLock
+from qwen_identity.core.residual.head import HeadMeta, ResidualHead, save_head
+from qwen_identity.core.files.images import load_image, pil_to_comfy
+from qwen_identity.core.files.out_dir_lock import OutDirLock
 from robustness_helpers import LockHolder, ReachedModels, block_model_loading
 
 
@@ -137,7 +137,7 @@ def test_nested_steps_of_one_run_share_the_lock_and_others_are_refused(tmp_path,
 
 
 def test_two_real_extract_runs_racing_for_one_output(tiny_qwen3vl_dir, inputs, tmp_path, cli_env):
-    from qwen_identity.core.features import load_feature_cache
+    from qwen_identity.core.identity.features import load_feature_cache
 
     out = tmp_path / "race" / "features.safetensors"
     args = ["extract", "--seed-dirs", str(inputs / "data" / "seed_*"), "--qwen3-vl-model", str(tiny_qwen3vl_dir),

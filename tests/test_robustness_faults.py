@@ -26,10 +26,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import qwen_identity.core.atomic as atomic
+import qwen_identity.core.files.atomic as atomic
 from qwen_identity.cli import main
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.head import HeadMeta, ResidualHead, load_head, save_head
+from qwen_identity.core.residual.head import HeadMeta, ResidualHead, load_head, save_head
 from qwen_identity.training.checkpoint import load_train_state
 from robustness_helpers import InterruptProcessingException, fake_comfy
 
@@ -161,7 +161,7 @@ def _grids(out: Path) -> dict[str, bytes]:
 
 def test_sweep_interrupt_and_full_disk_keep_the_previous_grids_and_a_rerun_recovers(sweep_inputs, tiny_models,
                                                                                    tmp_path, monkeypatch, run_cli):
-    import qwen_identity.core.sampling as sampling
+    import qwen_identity.core.generation.sampling as sampling
 
     dirs, head = sweep_inputs
     out = tmp_path / "out"

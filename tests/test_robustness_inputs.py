@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.head import HeadMeta, ResidualHead, load_head
-from qwen_identity.core.images import load_image
+from qwen_identity.core.residual.head import HeadMeta, ResidualHead, load_head
+from qwen_identity.core.files.images import load_image
 from robustness_helpers import check_photo_decodes_or_fails_clearly
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -186,7 +186,7 @@ def test_integer_weights_extra_tensors_and_a_header_past_the_end(tmp_path):
 # ---------------------------------------------------------------------------- other files the pack reads
 @pytest.fixture(scope="module")
 def good_files(tmp_path_factory):
-    from qwen_identity.core.features import IdentityFeatures, save_feature_cache
+    from qwen_identity.core.identity.features import IdentityFeatures, save_feature_cache
 
     root = tmp_path_factory.mktemp("files")
     feats = IdentityFeatures(per_image=torch.randn(2, 6), combined=torch.randn(6), weights=torch.ones(2) / 2,
@@ -206,7 +206,7 @@ def good_files(tmp_path_factory):
 @given(name=st.sampled_from(["features.safetensors", "train_state.safetensors"]), cut=st.floats(0, 1),
        flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3))
 def test_damaged_feature_caches_and_training_states_fail_clearly(tmp_path, good_files, name, cut, flips):
-    from qwen_identity.core.features import load_feature_cache
+    from qwen_identity.core.identity.features import load_feature_cache
     from qwen_identity.training.checkpoint import load_train_state
 
     data = bytearray(good_files[name][: max(0, int(len(good_files[name]) * cut)) or len(good_files[name])])
@@ -293,7 +293,7 @@ def _snapshot(root: Path) -> dict:
 def test_random_seed_dir_trees_give_identities_or_a_clear_error(tmp_path_factory, monkeypatch, entries, args,
                                                                 single_view, via_file):
     from qwen_identity.cli.extract import readable_photos
-    from qwen_identity.core.seed_dirs import load_seed_dirs, parse_seed_dir_args
+    from qwen_identity.core.identity.seed_dirs import load_seed_dirs, parse_seed_dir_args
     from qwen_identity.training.data import load_identities
 
     root = tmp_path_factory.mktemp("tree")
@@ -330,7 +330,7 @@ def test_random_seed_dir_trees_give_identities_or_a_clear_error(tmp_path_factory
 
 def test_seed_dirs_file_with_nul_bytes_and_bad_encoding(tmp_path, monkeypatch):
     """Found by this test: a Latin-1 --seed-dirs-file was an 'internal error' (UnicodeDecodeError)."""
-    from qwen_identity.core.seed_dirs import load_seed_dirs, parse_seed_dir_args
+    from qwen_identity.core.identity.seed_dirs import load_seed_dirs, parse_seed_dir_args
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "list.txt").write_bytes(b"seed_0\x00evil\n")

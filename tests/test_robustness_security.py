@@ -144,8 +144,8 @@ def _pickle_bytes(marker: Path) -> bytes:
 
 
 def test_pickles_renamed_to_our_file_names_never_run(tmp_path):
-    from qwen_identity.core.features import load_feature_cache
-    from qwen_identity.core.head import load_head
+    from qwen_identity.core.identity.features import load_feature_cache
+    from qwen_identity.core.residual.head import load_head
     from qwen_identity.training.checkpoint import load_train_state
 
     marker = tmp_path / "PWNED"
@@ -163,8 +163,8 @@ def test_pickles_renamed_to_our_file_names_never_run(tmp_path):
 
 def test_model_folders_with_pickle_weights_are_refused(tiny_qwen3vl_dir, tiny_qwenimage_dir, tmp_path):
     """Qwen3-VL and diffusers folders whose weights are a pickle (.bin): refused, nothing runs."""
-    from qwen_identity.core.qwen3vl import load_qwen3vl
-    from qwen_identity.core.sampling import load_qwen_image_pipeline
+    from qwen_identity.core.identity.qwen3vl import load_qwen3vl
+    from qwen_identity.core.generation.sampling import load_qwen_image_pipeline
 
     marker = tmp_path / "PWNED"
     vl = tmp_path / "vl"
@@ -183,7 +183,7 @@ def test_model_folders_with_pickle_weights_are_refused(tiny_qwen3vl_dir, tiny_qw
         (qi / sub / name).write_bytes(_pickle_bytes(marker))
     with pytest.raises(UserInputError, match="cannot load the Qwen-Image pipeline.*safetensors"):
         load_qwen_image_pipeline(str(qi), device="cpu")   # refused for having no safetensors, never unpickled
-    from qwen_identity.core.prompt_encoding import load_text_encoder
+    from qwen_identity.core.generation.prompt_encoding import load_text_encoder
     with pytest.raises(UserInputError, match="text encoder.*safetensors"):
         load_text_encoder(qi)
     assert not marker.exists()
@@ -192,7 +192,7 @@ def test_model_folders_with_pickle_weights_are_refused(tiny_qwen3vl_dir, tiny_qw
 def test_trust_remote_code_is_off_by_default_and_warns_when_turned_on(tiny_qwen3vl_dir):
     import inspect
 
-    from qwen_identity.core.qwen3vl import load_qwen3vl
+    from qwen_identity.core.identity.qwen3vl import load_qwen3vl
 
     assert inspect.signature(load_qwen3vl).parameters["trust_remote_code"].default is False
     with warnings.catch_warnings():
@@ -273,7 +273,7 @@ def test_hostile_dropdown_values_never_leave_the_models_folders(tmp_path_factory
         name = str(root) + "/" + name
     call = _loader_cases()[which][2]
     seen = []
-    import qwen_identity.core.safe_paths as sp
+    import qwen_identity.core.files.safe_paths as sp
 
     real = sp.resolve_inside
 
@@ -284,7 +284,7 @@ def test_hostile_dropdown_values_never_leave_the_models_folders(tmp_path_factory
     for mod in ("qwen_identity.nodes.head_nodes", "qwen_identity.nodes.qwen3vl_nodes"):  # module-level imports
         if hasattr(importlib.import_module(mod), "resolve_inside"):
             monkeypatch.setattr(f"{mod}.resolve_inside", spy)
-    monkeypatch.setattr("qwen_identity.core.safe_paths.resolve_inside", spy)  # imports at call time
+    monkeypatch.setattr("qwen_identity.core.files.safe_paths.resolve_inside", spy)  # imports at call time
     with pytest.raises(UserInputError):
         call(name)
     base = Path(os.path.abspath(models))

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from comfyui_harness.workflow_format import check_widget_value, is_widget, ordered_inputs, pack_node_defs
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.head import HeadMeta, ResidualHead
+from qwen_identity.core.residual.head import HeadMeta, ResidualHead
 
 ROOT = Path(__file__).resolve().parents[1]
 API_FILES = sorted((ROOT / "workflows" / "api").glob("*_api.json"))

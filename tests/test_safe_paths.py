@@ -3,7 +3,7 @@
 import pytest
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.safe_paths import resolve_inside
+from qwen_identity.core.files.safe_paths import resolve_inside
 
 
 def test_resolves_inside_and_rejects_escapes(tmp_path):

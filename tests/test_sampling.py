@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qwen_identity.core import sampling
+from qwen_identity.core.generation import sampling
 from qwen_identity.core.errors import UserInputError
 
 NEG = sampling.DEFAULT_NEGATIVE_PROMPT
@@ -250,7 +250,7 @@ def test_rope_real_equals_diffusers_complex_rope():
 
 
 def test_fast_switch_means_compile_and_graphs_only_on_cuda():
-    from qwen_identity.core.sampling import QwenImageBundle, speed_options
+    from qwen_identity.core.generation.sampling import QwenImageBundle, speed_options
 
     cpu = QwenImageBundle(pipeline=None, model_id="x", device=torch.device("cpu"), dtype=torch.float32)
     cuda = QwenImageBundle(pipeline=None, model_id="x", device=torch.device("cuda"), dtype=torch.bfloat16)
@@ -261,7 +261,7 @@ def test_fast_switch_means_compile_and_graphs_only_on_cuda():
 
 def test_fp8_weight_storage_samples_close_to_full_precision(tiny_qwenimage_dir):
     """fp8 storage (the 24 GB option) loads, runs and stays near the full-precision images."""
-    from qwen_identity.core.sampling import encode_text, load_qwen_image_pipeline, sample
+    from qwen_identity.core.generation.sampling import encode_text, load_qwen_image_pipeline, sample
 
     full = load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", dtype="fp32")
     fp8 = load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", dtype="fp32", fp8_storage=True)
@@ -275,7 +275,7 @@ def test_fp8_weight_storage_samples_close_to_full_precision(tiny_qwenimage_dir):
 
 def test_offload_needs_cuda_and_names_the_choices(tiny_qwenimage_dir):
     from qwen_identity.core.errors import UserInputError
-    from qwen_identity.core.sampling import load_qwen_image_pipeline
+    from qwen_identity.core.generation.sampling import load_qwen_image_pipeline
 
     with pytest.raises(UserInputError, match="CUDA"):
         load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", offload="group")

@@ -57,8 +57,8 @@ def test_loader_needs_a_model(monkeypatch, tmp_path):
 
 
 def test_node_chain(pipeline, tiny_qwen3vl_dir, make_dataset, tmp_path):
-    from qwen_identity.core.head import HeadMeta, ResidualHead, save_head
-    from qwen_identity.core.images import load_image, pil_to_comfy
+    from qwen_identity.core.residual.head import HeadMeta, ResidualHead, save_head
+    from qwen_identity.core.files.images import load_image, pil_to_comfy
     from qwen_identity.nodes.head_nodes import LoadResidualHead
     from qwen_identity.nodes.qwen3vl_nodes import NO_FOLDER as NO_VL, ExtractIdentityFeatures, LoadQwen3VL
 
@@ -183,8 +183,8 @@ def test_sample_node_delegates_native_model_and_vae(monkeypatch):
 
 
 def test_max_batch_auto_is_four_on_the_diffusers_path(monkeypatch):
-    from qwen_identity.core import sampling
-    from qwen_identity.core.sampling import DEFAULT_MAX_BATCH, QwenImageBundle
+    from qwen_identity.core.generation import sampling
+    from qwen_identity.core.generation.sampling import DEFAULT_MAX_BATCH, QwenImageBundle
 
     got = {}
 

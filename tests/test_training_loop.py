@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.head import ResidualHead
+from qwen_identity.core.residual.head import ResidualHead
 from qwen_identity.training import checkpoint as ckpt
 from qwen_identity.training.data import split_identities
 from qwen_identity.training.distributed import AccelerateDist, LocalDist, shard_map

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from qwen_identity.core.errors import UserInputError
-from qwen_identity.core.length_policy import expand_to_tokens, pool_to_slots
-from qwen_identity.core.prompt_encoding import encode_prompts
-from qwen_identity.core.training_targets import caption_targets, compose_prompt, text_hidden_size, zero_targets
+from qwen_identity.core.residual.length_policy import expand_to_tokens, pool_to_slots
+from qwen_identity.core.generation.prompt_encoding import encode_prompts
+from qwen_identity.core.residual.training_targets import caption_targets, compose_prompt, text_hidden_size, zero_targets
 
 BASE = "a portrait photo of a person, studio lighting, 85mm"
 
@@ -47,8 +47,8 @@ def test_zero_targets_and_bad_k(tiny_text_encoder):
 
 def test_caption_targets_record_the_base_prompts_token_rms(tiny_text_encoder):
     """ρ for InjectResidual's relative mode: the mean RMS of the base prompt's valid tokens."""
-    from qwen_identity.core.prompt_encoding import encode_prompts
-    from qwen_identity.core.training_targets import caption_targets
+    from qwen_identity.core.generation.prompt_encoding import encode_prompts
+    from qwen_identity.core.residual.training_targets import caption_targets
 
     te, tok = tiny_text_encoder
     base = "a portrait photo of a person"

@@ -16,9 +16,9 @@ from typing import Any, Iterator
 
 import torch
 
-from ..core.atomic import atomic_write
+from ..core.files.atomic import atomic_write
 from ..core.errors import UserInputError
-from ..core.safetensors_io import read_safetensors, safetensors_bytes
+from ..core.files.safetensors_io import read_safetensors, safetensors_bytes
 
 STATE_FORMAT = "qwen-identity-train-state"
 STATE_VERSION = 1

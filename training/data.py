@@ -11,10 +11,10 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from ..core.dataset_fingerprint import dataset_fingerprint, file_sha256
+from ..core.files.dataset_fingerprint import dataset_fingerprint, file_sha256
 from ..core.errors import UserInputError
-from ..core.images import load_image
-from ..core.seed_dirs import load_seed_dir
+from ..core.files.images import load_image
+from ..core.identity.seed_dirs import load_seed_dir
 
 
 @dataclass

@@ -24,14 +24,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.atomic import atomic_write_json, atomic_write_text
-from ..core.dataset_fingerprint import cache_key, file_sha256
+from ..core.files.atomic import atomic_write_json, atomic_write_text
+from ..core.files.dataset_fingerprint import cache_key, file_sha256
 from ..core.errors import UserInputError
-from ..core.head import HeadMeta, ResidualHead, save_head
-from ..core.out_dir_lock import OutDirLock
-from ..core.length_policy import POLICY_NAME
-from ..core.injection import REFERENCE_RMS_KEY
-from ..core.training_targets import Targets, caption_targets, compose_prompt, zero_targets
+from ..core.residual.head import HeadMeta, ResidualHead, save_head
+from ..core.files.out_dir_lock import OutDirLock
+from ..core.residual.length_policy import POLICY_NAME
+from ..core.residual.injection import REFERENCE_RMS_KEY
+from ..core.residual.training_targets import Targets, caption_targets, compose_prompt, zero_targets
 from ..version import __version__
 from . import checkpoint as ckpt
 from .data import Identity, identities_fingerprint, load_identities, split_identities
@@ -110,7 +110,7 @@ def _model_key(source: str) -> dict[str, Any]:
 
 
 def _text_encoder_hidden(qwen_image_dir: Path) -> int:
-    from ..core.model_sources import read_config
+    from ..core.runtime.model_sources import read_config
 
     cfg = read_config(qwen_image_dir / "text_encoder")
     return int((cfg.get("text_config") or {}).get("hidden_size") or cfg["hidden_size"])
@@ -126,13 +126,13 @@ class _Models:
         self._qi_dir: Path | None = None
 
     def _search(self, key: str):
-        from ..nodes.model_folders import model_dirs
+        from ..core.runtime.model_folders import model_dirs
 
         return model_dirs(key)
 
     def qwen3vl(self):
         if self._vl is None:
-            from ..core.qwen3vl import load_qwen3vl
+            from ..core.identity.qwen3vl import load_qwen3vl
 
             self._vl = load_qwen3vl(self.cfg.qwen3_vl_model, search_dirs=self._search("qwen3_vl"),
                                     token=self.cfg.hf_token, cache_dir=self.cfg.cache_dir, device=self.device,
@@ -141,7 +141,7 @@ class _Models:
 
     def qwen_image_dir(self) -> Path:
         if self._qi_dir is None:
-            from ..core.model_sources import resolve_model_dir
+            from ..core.runtime.model_sources import resolve_model_dir
 
             self._qi_dir = resolve_model_dir(self.cfg.qwen_image_model, search_dirs=self._search("diffusers"),
                                              token=self.cfg.hf_token, cache_dir=self.cfg.cache_dir,
@@ -150,8 +150,8 @@ class _Models:
 
     def text_encoder(self):
         if self._te is None:
-            from ..core.devices import resolve_dtype
-            from ..core.prompt_encoding import load_text_encoder
+            from ..core.runtime.devices import resolve_dtype
+            from ..core.generation.prompt_encoding import load_text_encoder
 
             self._te = load_text_encoder(self.qwen_image_dir(), device=self.device,
                                          dtype=resolve_dtype(self.cfg.dtype, self.device))
@@ -180,7 +180,7 @@ def _captions(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
             sources.append("")
     todo = [i for i, c in enumerate(captions) if c is None]
     if todo:
-        from ..core.captioning import MAX_CAPTION_PHOTOS, write_caption
+        from ..core.identity.captioning import MAX_CAPTION_PHOTOS, write_caption
 
         say(f"Qwen3-VL is describing {len(todo)} identit{'y' if len(todo) == 1 else 'ies'} without caption.txt")
         bundle = models.qwen3vl()
@@ -214,7 +214,7 @@ def feature_cache_entry_key(qwen3_vl_model: str, settings, photo_hashes: list[st
 def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dist, progress: ProgressFactory,
               say: Callable[[str], None]) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Per-identity per-image features [n_i, D] (cached) and the features' metadata."""
-    from ..core.features import FeatureSettings, extract_features, load_feature_cache, save_feature_cache
+    from ..core.identity.features import FeatureSettings, extract_features, load_feature_cache, save_feature_cache
 
     settings = FeatureSettings(**cfg.feature_settings)
     path = cfg.out_dir / "cache" / "features.safetensors"
@@ -252,7 +252,7 @@ def _adopt_extracted(cfg: TrainConfig, settings, identities: list[Identity], key
                      say: Callable[[str], None]) -> None:
     """Take features from a `qwen-identity extract` file (entries keyed by the seed dir's absolute path) when
     they were made by the same model name with the same settings from the same photo files."""
-    from ..core.features import feature_cache_key, load_feature_cache
+    from ..core.identity.features import feature_cache_key, load_feature_cache
 
     extracted = load_feature_cache(cfg.features_file)
     model_name = Path(str(cfg.qwen3_vl_model).rstrip("/")).name
@@ -323,7 +323,7 @@ def _finite_or_none(x):
 def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
                  say: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> dict:
     """Train (or resume) a head; returns the metrics written to metrics.json."""
-    from ..core.devices import resolve_device
+    from ..core.runtime.devices import resolve_device
 
     validate_config(cfg)
     say = say or (lambda m: print(m, file=sys.stderr))

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..core.atomic import atomic_write_bytes
+from ..core.files.atomic import atomic_write_bytes
 
 COLORS = {"train": (31, 119, 180), "validation": (255, 127, 14)}
 

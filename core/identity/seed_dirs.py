@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 PHOTO_GLOB = "photo_view_*.png"
 CAPTION_FILE = "caption.txt"

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_write
-from .errors import UserInputError
-from .safetensors_io import read_safetensors, safetensors_bytes
+from ..files.atomic import atomic_write
+from ..errors import UserInputError
+from ..files.safetensors_io import read_safetensors, safetensors_bytes
 
 FORMAT_NAME = "qwen-identity-residual-head"
 FORMAT_VERSION = 1
@@ -118,7 +118,7 @@ class ResidualHead(nn.Module):
         if features.ndim == 1:
             features = features.unsqueeze(0)
         if features.shape[-1] != self.feature_dim:
-            from .errors import ModelMismatchError
+            from ..errors import ModelMismatchError
 
             raise ModelMismatchError(
                 f"identity features have D={features.shape[-1]} ({describe_feature_width(features.shape[-1])}) "
@@ -207,7 +207,7 @@ def check_head_features(head: ResidualHead, features_meta: Any) -> list[str]:
     (what the vector means) differs. A different resolution policy is only a warning: the vector lives
     in the same space, the head just sees the photo at another level of detail.
     """
-    from .errors import ModelMismatchError
+    from ..errors import ModelMismatchError
 
     flat = _features_meta_dict(features_meta)
     d = _feature_dim_of(features_meta, flat)
@@ -239,7 +239,7 @@ def check_head_features(head: ResidualHead, features_meta: Any) -> list[str]:
 
 def check_head_hidden(head: ResidualHead, hidden_size: int) -> None:
     """The prompt embeddings' width H must be the head's: otherwise name both sizes and their generations."""
-    from .errors import ModelMismatchError
+    from ..errors import ModelMismatchError
 
     if int(hidden_size) != head.hidden_size:
         raise ModelMismatchError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 def resolve_inside(name: str, base_dirs: Iterable[str | os.PathLike], what: str = "file") -> Path:

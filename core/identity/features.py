@@ -36,9 +36,9 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from .atomic import atomic_write
-from .errors import UserInputError
-from .images import to_rgb
+from ..files.atomic import atomic_write
+from ..errors import UserInputError
+from ..files.images import to_rgb
 
 FEATURE_SOURCES = ("merger_pooled", "llm_hidden")
 DEFAULT_SOURCE = "merger_pooled"
@@ -279,7 +279,7 @@ def extract_features(bundle, pil_images: Sequence[Image.Image], settings: Featur
     `prepared` may pass the output of `prepare_images` (to avoid resizing twice when the caller also
     shows what the model saw). `progress(done, total)` is called after each batch.
     """
-    from ..version import __version__
+    from ...version import __version__
 
     settings = settings or FeatureSettings()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -330,7 +330,7 @@ def save_feature_cache(path: str | os.PathLike, items: dict[str, IdentityFeature
 
 def load_feature_cache(path: str | os.PathLike) -> dict[str, IdentityFeatures]:
     """Read a feature cache back (insertion order kept); every problem is a UserInputError naming the file."""
-    from .safetensors_io import read_safetensors
+    from ..files.safetensors_io import read_safetensors
 
     path = Path(path)
     if not path.is_file():

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 def read_safetensors(path: str | os.PathLike, explain: Callable[[Exception], str],

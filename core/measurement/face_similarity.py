@@ -31,8 +31,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import UserInputError
-from .images import to_rgb
+from ..errors import UserInputError
+from ..files.images import to_rgb
 
 THRESHOLD = 0.6
 CONFIDENT_FRACTION = 0.5

@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .conditioning import entry_mask
-from .errors import ModelMismatchError, UserInputError
+from ..errors import ModelMismatchError, UserInputError
 from .head import describe_text_width
 from .length_policy import expand_to_tokens
 

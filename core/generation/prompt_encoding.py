@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 @dataclass
@@ -51,7 +51,7 @@ def load_text_encoder(pipeline_dir: str | os.PathLike, device: torch.device | st
     """(text_encoder, tokenizer) from a diffusers Qwen-Image folder, by the classes model_index.json names."""
     import transformers
 
-    from .model_sources import read_config
+    from ..runtime.model_sources import read_config
 
     root = Path(pipeline_dir)
     index = read_config(root)

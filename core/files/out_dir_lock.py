@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 LOCK_NAME = ".qwen-identity.lock"
 _NESTABLE: set[str] = set()  # folders this process holds with allow_nested=True

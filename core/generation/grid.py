@@ -14,7 +14,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 BACKGROUND = (255, 255, 255)
 INK = (0, 0, 0)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 _WHITE = (255, 255, 255)
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 CAPTION_INSTRUCTION = (
     "These photos all show the same person. Describe this person in one sentence for an image generator: "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .prompt_encoding import PromptEmbeds
+from ..generation.prompt_encoding import PromptEmbeds
 
 
 def make_conditioning(prompt: PromptEmbeds) -> list:

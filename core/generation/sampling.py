@@ -5,7 +5,7 @@ the same seeds it equals diffusers' `QwenImagePipeline.__call__` (same sigmas an
 same true-CFG with its norm rescale, same Euler step, same VAE decode; a test checks latents and
 images against the stock pipeline), and it is built for speed:
 - several cells (one prompt item × one seed) share a transformer forward, up to `max_batch` cells, in
-  batches of nearly equal size (9 cells at max_batch 4 go 3+3+3, not 4+4+1: `core/cell_batches.py`);
+  batches of nearly equal size (9 cells at max_batch 4 go 3+3+3, not 4+4+1: `core/generation/cell_batches.py`);
 - the positive and negative rows of those cells go through ONE forward: the text is padded to the
   longest row and masked (the transformer ignores masked text tokens, and padding at the end does not
   move the text RoPE positions of valid tokens);
@@ -53,9 +53,9 @@ import numpy as np
 import torch
 
 from .cell_batches import split_evenly
-from .conditioning import entry_mask
-from .errors import NotEnoughMemoryError, UserInputError
-from .injection import parse_number_list
+from ..residual.conditioning import entry_mask
+from ..errors import NotEnoughMemoryError, UserInputError
+from ..residual.injection import parse_number_list
 
 DEFAULT_STEPS = 28
 DEFAULT_CFG = 4.5
@@ -112,8 +112,8 @@ def load_qwen_image_pipeline(source: str, device: str | torch.device = "auto", d
     for the transformer, no precision loss; `fp8_storage=True` keeps the transformer's weights in
     float8_e4m3fn and computes in `dtype` (diffusers layerwise casting): half the memory, some precision
     lost (twice the bf16 noise in the final latents)."""
-    from .devices import resolve_device, resolve_dtype
-    from .model_sources import read_config, resolve_model_dir
+    from ..runtime.devices import resolve_device, resolve_dtype
+    from ..runtime.model_sources import read_config, resolve_model_dir
 
     if offload not in OFFLOAD_CHOICES:
         raise UserInputError(f"unknown offload {offload!r}: use one of {', '.join(OFFLOAD_CHOICES)}.")
@@ -164,7 +164,7 @@ def _pipe_and_device(bundle) -> tuple[object, torch.device]:
 
 def encode_text(bundle, prompts: str | list[str]) -> list:
     """CONDITIONING (ComfyUI layout, tensors on the CPU) from the pipeline's own text encoder."""
-    from .conditioning import make_conditioning
+    from ..residual.conditioning import make_conditioning
     from .prompt_encoding import PromptEmbeds, encode_prompts
 
     pipe, device = _pipe_and_device(bundle)
@@ -200,7 +200,7 @@ def _entries(conditioning, side: str, device, dtype, width: int | None) -> tuple
         if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
             raise UserInputError(f"{side} conditioning tensors must be [B, S, H]; got {getattr(embeds, 'shape', None)}.")
         if width is not None and embeds.shape[-1] != width:
-            from .head import describe_text_width
+            from ..residual.head import describe_text_width
 
             raise UserInputError(
                 f"the {side} conditioning has H={embeds.shape[-1]} ({describe_text_width(embeds.shape[-1])}) but this "

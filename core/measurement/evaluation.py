@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from PIL import Image
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 Generate = Callable[[float, Sequence[int]], Sequence[Image.Image]]
 ImageEmbedder = Callable[[Sequence[Image.Image]], torch.Tensor]      # images -> [N, D]
@@ -61,7 +61,7 @@ def _round(v, nd: int = 4):
 # --- Qwen3-VL measures ---------------------------------------------------------------------------
 def qwen3vl_embedder(bundle, settings=None) -> ImageEmbedder:
     """images -> their unit-norm Qwen3-VL features [N, D] (`extract_features(...).per_image`)."""
-    from .features import extract_features
+    from ..identity.features import extract_features
 
     def embed(images: Sequence[Image.Image]) -> torch.Tensor:
         return extract_features(bundle, list(images), settings).per_image
@@ -90,7 +90,7 @@ def mean_pairwise_cosine_distance(features: torch.Tensor) -> float | None:
 @torch.inference_mode()
 def _answer_logprob(model, processor, prefix: str, answer: str, image: Image.Image) -> float:
     """log P(answer | image, prefix) by teacher forcing (sum over the answer's tokens)."""
-    from .features import _model_device
+    from ..identity.features import _model_device
 
     device = _model_device(model)
     tokenizer = processor.tokenizer
@@ -110,7 +110,7 @@ def qwen3vl_prompt_scores(bundle, images: Sequence[Image.Image], prompt: str,
                           question: str = VQA_QUESTION, answers: tuple[str, str] = VQA_ANSWERS,
                           max_pixels: int = 448 * 448) -> list[float]:
     """The prompt-adherence proxy: P(yes) / (P(yes) + P(no)) per image, in [0, 1] (see module doc)."""
-    from .features import FeatureSettings, prepare_images
+    from ..identity.features import FeatureSettings, prepare_images
 
     if not prompt or not prompt.strip():
         raise UserInputError("the prompt-adherence proxy needs a non-empty prompt.")
@@ -147,9 +147,9 @@ def sample_alpha_images(pipeline_bundle, head, identity, positive: list, negativ
     (one image per seed) α = 0 is taken from it instead: it does not depend on the identity, so several
     identities can share one baseline.
     """
-    from .images import comfy_to_pil
-    from .injection import inject_identity
-    from .sampling import sample, speed_options
+    from ..files.images import comfy_to_pil
+    from ..residual.injection import inject_identity
+    from ..generation.sampling import sample, speed_options
 
     alphas, seeds = parse_alphas(alphas), [int(s) for s in seeds]
     out: dict[float, list[Image.Image]] = {}
@@ -344,7 +344,7 @@ def plot_identity_vs_alpha(curves: Mapping[str, SweepEvaluation], path: str | Pa
     One panel per available identity measure (face distance, Qwen3-VL cosine). Written atomically as
     PNG. backend: "auto" (matplotlib when importable, else PIL), "matplotlib" or "pil".
     """
-    from .atomic import atomic_write
+    from ..files.atomic import atomic_write
 
     if not curves:
         raise UserInputError("nothing to plot: no identity was evaluated.")

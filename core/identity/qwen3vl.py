@@ -26,9 +26,9 @@ from typing import Any, Iterable
 
 import torch
 
-from .devices import resolve_device, resolve_dtype
-from .errors import UserInputError
-from .model_sources import read_config, resolve_model_dir
+from ..runtime.devices import resolve_device, resolve_dtype
+from ..errors import UserInputError
+from ..runtime.model_sources import read_config, resolve_model_dir
 
 QWEN3VL_MODEL_TYPES = {"qwen3_vl": "Qwen3VLForConditionalGeneration",
                        "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}

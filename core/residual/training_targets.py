@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserInputError
+from ..errors import UserInputError
 from .length_policy import pool_to_slots
-from .prompt_encoding import encode_prompts
+from ..generation.prompt_encoding import encode_prompts
 
 TARGET_KINDS = ("caption", "zero")
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 
 def _check_parent(path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Measuring identity and prompt following: face similarity and the evaluation protocol."""
