@@ -109,7 +109,23 @@ def test_pyproject_metadata():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     from qwen_identity.version import __version__
 
-    assert data["project"]["version"] == __version__
+    # one source for the version: version.py, read by setuptools (attr) and by the Comfy registry (a text file)
+    assert "version" not in data["project"] and "version" in data["project"]["dynamic"]
+    assert data["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "qwen_identity.version.__version__"}
+    assert data["tool"]["comfy"]["version"]["path"] == "version.py"
+    # comfy-cli reads it with a line-anchored regex, without running Python
+    found = re.findall(r"^__version__[\t ]*=[\t ]*\"([^\"\\\n]*)\"", (ROOT / "version.py").read_text(), re.M)
+    assert found == [__version__]
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    expanded = read_configuration(ROOT / "pyproject.toml", expand=True)["project"]
+    assert expanded["version"] == __version__
+    # PEP 639: an SPDX expression plus the license file it names (setuptools >= 77)
+    assert data["project"]["license"] == "Apache-2.0" and data["project"]["license-files"] == ["LICENSE"]
+    assert any(r.replace(" ", "") == "setuptools>=77" for r in data["build-system"]["requires"])
+    assert not any(c.startswith("License ::") for c in data["project"].get("classifiers", []))
+    lic = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in lic and "Version 2.0, January 2004" in lic and "END OF TERMS AND CONDITIONS" in lic
     assert data["project"]["scripts"]["qwen-identity"] == "qwen_identity.cli:main"
     deps = " ".join(data["project"]["dependencies"])
     for dep in ("torch", "transformers", "diffusers", "safetensors", "pillow", "numpy", "tqdm"):
