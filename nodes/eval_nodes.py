@@ -49,7 +49,7 @@ class ScoreIdentity:
     DESCRIPTION = ("Scores generated images against reference photos of the person: dlib's face-embedding distance "
                    "(lower = more alike; below the threshold, 0.6, the model calls it the same person), and, with a "
                    "Qwen3-VL model connected, the Qwen3-VL feature cosine. Images without a face are reported, not "
-                   "an error. See README 'Measuring identity' for what the numbers mean and their limits.")
+                   "an error. See the pack's docs/measuring.md for what the numbers mean and their limits.")
     CATEGORY = CATEGORY
     FUNCTION = "score"
     RETURN_TYPES = ("STRING", "FLOAT", "STRING")

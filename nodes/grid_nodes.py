@@ -12,7 +12,7 @@ from ..core.generation.sampling import DEFAULT_SEEDS, parse_seeds
 
 
 class AlphaGrid:
-    DESCRIPTION = ("Lays out α × seed images as one labelled grid (rows = α, columns = seeds; the POC's layout) and "
+    DESCRIPTION = ("Lays out α × seed images as one labelled grid (rows = α, columns = seeds, with their values written on the margins) and "
                    "returns the layout as JSON. The images must be α-major, as QwenImageSampleFromEmbeds makes them.")
     CATEGORY = "Qwen Identity"
     FUNCTION = "grid"

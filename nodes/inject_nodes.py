@@ -63,7 +63,7 @@ class InjectResidual:
 class QwenImageTextEncodeDiffusers:
     DESCRIPTION = ("Encodes a prompt with the diffusers Qwen-Image pipeline's own text encoder into ComfyUI's "
                    "CONDITIONING layout (the same as CLIPTextEncode with Qwen-Image), for InjectResidual and "
-                   "QwenImageSampleFromEmbeds. POC negative prompt: 'blurry, low quality, deformed, watermark'.")
+                   "QwenImageSampleFromEmbeds. A good negative prompt: 'blurry, low quality, deformed, watermark'.")
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING",)

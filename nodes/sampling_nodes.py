@@ -99,8 +99,8 @@ class QwenImageSampleFromEmbeds:
     DESCRIPTION = ("Samples Qwen-Image from positive and negative CONDITIONING (e.g. from InjectResidual) for every "
                    "conditioning batch item × every seed, α-major: item 0 with each seed, then item 1, ... Connect "
                    "either a diffusers pipeline (LoadQwenImageDiffusers) or ComfyUI's native Qwen-Image MODEL and "
-                   "VAE (fp8, GGUF and LoRA-patched models work). True CFG as in the POC: steps 28, cfg 4.5, "
-                   "768x512; encode the negative 'blurry, low quality, deformed, watermark'.")
+                   "VAE (fp8, GGUF and LoRA-patched models work). Qwen-Image's true CFG; good settings: steps 28, cfg "
+                   "4.5, 768x512, negative prompt 'blurry, low quality, deformed, watermark'.")
     CATEGORY = CATEGORY
     FUNCTION = "sample"
     RETURN_TYPES = ("IMAGE", "STRING")
@@ -115,7 +115,7 @@ class QwenImageSampleFromEmbeds:
             "required": {
                 "positive": ("CONDITIONING", {"tooltip": "The prompt embeddings (a batch from an alphas list gives "
                              "one row of images per item)."}),
-                "negative": ("CONDITIONING", {"tooltip": "The negative prompt's embeddings (POC: 'blurry, low "
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt's embeddings (e.g. 'blurry, low "
                              "quality, deformed, watermark'); one item, or one per positive item."}),
                 "seeds": ("STRING", {"default": DEFAULT_SEEDS, "tooltip": "Comma-separated generation seeds; each "
                           "seed gives the same image alone or in a batch."}),
