@@ -36,7 +36,7 @@ from comfyui_harness import build_workflows as bw
 from comfyui_harness.env import chromium_path, comfyui_dir, import_comfy_in_process, require_comfyui
 from comfyui_harness.prompt_queue import QueueResult, load_api_workflow, queue_prompt
 from comfyui_harness.workflow_format import core_node_defs, node_def_from_class, strip_meta
-from readme_sections import readme_section
+from readme_sections import all_sections, node_reference
 
 pytestmark = pytest.mark.comfyui
 
@@ -169,11 +169,8 @@ def test_pack_imports_without_failure(server):
     assert f"custom_nodes/{PACK_LINK}" in log  # listed under "Import times for custom nodes"
 
 
-_readme_node_section = readme_section
-
-
 def test_all_pack_nodes_in_object_info_with_documented_inputs(server):
-    readme = (ROOT / "README.md").read_text()
+    secs = all_sections()  # README.md and every docs/*.md page
     info = server.object_info
     undocumented = []
     for name, cls in _pack_defs().items():
@@ -186,13 +183,14 @@ def test_all_pack_nodes_in_object_info_with_documented_inputs(server):
         for sec in ("required", "optional"):
             for inp, spec in live["input"].get(sec, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
-        section = _readme_node_section(readme, name)
-        if section is None:
-            undocumented.append(f"{name}: no '### {name}' section in README")
+        primary, extra = node_reference(name, secs)
+        if len(primary) != 1:
+            undocumented.append(f"{name}: needs exactly one '## {name}' section in docs/*.md")
             continue
+        section = "".join(s.body for s in primary + extra)
         for sec in ("required", "optional"):
             undocumented += [f"{name}.{inp}" for inp in live["input"].get(sec, {}) if f"`{inp}`" not in section]
-    assert not undocumented, "README does not document: " + "; ".join(undocumented)
+    assert not undocumented, "docs/ does not document: " + "; ".join(undocumented)
 
 
 def test_core_node_snapshot_matches_the_live_server(server):
@@ -344,6 +342,39 @@ def test_head_not_matching_the_model_names_both_sizes(server):
     msg = res.error_message()
     assert "3584" in msg and "head" in msg, msg
     assert res.execution_error["node_type"] == "InjectResidual"
+
+
+def test_node_info_pages_are_served_and_shown(tmp_path):
+    """ComfyUI's node info panel: the server serves web/docs/<Node>.md at the URL the frontend (1.27.x)
+    derives from the node's python_module, and pressing a node's info button shows that page."""
+    require_comfyui()
+    import urllib.request
+
+    from comfyui_harness.server import start_server
+
+    web_docs = ROOT / "web" / "docs"
+    with start_server(comfyui_dir(), packs={PACK_LINK: ROOT}, base_dir=tmp_path, env=_server_env(tmp_path)) as srv:
+        for name in _pack_defs():
+            # the frontend's extractCustomNodeName: python_module "custom_nodes.<folder>" -> <folder>
+            module = srv.object_info[name]["python_module"]
+            assert module == f"custom_nodes.{PACK_LINK}", module
+            with urllib.request.urlopen(f"{srv.url}/extensions/{PACK_LINK}/docs/{name}.md", timeout=30) as r:
+                assert r.status == 200
+                assert r.read().decode("utf-8") == (web_docs / f"{name}.md").read_text(encoding="utf-8"), name
+        chromium = chromium_path()
+        if chromium is None:
+            pytest.fail("no system chromium: apt-get install -y chromium (never `playwright install`)")
+        from comfyui_harness.browser import Frontend
+
+        with Frontend(srv.url, chromium) as fe:
+            rep = fe.node_help("InjectResidual", screenshot=tmp_path / "node_info.png")
+    summary = {k: rep.get(k) for k in ("docs_requests", "unexpected_errors")}
+    assert f"200 {srv.url}/extensions/{PACK_LINK}/docs/InjectResidual.md" in rep["docs_requests"], summary
+    text = rep["panel_text"]
+    # sentences only the generated page has (not the node's DESCRIPTION, the panel's fallback)
+    assert "To push away from a person, use the same node on the negative conditioning instead." in text, text[:800]
+    assert "Strength (α) semantics and the step window" in text, text[:800]
+    assert not rep["unexpected_errors"], summary
 
 
 def test_empty_models_folder_names_every_missing_file(tmp_path):

@@ -161,3 +161,39 @@ class Frontend:
             out["run_error"] = None if res.ok else res.error_message()
             out["run_outputs"] = res.outputs
         return out
+
+    def node_help(self, node_type: str, screenshot: Optional[Path] = None) -> dict:
+        """Open ComfyUI's node info panel for one node, as a user does: put the node on the canvas, select
+        it, press the selection toolbox's info button (frontend 1.27.x: `data-testid="info-button"`), and
+        read the panel (`.node-help-content`). Reports the text shown and the docs URLs the page fetched."""
+        rep = {"node_type": node_type, "page_errors": [], "console_errors": [], "failed_requests": [],
+               "docs_requests": []}
+        page = self._open(rep)
+        page.on("response", lambda r: "/docs/" in r.url and rep["docs_requests"].append(f"{r.status} {r.url}"))
+        try:
+            page.evaluate("""(type) => {
+                app.graph.clear();
+                const node = LiteGraph.createNode(type);
+                node.pos = [300, 200];
+                app.graph.add(node);
+                app.canvas.deselectAll?.();
+                app.canvas.selectNode(node);
+                app.canvas.setDirty(true, true);
+            }""", node_type)
+            button = page.locator('[data-testid="info-button"]').first
+            button.wait_for(state="attached", timeout=self.timeout_ms)
+            # the toolbox follows the node in canvas coordinates and may sit outside the viewport: press it
+            # through the DOM (the same click handler a user's click reaches)
+            button.evaluate("b => b.click()")
+            page.wait_for_function("""() => { const el = document.querySelector('.node-help-content');
+                return el && el.innerText.trim().length > 0 && !el.querySelector('.p-progressspinner'); }""",
+                                   timeout=self.timeout_ms)
+            page.wait_for_timeout(500)
+            rep["panel_text"] = page.evaluate("document.querySelector('.node-help-content').innerText")
+            rep["panel_html"] = page.evaluate("document.querySelector('.node-help-content').innerHTML")
+            if screenshot:
+                page.screenshot(path=str(screenshot))
+        finally:
+            page.close()
+        rep["unexpected_errors"] = [e for e in rep["page_errors"] + rep["console_errors"] if not is_noise(e)]
+        return rep
