@@ -30,7 +30,7 @@ PENDING_PAGES = {
 }
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-_LINK = re.compile(r"(?<!!)\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+_LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
 @dataclass
@@ -112,7 +112,7 @@ def github_anchor(title: str) -> str:
 
 
 def relative_links(path: Path) -> list:
-    """(target, line number) of every relative Markdown link in a page (outside code fences)."""
+    """(target, line number) of every relative Markdown link or image in a page (outside code fences)."""
     out, fence = [], False
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.lstrip().startswith("```"):

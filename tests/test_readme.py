@@ -89,7 +89,8 @@ def test_link_check_can_fail(tmp_path, monkeypatch):
                     "[pending](docs/security.md) ![img](pic.png) [web](https://example.org/x)\n"
                     "```\n[in code](nowhere.md)\n```\n")
     bad = broken_links([page])
-    assert len(bad) == 2 and "docs/b.md (no such file)" in bad[0] and "#other" in bad[1], bad
+    assert len(bad) == 3 and "docs/b.md (no such file)" in bad[0] and "#other" in bad[1], bad
+    assert "pic.png (no such file)" in bad[2], bad
 
 
 def test_pending_pages_are_still_missing():
