@@ -57,7 +57,7 @@ def add_generation_arguments(group: argparse._ArgumentGroup, default_alphas: str
                        help=f"images denoised together (default: {DEFAULT_MAX_BATCH}); lower it on out-of-memory")
     add_qwen_image_runtime_arguments(group)
     group.add_argument("--strength-mode", choices=MODES, default=DEFAULT_MODE,
-                       help=f"how α scales the residual (default: {DEFAULT_MODE}; see README)")
+                       help=f"how α scales the residual (default: {DEFAULT_MODE}; see docs/nodes.md, 'Strength (α) semantics')")
 
 
 def add_qwen_image_runtime_arguments(group: argparse._ArgumentGroup) -> None:

@@ -11,7 +11,7 @@ scored against that identity's photos:
 - diversity across seeds per α: mean pairwise face distance and Qwen3-VL feature distance.
 Writes OUT/eval.json, OUT/identity_vs_alpha.png (one curve per identity, dashed: α = 0 baseline) and
 OUT/<identity>_eval_grid.png (α × seed grid with each cell's face distance under it), all atomically.
-See README "Measuring identity" for how to read the numbers and their limits.
+See docs/measuring.md for how to read the numbers and their limits.
 """
 
 from __future__ import annotations

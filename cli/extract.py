@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="default: auto (cuda, then mps, then cpu)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="default: auto (bf16 on GPU, fp32 on CPU)")
     p.add_argument("--feature-source", default=DEFAULT_SOURCE, choices=FEATURE_SOURCES,
-                   help=f"default: {DEFAULT_SOURCE} (see README, 'Feature sources and resolution policies')")
+                   help=f"default: {DEFAULT_SOURCE} (see docs/nodes.md, 'Feature sources and resolution policies')")
     p.add_argument("--layer", type=int, default=-1, help="llm_hidden only: hidden-state index (default: -1 = last)")
     p.add_argument("--resolution", default=DEFAULT_RESOLUTION, choices=RESOLUTIONS, help=f"default: {DEFAULT_RESOLUTION}")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,

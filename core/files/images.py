@@ -1,6 +1,6 @@
 """Decoding photos and converting between PIL images and ComfyUI IMAGE tensors.
 
-Conversions (documented in the README):
+Conversions (documented in docs/nodes.md, ExtractIdentityFeatures):
 - EXIF orientation is applied, so a phone photo is seen upright.
 - Grayscale ("L", "1") is replicated to RGB; "I;16"/"I" (16-bit) are scaled to 8 bits (value / 257);
   float ("F") images are clipped to 0..255; CMYK/YCbCr/LAB go through PIL's RGB conversion.
