@@ -175,6 +175,7 @@ class TrainBench:
         if self.rank != 0 or not self.args.out:
             return
         self.results["total_s"] = round(self.elapsed(), 1)
+        self.summarize()
         path = Path(self.args.out)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.results, indent=1, default=str))
@@ -392,6 +393,8 @@ class TrainBench:
             losses.append(step(inputs[i % len(inputs)]))
         self.sync()
         first = time.perf_counter() - t
+        if warmup and first / warmup > self.args.long_step_s:
+            repeat = min(repeat, 3)    # a long step (large batch) varies little: fewer repeats save the budget
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         times = []
@@ -624,28 +627,28 @@ class TrainBench:
             return
         compile_transformer(self.transformer)
         self.compiled = True
-        # all head targets first, then the LoRA ones: adding/removing the adapter changes the blocks'
-        # modules, and every change of structure or shape is a new compilation
-        for mode in [m for m in ("head", "lora") if m in self.modes and (m == "head" or self.world == 1)]:
-            if mode == "lora":
-                if self.out_of_time(90):
-                    self.results["stages"].setdefault("compile_skipped", []).extend(dict(t, mode=mode) for t in targets)
+        reserve = 100 if (self.world == 1 and self.args.mem24 != "none") else 0   # keep time for the 24 GB stage
+        modes = [m for m in ("head", "lora") if m in self.modes and (m == "head" or self.world == 1)]
+        # target-major (head then LoRA at each), so a cut budget still leaves complete pairs; adding or removing
+        # the adapter changes the blocks' modules: a new compilation (the head's graphs are reused afterwards)
+        for t in targets:
+            res, ckpt, batch = (t["height"], t["width"]), t["checkpointing"], t["batch"]
+            for mode in modes:
+                if self.out_of_time(90 + reserve):
+                    self.results["stages"].setdefault("compile_skipped", []).append(dict(t, mode=mode))
                     continue
-                self.add_lora()
-            try:
-                for t in targets:
-                    res, ckpt, batch = (t["height"], t["width"]), t["checkpointing"], t["batch"]
-                    if self.out_of_time(75):
-                        self.results["stages"].setdefault("compile_skipped", []).append(dict(t, mode=mode))
-                        continue
+                if mode == "lora":
+                    self.add_lora()
+                try:
                     local = self.run_config(mode, res, batch, ckpt, t["label"])
                     if self.world > 1 and not local.get("error"):
                         ddp = self.run_config(mode, res, batch, ckpt, t["label"] + "-ddp", reduce=True)
                         if not ddp.get("error"):
                             ddp["scaling_vs_one_gpu"] = round(ddp["samples_per_s"] / local["samples_per_s"], 3)
                             ddp["one_gpu_samples_per_s"] = local["samples_per_s"]
-            finally:
-                self.remove_lora()
+                            self.log(f"  {self.world} GPUs (compiled): x{ddp['scaling_vs_one_gpu']}")
+                finally:
+                    self.remove_lora()
 
     def compile_targets(self) -> list[dict]:
         spec = self.args.compile
@@ -816,7 +819,7 @@ class TrainBench:
         for r in runs:
             if r["mode"] != "lora":
                 continue
-            mate = [h for h in runs if h["mode"] == "head" and all(h[k] == r[k] for k in (
+            mate = [h for h in runs if h["mode"] == "head" and not h["label"].startswith("24gb") and all(h[k] == r[k] for k in (
                 "resolution", "batch", "checkpointing", "compiled", "world", "reduce"))]
             if mate:
                 h = mate[-1]
@@ -852,7 +855,6 @@ class TrainBench:
             s["ddp"] = [{k: r.get(k) for k in ("resolution", "batch", "checkpointing", "compiled", "world",
                                                "samples_per_s", "one_gpu_samples_per_s", "scaling_vs_one_gpu")}
                         for r in ddp]
-        self.save()
 
     def table(self) -> str:
         rows = ["| mode | res | B | ckpt | compiled | label | step ms | samples/s | peak GiB (res.) | MFU | MFU model |",
@@ -919,6 +921,7 @@ class TrainBench:
                     break
             self.save()
         self.summarize()
+        self.save()
         if self.rank == 0:
             print(self.table())
             print(json.dumps(self.results["summary"], default=str))
@@ -962,6 +965,21 @@ def uncompile(module: torch.nn.Module):
     torch._dynamo.reset()
 
 
+def print_report(path: str) -> int:
+    """The table and summary of a (possibly partial) results file: what a killed run still tells."""
+    res = json.loads(Path(path).read_text())
+    view = TrainBench.__new__(TrainBench)
+    view.results = res
+    print(view.table())
+    print(json.dumps(res.get("summary", {}), default=str))
+    for key in ("batches", "mem24", "frozen_check", "head_grad_check", "lora_grad_check", "compile_skipped", "skipped"):
+        if key in res.get("stages", {}):
+            print(key, json.dumps(res["stages"][key], default=str))
+    if res.get("errors"):
+        print("errors", json.dumps(res["errors"]))
+    return 0
+
+
 def parse_resolutions(text: str) -> list[tuple[int, int]]:
     """"768x512,512x512" (width x height) -> [(height, width), ...]; multiples of 16."""
     out = []
@@ -997,8 +1015,12 @@ def main(argv=None) -> int:
     p.add_argument("--weighting", default="logit_normal", help="σ density / loss weighting (flow_matching.WEIGHTINGS)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--budget-s", type=float, default=None, help="skip remaining work past this many seconds")
+    p.add_argument("--long-step-s", type=float, default=1.5, help="steps longer than this are repeated 3 times only")
     p.add_argument("--out", default=None, help="write the JSON results here (rewritten after every configuration)")
+    p.add_argument("--report", default=None, metavar="JSON", help="only print the table and summary of a results file")
     args = p.parse_args(argv)
+    if args.report:
+        return print_report(args.report)
     cuda = torch.device(args.device).type == "cuda"
     if args.max_batch is None:
         args.max_batch = 3 if args.tiny else 16
