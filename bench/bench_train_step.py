@@ -502,14 +502,15 @@ class TrainBench:
         h, w = res
         self.set_checkpointing(ckpt)
         step = self.make_step("head", False)
+        failed = None
         try:
             peak2 = self.probe_memory(step, Inputs(self, 2, h, w, seed=5))
         except Exception as e:  # noqa: BLE001
-            del step
-            self.clean()
-            return dict(batch=1, predicted=None, model=None, batch_80gb=None, limited_by=f"batch 2: {describe_exc(e)}")
+            failed = describe_exc(e)
         del step
         self.clean()
+        if failed:
+            return dict(batch=1, predicted=None, model=None, batch_80gb=None, limited_by=f"batch 2: {failed}")
         slope = max(peak2 - peak1, 1e-3)
         base = peak1 - slope
         limit = self.total_gib() * self.args.mem_fraction
@@ -523,19 +524,20 @@ class TrainBench:
         while batch > 2:
             self.set_checkpointing(ckpt)
             step = self.make_step("head", False)
+            fits = True
             try:
                 self.probe_memory(step, Inputs(self, batch, h, w, seed=6))
-                del step
-                self.clean()
-                break
             except Exception as e:  # noqa: BLE001
-                del step
-                self.clean()
                 if not is_oom(e):
                     raise
-                self.log(f"batch {batch} does not fit ({w}x{h}, ckpt {ckpt}); trying less")
-                batch = max(2, int(batch * 0.8))
-                limited = "memory (prediction too high)"
+                fits = False     # (freed below, once the exception and its frames are gone)
+            del step
+            self.clean()
+            if fits:
+                break
+            self.log(f"batch {batch} does not fit ({w}x{h}, ckpt {ckpt}); trying less")
+            batch = max(2, int(batch * 0.8))
+            limited = "memory (prediction too high)"
         return dict(batch=batch, predicted=pred, model=model, batch_80gb=max(0, min(b80, cap)),
                     batch_80gb_uncapped=b80, batch_24gb_bf16=b24, limited_by=limited)
 
@@ -807,7 +809,7 @@ class TrainBench:
                 break
             except Exception as e:  # noqa: BLE001
                 out[attempt] = "oom" if is_oom(e) else describe_exc(e)
-                self.clean()
+            self.clean()
         out.setdefault("backward_works", False)
         self.log(f"24 GB {name} {res[1]}x{res[0]}: {out}")
         return out
