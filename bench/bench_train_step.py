@@ -157,6 +157,7 @@ class TrainBench:
         self.transformer = None
         self.compiled = False
         self.lora_on = False
+        self.pass_mask = False   # True: the all-ones prompt mask reaches the transformer (masked attention kernel)
         self.gen = torch.Generator().manual_seed(1234)
         self.matmul_tflops = None
 
@@ -266,7 +267,7 @@ class TrainBench:
         from qwen_identity.core.residual.head import ResidualHead
 
         head = ResidualHead(self.feature_dim, self.args.tokens, self.cfg["joint_attention_dim"]).to(self.device)
-        opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
+        opt = torch.optim.Adam(head.parameters(), lr=1e-4)   # the product's optimizer (training/denoise.py)
         return head, opt
 
     # ---------------------------------------------------------------- LoRA anchor
@@ -312,8 +313,8 @@ class TrainBench:
                 residual = head(inp.features)                                  # [B, K, H] float32
                 cond = condition_with_residual(inp.embeds, inp.mask, residual, self.args.alpha)
                 with rope():
-                    per = flow_matching_loss(tr, inp.x0, noise, sig.to(dev), cond, None, inp.img_shapes,
-                                             weights=loss_weighting(sig, w).to(dev))
+                    per = flow_matching_loss(tr, inp.x0, noise, sig.to(dev), cond, inp.mask if self.pass_mask else None,
+                                             inp.img_shapes, weights=loss_weighting(sig, w).to(dev))
                 loss = per.mean()
                 loss.backward()
                 if world_reduce:
@@ -434,7 +435,8 @@ class TrainBench:
         """Time one configuration; an out-of-memory error is a result ('oom'), not a failure."""
         h, w = res
         key = dict(mode=mode, resolution=f"{w}x{h}", width=w, height=h, batch=batch, checkpointing=ckpt,
-                   compiled=self.compiled, label=label, world=self.world, reduce=reduce)
+                   compiled=self.compiled, label=label, world=self.world, reduce=reduce,
+                   mask_to_transformer=self.pass_mask and mode == "head")
         warmup = self.args.warmup if warmup is None else warmup
         repeat = self.args.repeat if repeat is None else repeat
         rec = dict(key)
@@ -615,6 +617,27 @@ class TrainBench:
                         self.remove_lora()
                 self.save()
 
+    def stage_mask(self):
+        """The head at the first resolution's fastest eager configuration again, with the all-ones prompt mask
+        passed to the transformer as training/denoise.py's step_loss does (diffusers then takes the masked
+        attention path; unpadded prompts could pass None)."""
+        h, w = self.resolutions[0]
+        rows = [r for r in self.results["runs"] if r["mode"] == "head" and not r.get("error") and not r["compiled"]
+                and not r["reduce"] and r["width"] == w and r["height"] == h and not r["label"].startswith("24gb")]
+        if not rows:
+            return
+        best = max(rows, key=lambda r: r["samples_per_s"])
+        self.pass_mask = True
+        try:
+            rec = self.run_config("head", (h, w), best["batch"], best["checkpointing"], "mask")
+        finally:
+            self.pass_mask = False
+        if not rec.get("error"):
+            self.results["stages"]["mask"] = dict(resolution=f"{w}x{h}", batch=best["batch"],
+                                                  checkpointing=best["checkpointing"], step_s_without_mask=best["step_s"],
+                                                  step_s_with_mask=rec["step_s"],
+                                                  slowdown=round(rec["step_s"] / best["step_s"], 3))
+
     def stage_compiled(self):
         """Regional torch.compile of the blocks (the sampler's compile_transformer), for the configurations
         in --compile (default: 768x512 at the largest batch with the faster memory policy, and batch 1)."""
@@ -662,7 +685,8 @@ class TrainBench:
             w, h = (int(v) for v in res_s.lower().split("x"))
             which = which or "best"
             rows = [r for r in self.results["runs"] if r["mode"] == "head" and not r["compiled"] and not r["reduce"]
-                    and r["width"] == w and r["height"] == h and not r.get("error")]
+                    and r["width"] == w and r["height"] == h and not r.get("error") and r["label"] != "mask"
+                    and not r["label"].startswith("24gb")]
             if not rows:
                 continue
             if which == "best":
@@ -821,7 +845,8 @@ class TrainBench:
         for r in runs:
             if r["mode"] != "lora":
                 continue
-            mate = [h for h in runs if h["mode"] == "head" and not h["label"].startswith("24gb") and all(h[k] == r[k] for k in (
+            mate = [h for h in runs if h["mode"] == "head" and h["label"] not in ("mask",)
+                    and not h["label"].startswith("24gb") and all(h[k] == r[k] for k in (
                 "resolution", "batch", "checkpointing", "compiled", "world", "reduce"))]
             if mate:
                 h = mate[-1]
@@ -832,7 +857,7 @@ class TrainBench:
                                   lora_peak_reserved_gib=r.get("peak_reserved_gib")))
         s = self.results["summary"]
         s["ours_vs_lora_anchor"] = pairs
-        heads = [r for r in runs if r["mode"] == "head" and not r["label"].startswith("24gb")]
+        heads = [r for r in runs if r["mode"] == "head" and not r["label"].startswith("24gb") and r["label"] != "mask"]
         if heads:
             best = max(heads, key=lambda r: r["samples_per_s"])
             s["best_head"] = {k: best.get(k) for k in ("resolution", "batch", "checkpointing", "compiled",
@@ -904,6 +929,8 @@ class TrainBench:
             stages.append(("eager", self.stage_eager_and_lora))
             stages.append(("head_grad_check", lambda: self.results["stages"].__setitem__(
                 "head_grad_check", self.grad_check("head", Inputs(self, 1, *self.resolutions[0], seed=8)))))
+        if self.args.mask_check and self.world == 1:
+            stages.append(("mask", self.stage_mask))
         if self.args.compile and self.args.compile != "none":
             stages.append(("compiled", self.stage_compiled))
         stages.append(("frozen_check", frozen_check))
@@ -974,7 +1001,7 @@ def print_report(path: str) -> int:
     view.results = res
     print(view.table())
     print(json.dumps(res.get("summary", {}), default=str))
-    for key in ("batches", "mem24", "frozen_check", "head_grad_check", "lora_grad_check", "compile_skipped", "skipped"):
+    for key in ("batches", "mask", "mem24", "frozen_check", "head_grad_check", "lora_grad_check", "compile_skipped", "skipped"):
         if key in res.get("stages", {}):
             print(key, json.dumps(res["stages"][key], default=str))
     if res.get("errors"):
@@ -1017,6 +1044,9 @@ def main(argv=None) -> int:
     p.add_argument("--weighting", default="logit_normal", help="σ density / loss weighting (flow_matching.WEIGHTINGS)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--budget-s", type=float, default=None, help="skip remaining work past this many seconds")
+    p.add_argument("--mask-check", default=None, choices=["on", "off"],
+                   help="time the fastest eager head configuration again with the all-ones prompt mask passed to the "
+                        "transformer, as the training loop does (default on with a GPU)")
     p.add_argument("--long-step-s", type=float, default=1.5, help="steps longer than this are repeated 3 times only")
     p.add_argument("--out", default=None, help="write the JSON results here (rewritten after every configuration)")
     p.add_argument("--report", default=None, metavar="JSON", help="only print the table and summary of a results file")
@@ -1034,6 +1064,7 @@ def main(argv=None) -> int:
         args.text_tokens = 7 if args.tiny else 40
     if args.compile is None:
         args.compile = "768x512:best,768x512:b1" if cuda and not args.tiny else "none"
+    args.mask_check = (cuda if args.mask_check is None else args.mask_check == "on")
     if args.mem24 is None:
         args.mem24 = "fp8,group" if cuda else "fp8"
     torch.manual_seed(0)

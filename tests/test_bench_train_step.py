@@ -20,10 +20,10 @@ def test_tiny_train_step_benchmark_end_to_end(tmp_path):
     bench = load_bench()
     out = tmp_path / "r.json"
     rc = bench.main(["--tiny", "--device", "cpu", "--resolutions", "64x64", "--checkpointing", "on",
-                     "--warmup", "1", "--repeat", "1", "--max-batch", "2", "--out", str(out)])
+                     "--warmup", "1", "--repeat", "1", "--max-batch", "2", "--mask-check", "on", "--out", str(out)])
     res = json.loads(out.read_text())
     assert rc == 0 and not res["errors"], res["errors"]
-    runs = {(r["mode"], r["batch"]): r for r in res["runs"] if not r["label"].startswith("24gb")}
+    runs = {(r["mode"], r["batch"]): r for r in res["runs"] if r["label"] in ("b1", "bmax")}
     assert set(runs) == {("head", 1), ("head", 2), ("lora", 1), ("lora", 2)}
     for r in runs.values():
         assert "error" not in r, r
@@ -48,6 +48,8 @@ def test_tiny_train_step_benchmark_end_to_end(tmp_path):
     pairs = res["summary"]["ours_vs_lora_anchor"]
     assert {p["batch"] for p in pairs} == {1, 2} and all(p["speed_ratio_ours_over_anchor"] > 0 for p in pairs)
     assert "5000*N/(3600*s)" in res["summary"]["gpu_hours_formula"]
+    # the training loop's way (all-ones mask passed to the transformer) timed beside the unmasked step
+    assert res["stages"]["mask"]["slowdown"] > 0 and res["stages"]["mask"]["batch"] in (1, 2)
     fp8 = res["stages"]["mem24"]["fp8_layerwise"]
     assert isinstance(fp8["backward_works"], bool)
 
