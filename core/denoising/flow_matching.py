@@ -1,0 +1,188 @@
+"""One flow-matching step as Qwen-Image itself is trained, with gradients only into the conditioning.
+
+The recipe is diffusers' `examples/dreambooth/train_dreambooth_lora_qwen_image.py` (rectified flow):
+- σ per sample from a timestep density (`compute_density_for_timestep_sampling`: logit-normal by
+  default, or "mode", or uniform), read off the scheduler's 1000-entry training table
+  (σ_i = (1000 - i) / 1000 for Qwen-Image's config: shift 1.0, dynamic shifting applied only at
+  inference), optionally shifted (`shift` > 1 moves σ towards noise, as SD3's static shift does);
+- x_t = (1 - σ)·x0 + σ·ε, target velocity v = ε - x0, the transformer is called with timestep σ
+  (the pipeline passes t / 1000 = σ; the model scales by 1000 itself) on packed latents
+  (2x2 patches -> tokens, `QwenImagePipeline._pack_latents`) with `img_shapes`;
+- loss = mean over the latent of (prediction - v)², times the SD3 loss weighting of σ
+  (`compute_loss_weighting_for_sd3`: "none", "sigma_sqrt" or "cosmap"; 1 for the densities).
+
+What differs from LoRA training: the transformer is frozen (requires_grad False, eval mode), so the
+only leaf that needs a gradient is the conditioning (prompt embeddings E + α·R, R from the head);
+backward computes input gradients through every block and no weight gradients. Optional gradient
+checkpointing (diffusers' own per-block checkpointing) trades a recompute of the forward for memory.
+`token_weights` weight the latent tokens (e.g. a face box mapped onto the packed grid, PhotoMaker's
+masked loss); the loss is their weighted mean, so the weights' scale does not change the loss scale.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Sequence
+
+import torch
+
+WEIGHTINGS = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def training_sigmas(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """The scheduler's training table (FlowMatchEulerDiscreteScheduler with shift 1.0): σ = t / T for
+    t = T, T-1, ..., 1, descending, as `noise_scheduler_copy.sigmas[:-1]` in the diffusers script."""
+    t = torch.linspace(1, num_train_timesteps, num_train_timesteps, dtype=torch.float32).flip(0)
+    return t / num_train_timesteps
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float = 1.0, mu: float | None = None) -> torch.Tensor:
+    """Static shift σ' = sσ / (1 + (s-1)σ) (SD3), or with `mu` Qwen-Image's exponential time shift
+    σ' = e^μ / (e^μ + 1/σ - 1) (the inference schedule's dynamic shifting). shift 1 and mu None: unchanged."""
+    if mu is not None:
+        return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    if shift == 1.0:
+        return sigmas
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def dynamic_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 8192,
+                     base_shift: float = 0.5, max_shift: float = 0.9) -> float:
+    """μ for an image of `image_seq_len` packed tokens (diffusers' `calculate_shift` with Qwen-Image's config)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def density_u(batch: int, generator: torch.Generator | None, weighting: str = "logit_normal",
+              logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29) -> torch.Tensor:
+    """u in [0, 1] per sample (diffusers' compute_density_for_timestep_sampling), drawn on the CPU from
+    `generator` so a seed gives the same σ everywhere."""
+    if weighting == "logit_normal":
+        u = torch.normal(mean=logit_mean, std=logit_std, size=(batch,), generator=generator)
+        return torch.sigmoid(u)
+    u = torch.rand(batch, generator=generator)
+    if weighting == "mode":
+        u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    return u
+
+
+def sample_sigmas(batch: int, generator: torch.Generator | None, weighting: str = "logit_normal",
+                  logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29,
+                  shift: float = 1.0, mu: float | None = None,
+                  num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """σ [B] float32 in (0, 1]: u from the density, index = floor(u·T) into the training table, then the
+    optional shift. Densities other than logit_normal/mode draw uniformly (their weighting acts in the loss)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+    u = density_u(batch, generator, weighting, logit_mean, logit_std, mode_scale)
+    table = training_sigmas(num_train_timesteps)
+    idx = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    return shift_sigmas(table[idx], shift, mu).float()
+
+
+def loss_weighting(sigmas: torch.Tensor, weighting: str = "logit_normal") -> torch.Tensor:
+    """SD3's compute_loss_weighting_for_sd3: sigma_sqrt -> σ^-2, cosmap -> 2 / (π(1 - 2σ + 2σ²)), else 1."""
+    if weighting == "sigma_sqrt":
+        return (sigmas ** -2.0).float()
+    if weighting == "cosmap":
+        bot = 1 - 2 * sigmas + 2 * sigmas ** 2
+        return (2 / (math.pi * bot)).float()
+    return torch.ones_like(sigmas, dtype=torch.float32)
+
+
+def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """latents [B, C, H, W] or [B, C, 1, H, W] (the VAE's layout) -> packed [B, (H/2)(W/2), 4C] and
+    img_shapes [(1, H/2, W/2)] * B, exactly as QwenImagePipeline._pack_latents."""
+    if latents.ndim == 5:
+        if latents.shape[2] != 1:
+            raise ValueError(f"expected one frame, got latents of shape {tuple(latents.shape)}")
+        latents = latents[:, :, 0]
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"latent height and width must be even (got {h}x{w})")
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4), [(1, h // 2, w // 2)] * b
+
+
+def unpack_latents(packed: torch.Tensor, img_shape: tuple[int, int, int]) -> torch.Tensor:
+    """The inverse of pack_latents for one shape: [B, N, 4C] -> [B, C, H, W]."""
+    _, gh, gw = img_shape
+    b, n, c4 = packed.shape
+    c = c4 // 4
+    x = packed.view(b, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, gh * 2, gw * 2)
+
+
+def freeze_transformer(transformer: torch.nn.Module, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """No weight gradients, eval mode (no dropout), optional per-block gradient checkpointing."""
+    transformer.requires_grad_(False)
+    transformer.eval()
+    if gradient_checkpointing:
+        if hasattr(transformer, "enable_gradient_checkpointing"):
+            transformer.enable_gradient_checkpointing()
+    elif getattr(transformer, "gradient_checkpointing", False) and hasattr(transformer, "disable_gradient_checkpointing"):
+        transformer.disable_gradient_checkpointing()
+    return transformer
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def predict_velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
+                     prompt_embeds_mask: torch.Tensor | None, img_shapes: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    """The transformer's velocity [B, N, 4C] in its own dtype. Passes `txt_seq_lens` to diffusers versions
+    whose forward still takes it (before 0.36); 0.42 derives the text length from the mask."""
+    dtype = next(transformer.parameters()).dtype
+    kwargs = dict(hidden_states=x_t.to(dtype), timestep=sigmas.to(device=x_t.device, dtype=dtype),
+                  encoder_hidden_states=prompt_embeds.to(dtype), img_shapes=list(img_shapes), return_dict=False)
+    mask = prompt_embeds_mask
+    if mask is not None:
+        kwargs["encoder_hidden_states_mask"] = mask.to(device=x_t.device)
+    if _accepts(transformer.forward, "txt_seq_lens"):
+        lens = (mask.sum(1).tolist() if mask is not None else [prompt_embeds.shape[1]] * prompt_embeds.shape[0])
+        kwargs["txt_seq_lens"] = [int(v) for v in lens]
+    return transformer(**kwargs)[0]
+
+
+def flow_matching_loss(transformer, x0_packed: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+                       prompt_embeds: torch.Tensor, prompt_embeds_mask: torch.Tensor | None,
+                       img_shapes: Sequence[tuple[int, int, int]], weights: torch.Tensor | None = None,
+                       token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample loss [B] (float32): weights_b · Σ_n w_bn · mean_c (v̂ - (ε - x0))²_bnc / Σ_n w_bn.
+
+    x0_packed, noise [B, N, 4C]; sigmas [B]; prompt_embeds [B, S, H] (the only input that should carry a
+    gradient); prompt_embeds_mask [B, S] (1 = real token) or None; weights [B] (SD3 weighting) or None;
+    token_weights [B, N] (≥ 0) or None."""
+    s = sigmas.to(device=x0_packed.device, dtype=torch.float32).view(-1, 1, 1)
+    x0, eps = x0_packed.float(), noise.float()
+    x_t = (1.0 - s) * x0 + s * eps
+    target = eps - x0
+    pred = predict_velocity(transformer, x_t, sigmas, prompt_embeds, prompt_embeds_mask, img_shapes).float()
+    err = (pred - target).pow(2).mean(-1)  # [B, N]
+    if token_weights is None:
+        per = err.mean(1)
+    else:
+        tw = token_weights.to(device=err.device, dtype=torch.float32)
+        per = (err * tw).sum(1) / tw.sum(1).clamp_min(1e-12)
+    if weights is not None:
+        per = per * weights.to(device=per.device, dtype=torch.float32)
+    return per
+
+
+def condition_with_residual(prompt_embeds: torch.Tensor, prompt_embeds_mask: torch.Tensor, residual: torch.Tensor,
+                            alpha: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """E + α·r with r the head's residual [B, K, H] spread over each prompt's valid tokens by the length
+    policy (padding unchanged): exactly what InjectResidual's absolute mode adds, but differentiable in R."""
+    from ..residual.length_policy import expand_to_tokens
+
+    r = expand_to_tokens(residual.float(), prompt_embeds_mask.to(residual.device))
+    if isinstance(alpha, torch.Tensor) and alpha.ndim == 1:
+        alpha = alpha.view(-1, 1, 1).to(r)
+    return (prompt_embeds.float() + alpha * r)
