@@ -71,11 +71,11 @@ def _safe_name(name: str) -> str:
 
 def _validate(args):
     from ..core.errors import UserInputError
-    from ..core.measurement.evaluation import parse_alphas
-    from ..core.residual.injection import parse_alphas as parse_alpha_list
+    from ..core.measurement.evaluation import alphas_with_baseline
+    from ..core.residual.injection import parse_alphas
     from ..core.generation.sampling import check_size, parse_seeds
 
-    alphas = parse_alphas(parse_alpha_list(args.alphas))
+    alphas = alphas_with_baseline(parse_alphas(args.alphas))
     seeds = parse_seeds(args.gen_seeds)
     check_size(args.width, args.height)
     if args.steps < 1:

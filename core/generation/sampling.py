@@ -66,7 +66,7 @@ DEFAULT_NEGATIVE_PROMPT = "blurry, low quality, deformed, watermark"
 DEFAULT_MAX_BATCH = 4
 OFFLOAD_CHOICES = ("none", "model_cpu_offload", "group", "sequential")
 SIZE_MULTIPLE = 16  # VAE factor 8 × the transformer's 2x2 patches
-MAX_SEED = 2**63 - 1
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # KSampler's seed range; torch.Generator.manual_seed takes all of it
 
 
 # --------------------------------------------------------------------------------------------- inputs
