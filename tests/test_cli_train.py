@@ -209,3 +209,23 @@ def test_features_from_qwen_identity_extract_are_reused(train, make_dataset, tin
     assert code == 0, err
     assert "no entry for these photos with this model, these settings and this dtype" in err
     assert "using features of 0 identities" in err
+
+
+def test_zero_target_trains_nothing_and_help_says_so(train, make_dataset, tmp_path, capsys):
+    """The seed's zero target: a zero-initialised head, zero targets, zero gradients: the weights stay zero
+    after training, and `--help` says so instead of offering it as an objective."""
+    from qwen_identity.cli import build_parser
+
+    dirs = ",".join(map(str, make_dataset(identities=2, views=1, size=(64, 64))))
+    code, _, err = train("--seed-dirs", dirs, "--epochs", "2", "--lr", "1e-1", out=tmp_path / "z")
+    assert code == 0, err
+    w = _weights(tmp_path / "z" / "checkpoints" / "linear_head.safetensors")
+    assert all(float(v.abs().max()) == 0.0 for k, v in w.items() if k.startswith("proj"))
+    for command in ("train", "sweep"):
+        help_text = " ".join(_help(build_parser(), command).split())
+        assert "zero: trains nothing" in help_text, help_text
+
+
+def _help(parser, command) -> str:
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[command].format_help()
