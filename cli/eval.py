@@ -7,7 +7,8 @@ scored against that identity's photos:
 - face distance (dlib 128-d embeddings; lower = more alike, < --threshold = same person) and the share
   of images judged the same person; images without a face are counted, not scored;
 - Qwen3-VL feature cosine to the photos (the features the head was trained on; --no-qwen3vl-cosine off);
-- a prompt-adherence PROXY: Qwen3-VL's P(yes) to 'Does this image show "<prompt>"?' (--no-prompt-proxy off);
+- a prompt-adherence PROXY: Qwen3-VL's P(yes) / (P(yes) + P(no)) to 'Does this image show "<prompt>"?'
+  (`qwen3vl_p_yes_normalised`; --no-prompt-proxy off);
 - diversity across seeds per α: mean pairwise face distance and Qwen3-VL feature distance.
 Writes OUT/eval.json, OUT/identity_vs_alpha.png (one curve per identity, dashed: α = 0 baseline) and
 OUT/<identity>_eval_grid.png (α × seed grid with each cell's face distance under it), all atomically.
@@ -177,7 +178,8 @@ def _run(args, stack) -> int:
                      "threshold": args.threshold, "distance": "Euclidean, mean over the reference faces"},
             "qwen3vl_cosine": None if args.no_qwen3vl_cosine else "cosine of Qwen3-VL features to the mean reference feature",
             PROMPT_PROXY_NAME: None if args.no_prompt_proxy else
-            "PROXY: Qwen3-VL P(yes) to 'Does this image show \"<prompt>\"? Please answer yes or no.'",
+            "PROXY: Qwen3-VL's P(yes) / (P(yes) + P(no)) to 'Does this image show \"<prompt>\"? Please answer yes "
+            "or no.' (normalised over the two answers; not VQAScore's unnormalised P(\"Yes\"))",
             "diversity": "mean pairwise distance across seeds (face: Euclidean; qwen3vl: 1 - cosine)",
         },
         "warnings": warnings_all, "plot": str(plot_path), "identities": results,
