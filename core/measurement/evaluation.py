@@ -153,6 +153,10 @@ def sample_alpha_images(pipeline_bundle, head, identity, positive: list, negativ
     from ..generation.sampling import sample, speed_options
 
     alphas, seeds = alphas_with_baseline(alphas), [int(s) for s in seeds]
+    batches = {int(item[0].shape[0]) for item in positive if isinstance(item[0], torch.Tensor)}
+    if batches != {1}:
+        raise UserInputError(f"the prompt conditioning holds {'/'.join(map(str, sorted(batches))) or 'no'} prompts: "
+                             "an α sweep takes exactly one prompt (encode one prompt per sweep).")
     out: dict[float, list[Image.Image]] = {}
     if baseline is not None:
         if len(baseline) != len(seeds):
