@@ -148,13 +148,19 @@ def make_optimizer(head, cfg: DenoiseLoopConfig) -> torch.optim.Optimizer:
 def head_gain(head, transformer, data: DenoiseData, alpha: float, pairs: int = 4, seed: int = 0,
               device: torch.device | str = "cpu", batch_size: int = 8) -> dict | None:
     """The held-out denoising gain (`core/measurement/identity_gain.py`) of `head` on `data`'s photos;
-    None when fewer than two persons or no person with two photos."""
-    from ..core.measurement.identity_gain import denoising_gain
+    None when no person has two photos or there is no second person at all. Impostors are the other
+    evaluated persons (the next one, cyclic) when there are at least two, else the next person among all
+    persons `data.features` holds (training persons: their residual is just as foreign to the photo)."""
+    from ..core.measurement.identity_gain import denoising_gain, impostors
 
     persons = sorted(set(data.person))
     usable = [i for i in range(len(data)) if data.features[data.person[i]].shape[0] > 1]
-    if len(persons) < 2 or not usable:
+    if not usable or len(data.features) < 2:
         return None
+    if len(persons) >= 2:
+        imp_of = impostors(persons)
+    else:
+        imp_of = {p: (p + 1) % len(data.features) for p in persons}
     sub = data.subset(usable)
     param = next(head.parameters())
     cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -173,7 +179,7 @@ def head_gain(head, transformer, data: DenoiseData, alpha: float, pairs: int = 4
         return denoising_gain(transformer, sub.latents, sub.img_shape, sub.person,
                               sub.embeds[sub.person], sub.mask[sub.person], residual_of, alpha, pairs=pairs,
                               seed=seed, photo_ids=usable, token_weights=sub.token_weights,
-                              names=data.names or None, batch_size=batch_size, device=device)
+                              names=data.names or None, batch_size=batch_size, device=device, impostor_of=imp_of)
     finally:
         head.train(was_training)
 

@@ -143,14 +143,15 @@ def denoising_gain(transformer, latents: torch.Tensor, img_shape, persons: Seque
                    pairs: int = 4, seed: int = 0, photo_ids: Sequence[int] | None = None,
                    token_weights: torch.Tensor | None = None, names: Sequence[str] | None = None,
                    batch_size: int = 8, device: torch.device | str = "cpu",
-                   logit_mean: float = 0.0, logit_std: float = 1.0) -> dict:
+                   logit_mean: float = 0.0, logit_std: float = 1.0, impostor_of: dict[int, int] | None = None) -> dict:
     """The held-out gain of one head on M photos.
 
     persons [M]: each photo's person index; embeds [M, S, H] / mask [M, S]: each photo's prompt;
     residual_of(photo index, person) -> R [K, H]: the residual of `person` for that photo (for the own
-    person it must not use the photo itself). Returns `summarise`'s dict plus the settings."""
+    person it must not use the photo itself); impostor_of: person -> impostor (default: `impostors`).
+    Returns `summarise`'s dict plus the settings."""
     persons = [int(p) for p in persons]
-    imp_of = impostors(persons)
+    imp_of = impostor_of or impostors(persons)
     own = torch.stack([residual_of(i, p) for i, p in enumerate(persons)])
     imp = torch.stack([residual_of(i, imp_of[p]) for i, p in enumerate(persons)])
     losses = photo_losses(transformer, latents, img_shape, embeds, mask, [None, own, imp], alpha, pairs, seed,
