@@ -176,3 +176,20 @@ def test_text_width_mismatch_is_named(train, people, tmp_path, tiny_models):
     code, _, err = train("--seed-dirs", people, out=tmp_path / "a", epochs=1, qwen_image=qi)
     assert code == 2, err
     assert "width 48" in err and "H=32" in err
+
+
+def test_eval_measures_the_denoising_gain_of_a_head(train, people, make_dataset, tmp_path, tiny_models, capsys):
+    assert train("--seed-dirs", people, out=tmp_path / "a", epochs=1)[0] == 0
+    head = tmp_path / "a" / "checkpoints" / "linear_head.safetensors"
+    others = make_dataset(identities=2, views=2, size=(40, 36), first_seed=300)
+    code = main(["eval", "--head", str(head), "--seed-dirs", ",".join(map(str, others)), "--denoise-gain-only",
+                 "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model", str(tiny_models.qwen_image),
+                 "--device", "cpu", "--gain-pairs", "2", "--out-dir", str(tmp_path / "ev")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    g = report["denoise_gain"]
+    assert g["overall"]["persons"] == 2 and g["overall"]["photos"] == 4
+    assert g["settings"]["resolution"] == "32x32"  # the head's training resolution
+    assert set(g["per_person"]) == {"seed_300", "seed_301"}
+    assert "held-out denoising gain" in out.out

@@ -362,3 +362,49 @@ def _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_s
         raise
     dist.barrier()
     return metrics_for(min(total_steps, stop_after_step or total_steps), history) if dist.is_main else {}
+
+
+def measure_head_gain(head, cfg, opts: DenoiseOptions, alpha: float, say: Callable[[str], None] | None = None,
+                      progress=None) -> dict:
+    """The held-out denoising gain of a trained head on the photos of `cfg.seed_dirs` (people it was not
+    trained on), for `qwen-identity eval --denoise-gain`: every person's photos are the targets, their
+    other photos give the own residual, the next person is the impostor. Caches go to cfg.out_dir/cache."""
+    from ..core.runtime.devices import resolve_device
+    from .distributed import LocalDist
+
+    opts.validate()
+    say = say or (lambda m: print(m, file=sys.stderr))
+    progress = progress or (lambda name: (lambda done, total: None))
+    cfg.out_dir = Path(cfg.out_dir)
+    device = resolve_device(cfg.device)
+    identities = load_identities(cfg.seed_dirs, single_view=False, warn=say, progress=progress("photos"))
+    if len(identities) < 2:
+        raise UserInputError("--denoise-gain needs at least two people (the impostor is another person): pass more "
+                             "seed directories.")
+    views = _views(identities, opts.single_photo)
+    (res, dtype, qi_dir, latents, faces, feats, feature_meta, embeds, mask, rho,
+     prompts) = _prepare(cfg, opts, identities, views, device, LocalDist(device), progress, say)
+    if int(feats[0].shape[-1]) != head.feature_dim:
+        raise ModelMismatchError(f"the Qwen3-VL features have D={int(feats[0].shape[-1])} but the head expects "
+                                 f"D={head.feature_dim}: use the Qwen3-VL model the head was trained on "
+                                 f"({head.meta.qwen3_vl_model or 'not recorded'}).")
+    if int(embeds.shape[-1]) != head.hidden_size:
+        raise ModelMismatchError(f"{qi_dir} has text width H={int(embeds.shape[-1])} "
+                                 f"({describe_text_width(int(embeds.shape[-1]))}) but the head outputs "
+                                 f"H={head.hidden_size} ({describe_text_width(head.hidden_size)}): use the Qwen-Image "
+                                 "generation the head was trained for.")
+    person = [p for p, vs in enumerate(views) for _ in vs]
+    view = [j for vs in views for j in range(len(vs))]
+    packed, shapes = pack_latents(latents)
+    tw = None if faces is None else torch.stack([face_token_weights(b.tolist(), res, opts.face_weight) for b in faces])
+    data = DenoiseData(packed, shapes[0], person, view, feats, embeds, mask, tw, [i.name for i in identities])
+    transformer = _load_transformer(qi_dir, device, dtype, int(embeds.shape[-1]), False)
+    head = head.to(device).float()
+    try:
+        gain = head_gain(head, transformer, data, alpha, opts.gain_pairs, opts.loop.seed, device)
+    except RuntimeError as e:
+        _check_memory_error(e)
+        raise
+    gain["settings"].update({"resolution": str(res), "prompts": sorted(set(prompts)),
+                             "face_weight": opts.face_weight})
+    return gain
