@@ -124,3 +124,40 @@ def test_denoise_head_carries_identity_to_held_out_people_and_caption_head_does_
     c = head_gain(cap, tr, held_out, 1.0)["overall"]
     assert c["identity_gain"] < o["identity_gain_ci95"][0], (c, o)
     assert abs(c["identity_gain"]) < 0.5 * o["identity_gain"], (c, o)
+
+
+def test_grad_accumulation_and_accelerate_match_the_plain_step(planted):
+    """batch 4 = batch 2 x 2 accumulated = batch 4 under Accelerate (one process): the same head up to float
+    summation order (1e-5 relative), so the step does not depend on how it is split."""
+    from qwen_identity.training.distributed import AccelerateDist
+
+    _, train, _, _, tr = planted
+    small = train.subset(list(range(16)))
+    a, _ = trained_denoise_head(small, tr, epochs=2, batch_size=4)
+    b, _ = trained_denoise_head(small, tr, epochs=2, batch_size=2, grad_accum=2)
+    c = ResidualHead(D, 1, H)
+    train_denoise(c, tr, small, None, DenoiseLoopConfig(epochs=2, batch_size=4, lr=3e-2),
+                  dist=AccelerateDist(torch.device("cpu")))
+    for other in (b, c):
+        assert torch.allclose(a.proj.weight, other.proj.weight, rtol=1e-5, atol=1e-6)
+    assert float(a.proj.weight.detach().abs().sum()) > 0
+
+
+def test_magnitude_regulariser_shrinks_the_residual(planted):
+    """reg_weight adds mean(R²) to the loss: with a large weight the residual stays far smaller (measured
+    13x: 0.19 vs 2.5; we require 2x) than without it."""
+    _, train, _, _, tr = planted
+    small = train.subset(list(range(16)))
+    plain, _ = trained_denoise_head(small, tr, epochs=2)
+    reg, _ = trained_denoise_head(small, tr, epochs=2, reg_weight=1.0)
+    f = torch.cat(small.features)
+    with torch.no_grad():
+        r, p = float(reg(f).norm(dim=-1).mean()), float(plain(f).norm(dim=-1).mean())
+        assert r < 0.5 * p
+
+
+def test_face_box_maps_onto_the_packed_token_grid():
+    from qwen_identity.core.denoising.latent_cache import Resolution, face_token_weights
+
+    w = face_token_weights((16, 0, 40, 20), Resolution(64, 32), 5.0).view(2, 4)  # tokens are 16x16 pixels
+    assert w.tolist() == [[1, 5, 5, 1], [1, 5, 5, 1]]
