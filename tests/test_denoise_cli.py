@@ -193,3 +193,16 @@ def test_eval_measures_the_denoising_gain_of_a_head(train, people, make_dataset,
     assert g["settings"]["resolution"] == "32x32"  # the head's training resolution
     assert set(g["per_person"]) == {"seed_300", "seed_301"}
     assert "held-out denoising gain" in out.out
+
+
+def test_out_of_gpu_memory_names_the_flags_that_reduce_memory(train, people, tmp_path, monkeypatch):
+    from qwen_identity.training import denoise_pipeline
+
+    def oom(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(denoise_pipeline, "train_denoise", oom)
+    code, _, err = train("--seed-dirs", people, out=tmp_path / "a", epochs=1)
+    assert code == 2, err
+    assert "out of GPU memory" in err and "--gradient-checkpointing" in err and "--grad-accum" in err
+    assert "--train-resolution" in err and "Traceback" not in err

@@ -203,6 +203,13 @@ def _prepare(cfg, opts: DenoiseOptions, identities, views, device, dist, progres
                                  map_fn=lambda items, fn: shard_map(dist, items, fn), write=dist.is_main,
                                  info={"vae": vae_src, "resolution": str(res), "dtype": dtype_name(dtype)})
     state.clear()
+    if faces is not None:
+        missing = [str(v.path) + (" (mirrored)" if v.flip else "") for v, b in zip(flat, faces) if float(b[0]) < 0]
+        if missing:
+            raise UserInputError(f"--face-weight: no face found in {len(missing)} photo(s) at {res}: "
+                                 + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                                 + ". Remove those photos, use --face-detector cnn, or turn face weighting off "
+                                   "(--face-weight 0).")
     # 2. features (Qwen3-VL, cached) and captions when asked
     vid = [_ViewIdentity(i, v) for i, v in zip(identities, views)]
     if opts.caption_source == "caption":
@@ -217,13 +224,6 @@ def _prepare(cfg, opts: DenoiseOptions, identities, views, device, dist, progres
     embeds, mask, rho = prompt_embeddings(prompts, cache_dir, prompt_key(te_src, dtype_name(dtype), prompts),
                                           models.text_encoder, say, write=dist.is_main)
     models.release()
-    if faces is not None:
-        missing = [str(v.path) + (" (mirrored)" if v.flip else "") for v, b in zip(flat, faces) if float(b[0]) < 0]
-        if missing:
-            raise UserInputError(f"--face-weight: no face found in {len(missing)} photo(s) at {res}: "
-                                 + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-                                 + ". Remove those photos, use --face-detector cnn, or turn face weighting off "
-                                   "(--face-weight 0).")
     return res, dtype, qi_dir, latents, faces, feats, feature_meta, embeds, mask, rho, prompts
 
 
