@@ -86,7 +86,8 @@ def add_denoise_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches of --batch-size per optimizer step (default: 1)")
     g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute each transformer block in the backward: much less memory, ~1.3x slower")
+                   help="recompute each transformer block in the backward: much less memory (41 vs 73 GiB), ~1.5x slower "
+                        "(issue 12's H200 probe at 768x512, batch 4)")
     g.add_argument("--weighting", choices=WEIGHTINGS, default="logit_normal",
                    help="σ density / loss weighting, as diffusers' Qwen-Image training (default: logit_normal)")
     g.add_argument("--logit-mean", type=finite_float, default=0.0, help="logit_normal mean (default: 0)")
@@ -112,8 +113,27 @@ def add_denoise_arguments(p: argparse.ArgumentParser) -> None:
                    help="refused with --objective denoise (backpropagation through fp8 storage fails)")
 
 
+DENOISE_ONLY = ("train_resolution", "allow_upscale", "caption_source", "caption_template", "alpha_train", "grad_accum",
+                "gradient_checkpointing", "weighting", "logit_mean", "logit_std", "mode_scale", "shift", "face_weight",
+                "face_detector", "reg_weight", "single_photo", "checkpoint_every", "gain_pairs", "offload",
+                "fp8_storage")
+
+
 def objective_of(args) -> str:
     return args.objective or args.target
+
+
+def check_objective_flags(args, parser_defaults: dict) -> None:
+    """Flags of the denoise objective given with another objective are an error, not silently ignored."""
+    from ..core.errors import UserInputError
+
+    if objective_of(args) == "denoise":
+        return
+    given = [f"--{d.replace('_', '-')}" for d in DENOISE_ONLY if getattr(args, d, None) != parser_defaults.get(d)]
+    if given:
+        raise UserInputError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --objective denoise only "
+                             f"(this run trains --objective {objective_of(args)}): add --objective denoise or drop "
+                             f"{'it' if len(given) == 1 else 'them'}.")
 
 
 def denoise_options_from_args(args):
@@ -164,6 +184,9 @@ def run(args) -> int:
 
     # deterministic cuBLAS on CUDA (must be set before the first CUDA matmul); harmless elsewhere
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    parser = argparse.ArgumentParser(add_help=False)
+    add_denoise_arguments(parser)
+    check_objective_flags(args, {a.dest: a.default for a in parser._actions})
     cfg = config_from_args(args)
     bars = lambda name: tqdm_progress(name, unit="step" if name == "training" else "item")  # noqa: E731
     if objective_of(args) == "denoise":

@@ -206,3 +206,11 @@ def test_out_of_gpu_memory_names_the_flags_that_reduce_memory(train, people, tmp
     assert code == 2, err
     assert "out of GPU memory" in err and "--gradient-checkpointing" in err and "--grad-accum" in err
     assert "--train-resolution" in err and "Traceback" not in err
+
+
+def test_denoise_flags_without_the_denoise_objective_are_refused(train, people, tmp_path, tiny_models, capsys):
+    code = main(["train", "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model",
+                 str(tiny_models.qwen_image), "--seed-dirs", people, "--face-weight", "2", "--device", "cpu",
+                 "--out-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--face-weight applies to --objective denoise only" in err
