@@ -20,7 +20,7 @@ from ..version import __version__
 # name -> (module, one-line help); a subcommand is listed once it works.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("extract", "Qwen3-VL identity features of seed directories into one .safetensors feature cache"),
-    "train": ("train", "train a residual head from seed directories (caption or zero target)"),
+    "train": ("train", "train a residual head from seed directories (objective caption, zero or denoise)"),
     "sweep": ("sweep", "the POC's alpha x seed sweep: (train,) inject, sample, grid + meta per seed directory"),
     "demo": ("demo", "the main job on a fresh machine: tiny offline models (or real ones) end to end"),
     "eval": ("eval", "sweep α per identity: face distance, Qwen3-VL cosine, prompt proxy, diversity; JSON + plot"),

@@ -24,9 +24,10 @@ def add_head_training_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--batch-size", type=int, default=2, help="photos per step (default: 2)")
     group.add_argument("--lr", type=finite_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     group.add_argument("--target", choices=("caption", "zero"), default="caption",
-                       help="caption: the person's description inside the base prompt (default); zero: trains "
-                            "nothing (the seed's objective: a zero-initialised head, zero targets and zero "
-                            "gradients leave every weight at zero), a check of the machinery only")
+                       help="caption: regress onto the person's description inside the base prompt (default; learns "
+                            "only what a caption can say); zero: trains nothing (the seed's objective: a zero-initialised "
+                            "head, zero targets and zero gradients leave every weight at zero), a check of the machinery "
+                            "only. `train --objective` supersedes this and adds denoise")
     group.add_argument("--tokens", type=int, default=1, help="K identity slots of the head (default: 1)")
 
 

@@ -71,6 +71,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prompt-proxy", action="store_true", help="skip the Qwen3-VL prompt-adherence proxy")
     g.add_argument("--plot-backend", choices=("auto", "matplotlib", "pil"), default="auto",
                    help="auto = matplotlib when installed, else PIL (default: auto)")
+    g = p.add_argument_group("held-out denoising gain (docs/denoise-training.md)")
+    g.add_argument("--denoise-gain", action="store_true",
+                   help="also measure the held-out denoising gain on these seed dirs' photos (own vs impostor "
+                        "residual, through the frozen transformer; no sampling needed); written to eval.json "
+                        "under denoise_gain")
+    g.add_argument("--denoise-gain-only", action="store_true",
+                   help="measure only the held-out denoising gain (skip the α sweep and its scores)")
+    g.add_argument("--gain-resolution", default=None,
+                   help="WIDTHxHEIGHT of the photos for the gain (default: the head's training resolution, else 512x512)")
+    g.add_argument("--gain-alpha", type=finite_float, default=None,
+                   help="α of the residual for the gain (default: the head's --alpha-train, else 1.0)")
+    g.add_argument("--gain-pairs", type=int, default=4, help="fixed (σ, ε) pairs per photo (default: 4)")
+    g.add_argument("--gain-prompt", default=None,
+                   help="the prompt the photos are conditioned on (default: the head's template, else --base-prompt)")
     g = p.add_argument_group("system")
     add_system_arguments(g)
 
@@ -100,7 +114,54 @@ def _validate(args):
     return alphas, seeds
 
 
+def _denoise_gain(args, head_path, out: Path) -> dict:
+    """The held-out denoising gain section of eval.json (training/denoise_pipeline.measure_head_gain)."""
+    from ..core.identity.features import settings_from_meta
+    from ..core.identity.seed_dirs import parse_seed_dir_args
+    from ..core.residual.head import load_head
+    from ..training.denoise import DenoiseLoopConfig
+    from ..training.denoise_pipeline import DenoiseOptions, measure_head_gain
+    from ..training.pipeline import DEFAULT_QWEN3_VL, TrainConfig
+
+    head = load_head(head_path)
+    trained = head.meta.training_args or {}
+    settings = settings_from_meta(head.meta.feature_settings or {})
+    prompt = args.gain_prompt or (head.meta.base_prompt if head.meta.target == "denoise" and head.meta.base_prompt
+                                  else args.base_prompt)
+    alpha = args.gain_alpha if args.gain_alpha is not None else float(trained.get("alpha_train") or 1.0)
+    opts = DenoiseOptions(loop=DenoiseLoopConfig(), resolution=args.gain_resolution or trained.get("resolution") or "512x512",
+                          caption_source="template", template=prompt, gain_pairs=args.gain_pairs)
+    cfg = TrainConfig(seed_dirs=parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file), out_dir=out,
+                      qwen3_vl_model=args.qwen3_vl_model or head.meta.qwen3_vl_model or DEFAULT_QWEN3_VL,
+                      qwen_image_model=args.qwen_image_model,
+                      feature_settings={"source": settings.source, "layer": settings.layer,
+                                        "resolution": settings.resolution, "max_pixels": settings.max_pixels},
+                      device=args.device, dtype=args.dtype,
+                      hf_token=args.hf_token or os.environ.get("HUGGINGFACE_TOKEN") or os.environ.get("HF_TOKEN"),
+                      cache_dir=args.cache_dir or os.environ.get("HF_HUB_CACHE"))
+    gain = measure_head_gain(head, cfg, opts, alpha)
+    o = gain["overall"]
+    print(f"held-out denoising gain ({o['persons']} people, {o['photos']} photos): own {o['own_gain']:.4g}, impostor "
+          f"{o['impostor_gain']:.4g}, identity gain {o['identity_gain']:.4g} (95% CI {o['identity_gain_ci95'][0]:.4g}"
+          f"..{o['identity_gain_ci95'][1]:.4g}; {100 * o['identity_gain_relative']:.2f}% of the loss)")
+    return gain
+
+
 def run(args) -> int:
+    if args.denoise_gain_only:
+        from ..core.errors import UserInputError
+        from ..core.files.atomic import atomic_write_json
+        from ..core.files.out_dir_lock import OutDirLock
+
+        if not args.seed_dirs and not args.seed_dirs_file:
+            raise UserInputError("--seed-dirs is required: pass DIR[,DIR...] (globs allowed) or --seed-dirs-file.")
+        out = Path(args.out_dir)
+        with OutDirLock(out):
+            gain = _denoise_gain(args, args.head, out)
+            atomic_write_json(out / "eval.json", {"head": str(args.head), "denoise_gain": gain})
+        print(f"wrote {out / 'eval.json'}")
+        return 0
+
     with contextlib.ExitStack() as stack:  # holds the out-dir lock that _run takes once the inputs are checked
         return _run(args, stack)
 
@@ -184,6 +245,10 @@ def _run(args, stack) -> int:
         },
         "warnings": warnings_all, "plot": str(plot_path), "identities": results,
     }
+    if args.denoise_gain:
+        del vl, scorers
+        _release_memory()
+        report["denoise_gain"] = _denoise_gain(args, args.head, out)
     atomic_write_json(out / "eval.json", report)
     _print_summary(results)
     print(f"wrote {out / 'eval.json'}, {plot_path} and {len(results)} grid(s) in {out}")

@@ -1,0 +1,189 @@
+"""Training photos -> normalised Qwen-Image VAE latents (and face boxes), cached on disk.
+
+A photo is scaled to cover the training resolution (width x height, multiples of 16) and centre-cropped;
+a photo smaller than the resolution on either side is an error (upscaling would teach the head blur).
+The VAE's latent mean (its distribution's mode, so a cache is deterministic) is normalised as the
+pipeline expects: (z - latents_mean) / latents_std.
+
+Cache: `OUT/cache/latents-<key>.safetensors`, one file per (VAE config hash, resolution, dtype, cache
+format); the key is in the file name and repeated in its metadata, so a cache made with another model,
+resolution or dtype is never read (it simply has another name). Inside, one entry per photo content
+(sha256, plus ":flip" for a mirrored view). Face boxes (when face weighting is on) are stored beside the
+latent in the pixel frame of the cropped training image; no face is stored as [-1, -1, -1, -1].
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image, ImageOps
+
+from ..errors import UserInputError
+from ..files.atomic import atomic_write
+from ..files.dataset_fingerprint import cache_key
+from ..files.safetensors_io import read_safetensors, safetensors_bytes
+
+CACHE_FORMAT = "qwen-identity-latent-cache-v1"
+NO_FACE = (-1.0, -1.0, -1.0, -1.0)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Resolution":
+        t = str(text).lower().replace(" ", "")
+        try:
+            w, h = (t.split("x") + [None])[:2] if "x" in t else (t, t)
+            res = cls(int(w), int(h))
+        except (TypeError, ValueError):
+            raise UserInputError(f"--train-resolution {text!r}: give WIDTHxHEIGHT (e.g. 512x512 or 512x768) or one "
+                                 "number for a square.") from None
+        if res.width < 16 or res.height < 16 or res.width % 16 or res.height % 16:
+            raise UserInputError(f"--train-resolution {text!r}: width and height must be multiples of 16 and at least "
+                                 "16 (the VAE downsamples 8x, the transformer packs 2x2 latents).")
+        return res
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+def crop_to(image: Image.Image, res: Resolution, name: str = "photo", allow_upscale: bool = False) -> Image.Image:
+    """Scale to cover res, centre-crop. Smaller photos are refused unless allow_upscale."""
+    w, h = image.size
+    if not allow_upscale and (w < res.width or h < res.height):
+        raise UserInputError(f"{name} is {w}x{h}, smaller than the training resolution {res}: use photos at least "
+                             f"that large, lower --train-resolution, or pass --allow-upscale (blurrier targets).")
+    return ImageOps.fit(image.convert("RGB"), (res.width, res.height), method=Image.BICUBIC, centering=(0.5, 0.5))
+
+
+def vae_key(vae_source: dict[str, Any], res: Resolution, dtype: str) -> str:
+    return cache_key(CACHE_FORMAT, vae_source, str(res), dtype)
+
+
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"latents-{key}.safetensors"
+
+
+def load_cache(path: Path, key: str) -> dict[str, torch.Tensor]:
+    """Entries of a latent cache file whose metadata carries `key`; a missing or damaged file is empty."""
+    if not path.is_file():
+        return {}
+    try:
+        meta, tensors = read_safetensors(path, lambda e: "damaged")
+    except UserInputError:
+        return {}
+    if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+        return {}
+    return tensors
+
+
+def save_cache(path: Path, key: str, entries: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    data = safetensors_bytes({k: v.contiguous() for k, v in entries.items()},
+                             {"format": CACHE_FORMAT, "key": key, "info": json.dumps(info, sort_keys=True, default=str)})
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [1, 3, 1, H, W] in [-1, 1] (the VAE's input layout: one frame)."""
+    import numpy as np
+
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return arr.permute(2, 0, 1)[None, :, None]
+
+
+@torch.no_grad()
+def encode_latent(vae, image: Image.Image) -> torch.Tensor:
+    """Normalised latent [C, H/8, W/8] (float32, CPU) of one cropped image."""
+    p = next(vae.parameters())
+    x = image_tensor(image).to(device=p.device, dtype=p.dtype)
+    z = vae.encode(x).latent_dist.mode()  # [1, C, 1, h, w]
+    c = z.shape[1]
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1)
+    return ((z.float().cpu() - mean) / std)[0, :, 0].contiguous()
+
+
+def face_box(embedder, image: Image.Image) -> tuple[float, float, float, float]:
+    res = embedder.analyze(image)
+    if not res.faces:
+        return NO_FACE
+    return tuple(float(v) for v in res.faces[0].box)  # type: ignore[return-value]
+
+
+def face_token_weights(box: Sequence[float], res: Resolution, face_weight: float) -> torch.Tensor:
+    """Weights [N] over the packed token grid (H/16 x W/16): face_weight on tokens the face box touches, 1 elsewhere."""
+    gh, gw = res.height // 16, res.width // 16
+    w = torch.ones(gh, gw)
+    left, top, right, bottom = box
+    c0, c1 = max(0, int(left // 16)), min(gw, int(-(-right // 16)))
+    r0, r1 = max(0, int(top // 16)), min(gh, int(-(-bottom // 16)))
+    if c1 > c0 and r1 > r0:
+        w[r0:r1, c0:c1] = face_weight
+    return w.flatten()
+
+
+@dataclass
+class PhotoView:
+    """One training view: a photo file (its sha256), optionally mirrored."""
+
+    path: Path
+    sha256: str
+    flip: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.sha256 + (":flip" if self.flip else "")
+
+    def load(self) -> Image.Image:
+        from ..files.images import load_image
+
+        img = load_image(self.path)
+        return ImageOps.mirror(img) if self.flip else img
+
+
+def latents_for(views: Sequence[PhotoView], res: Resolution, cache_file: Path, key: str,
+                load_vae: Callable[[], Any], want_faces: bool, face_embedder: Callable[[], Any] | None = None,
+                allow_upscale: bool = False, say: Callable[[str], None] = lambda m: None,
+                map_fn=None, write: bool = True, info: dict[str, Any] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(latents [M, C, h, w], face boxes [M, 4] or None) for views, from the cache where present.
+
+    Sizes are checked before any model loads. `map_fn(items, fn)` may shard the encoding over processes."""
+    crops = {}
+    for v in views:  # check every photo's size first: a bad photo fails before a model loads
+        if v.key not in crops:
+            crops[v.key] = None
+            img = v.load()
+            crop_to(img, res, str(v.path), allow_upscale)
+    cached = load_cache(cache_file, key)
+    todo = [v for v in {v.key: v for v in views}.values()
+            if f"{v.key}/latent" not in cached or (want_faces and f"{v.key}/face" not in cached)]
+    if todo:
+        say(f"encoding {len(todo)} photo(s) with the Qwen-Image VAE at {res} (cached afterwards)")
+        vae = load_vae()
+        emb = face_embedder() if want_faces and face_embedder else None
+
+        def one(_, v: PhotoView):
+            img = crop_to(v.load(), res, str(v.path), allow_upscale)
+            out = {f"{v.key}/latent": encode_latent(vae, img)}
+            if emb is not None:
+                out[f"{v.key}/face"] = torch.tensor(face_box(emb, img), dtype=torch.float32)
+            elif f"{v.key}/face" in cached:
+                out[f"{v.key}/face"] = cached[f"{v.key}/face"]
+            return out
+
+        results = map_fn(todo, one) if map_fn else [one(i, v) for i, v in enumerate(todo)]
+        for r in results:
+            cached.update(r)
+        if write:
+            save_cache(cache_file, key, cached, info or {})
+    lat = torch.stack([cached[f"{v.key}/latent"] for v in views])
+    faces = torch.stack([cached[f"{v.key}/face"] for v in views]) if want_faces else None
+    return lat, faces

@@ -1,0 +1,216 @@
+"""`qwen-identity train --objective denoise` on the tiny models: seed dirs -> caches -> head through the
+frozen transformer -> the same head format LoadResidualHead reads; byte-identical reruns; resume from a
+mid-run checkpoint equals an uninterrupted run; caches keyed by model/resolution/dtype/content; the bad
+inputs of issue 12 (one photo per person, small photos, no face with face weighting, a text-width
+mismatch, 24 GB options) are clear errors that write nothing."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from qwen_identity.cli import main
+
+BASE = ["--objective", "denoise", "--train-resolution", "32x32", "--batch-size", "2", "--lr", "1e-2",
+        "--device", "cpu", "--val-fraction", "0.34", "--gain-pairs", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def train(tiny_models, capsys):
+    def run(*args, out, epochs=2, qwen_image=None):
+        argv = ["train", "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model",
+                str(qwen_image or tiny_models.qwen_image), "--epochs", str(epochs), *BASE, "--out-dir", str(out), *args]
+        code = main(argv)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture
+def people(make_dataset):
+    return ",".join(str(d) for d in make_dataset(identities=3, views=2, size=(40, 36)))
+
+
+def test_denoise_trains_a_head_the_nodes_load(train, people, tmp_path):
+    from qwen_identity.core.residual.head import load_head
+
+    code, out, err = train("--seed-dirs", people, out=tmp_path / "a")
+    assert code == 0, err
+    head_file = tmp_path / "a" / "checkpoints" / "linear_head.safetensors"
+    head = load_head(head_file)
+    assert head.meta.target == "denoise" and head.meta.hidden_size == 32
+    args = head.meta.training_args
+    assert args["objective"] == "denoise" and args["resolution"] == "32x32" and args["alpha_train"] == 1.0
+    assert args["sigma_sampling"]["weighting"] == "logit_normal" and args["tokens"] == 1
+    assert len(args["identities"]) == 3 and len(args["held_out"]) == 1
+    assert float(head.proj.weight.detach().abs().sum()) > 0  # the loss moved the head
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert len(metrics["history"]["train_loss"]) == 2
+    g = metrics["held_out_gain"]
+    assert g is not None and g["photos"] == 2 and "identity_gain_ci95" in g
+    assert "text_token_rms" in metrics
+    # caches exist with model/resolution keys in their names
+    names = sorted(p.name for p in (tmp_path / "a" / "cache").iterdir())
+    assert any(n.startswith("latents-") for n in names) and any(n.startswith("prompts-") for n in names)
+
+    # InjectResidual takes the head unchanged
+    from qwen_identity.core.identity.features import IdentityFeatures
+    from qwen_identity.core.residual.injection import inject_identity
+
+    v = torch.nn.functional.normalize(torch.randn(head.feature_dim), dim=0)
+    feats = IdentityFeatures(per_image=v[None], combined=v, weights=None,
+                             meta={"feature_dim": head.feature_dim, **head.meta.feature_settings})
+    cond = [[torch.randn(1, 5, 32), {"pooled_output": None}]]
+    out_cond, _ = inject_identity(cond, head, feats, [1.0])
+    assert out_cond[0][0].shape == (1, 5, 32)
+
+
+def test_reruns_are_byte_identical_and_resume_equals_uninterrupted(train, people, tmp_path, monkeypatch):
+    assert train("--seed-dirs", people, out=tmp_path / "a", epochs=3)[0] == 0
+    shutil.copytree(tmp_path / "a" / "cache", tmp_path / "b" / "cache")  # same caches, fresh run
+    assert train("--seed-dirs", people, out=tmp_path / "b", epochs=3)[0] == 0
+    head = lambda d: (d / "checkpoints" / "linear_head.safetensors").read_bytes()  # noqa: E731
+    assert head(tmp_path / "a") == head(tmp_path / "b")
+
+    # interrupted after optimizer step 2 (mid-epoch 2: 2 photos per epoch... 4 train photos / batch 2 = 2 steps)
+    from qwen_identity.training import denoise_pipeline
+
+    real = denoise_pipeline.train_denoise
+
+    def interrupted(*a, **kw):
+        kw["stop_after_step"] = 3
+        return real(*a, **kw)
+
+    shutil.copytree(tmp_path / "a" / "cache", tmp_path / "c" / "cache")
+    monkeypatch.setattr(denoise_pipeline, "train_denoise", interrupted)
+    assert train("--seed-dirs", people, "--checkpoint-every", "1", out=tmp_path / "c", epochs=3)[0] == 0
+    monkeypatch.setattr(denoise_pipeline, "train_denoise", real)
+    state = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert state["step"] == 3
+    code, _, err = train("--seed-dirs", people, "--checkpoint-every", "1", "--resume", out=tmp_path / "c", epochs=3)
+    assert code == 0, err
+    assert "resuming after optimizer step 3" in err
+    from qwen_identity.core.residual.head import load_head
+
+    a, c = load_head(tmp_path / "a" / "checkpoints" / "linear_head.safetensors"), \
+        load_head(tmp_path / "c" / "checkpoints" / "linear_head.safetensors")
+    assert torch.equal(a.proj.weight, c.proj.weight) and torch.equal(a.proj.bias, c.proj.bias)
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())["history"]
+    mc = json.loads((tmp_path / "c" / "metrics.json").read_text())["history"]
+    assert ma == mc
+
+
+def test_caches_are_keyed_by_resolution_model_and_dtype(train, people, tmp_path, tiny_models):
+    from qwen_identity.core.denoising.latent_cache import Resolution, vae_key
+    from qwen_identity.core.denoising.prompt_cache import prompt_key
+
+    assert train("--seed-dirs", people, out=tmp_path / "a", epochs=1)[0] == 0
+    first = {p.name for p in (tmp_path / "a" / "cache").iterdir()}
+    code, _, err = train("--seed-dirs", people, "--overwrite", "--train-resolution", "32x16", out=tmp_path / "a",
+                         epochs=1)
+    assert code == 0, err
+    second = {p.name for p in (tmp_path / "a" / "cache").iterdir()}
+    new_latents = [n for n in second - first if n.startswith("latents-")]
+    assert len(new_latents) == 1 and "encoding" in err and "VAE at 32x16" in err  # not reused: encoded again
+    # keys differ by every ingredient
+    src = {"model": {"source": "x", "config": "1"}}
+    keys = {vae_key(src, Resolution(32, 32), "float32"), vae_key(src, Resolution(48, 32), "float32"),
+            vae_key(src, Resolution(32, 32), "bfloat16"),
+            vae_key({"model": {"source": "x", "config": "2"}}, Resolution(32, 32), "float32")}
+    assert len(keys) == 4
+    assert prompt_key(src, "float32", ["a"]) != prompt_key(src, "bfloat16", ["a"]) != prompt_key(src, "float32", ["b"])
+    # a warm rerun loads no VAE / text encoder
+    code, _, err = train("--seed-dirs", people, "--overwrite", out=tmp_path / "a", epochs=1)
+    assert code == 0 and "encoding" not in err and "extracting" not in err
+
+
+@pytest.mark.parametrize("case", ["one photo", "small photo", "no face", "fp8", "offload", "resolution"])
+def test_bad_input_is_a_clear_error_that_writes_nothing(train, make_dataset, tmp_path, case):
+    extra = []
+    if case == "one photo":
+        dirs = make_dataset(identities=2, views=1, size=(40, 36))
+        message = "--single-photo flip"
+    elif case == "small photo":
+        dirs = make_dataset(identities=2, views=2, size=(20, 36))
+        message = "smaller than the training resolution"
+    elif case == "no face":
+        dirs = make_dataset(identities=2, views=2, size=(40, 36))
+        extra = ["--face-weight", "3"]
+        message = "no face found"
+    else:
+        dirs = make_dataset(identities=2, views=2, size=(40, 36))
+        extra, message = {"fp8": (["--fp8-storage"], "--fp8-storage is not supported"),
+                          "offload": (["--offload", "group"], "--offload group is not supported"),
+                          "resolution": (["--train-resolution", "30x32"], "multiples of 16")}[case]
+    code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), *extra, out=tmp_path / "out", epochs=1)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_single_photo_flip_trains(train, make_dataset, tmp_path):
+    dirs = make_dataset(identities=3, views=1, size=(40, 36))
+    code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), "--single-photo", "flip", out=tmp_path / "a", epochs=1)
+    assert code == 0, err
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert m["train_photos"] == 4 and m["val_photos"] == 2
+
+
+def test_text_width_mismatch_is_named(train, people, tmp_path, tiny_models):
+    qi = tmp_path / "qi"
+    shutil.copytree(tiny_models.qwen_image, qi)
+    cfg_file = qi / "transformer" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["joint_attention_dim"] = 48
+    cfg_file.write_text(json.dumps(cfg))
+    code, _, err = train("--seed-dirs", people, out=tmp_path / "a", epochs=1, qwen_image=qi)
+    assert code == 2, err
+    assert "width 48" in err and "H=32" in err
+
+
+def test_eval_measures_the_denoising_gain_of_a_head(train, people, make_dataset, tmp_path, tiny_models, capsys):
+    assert train("--seed-dirs", people, out=tmp_path / "a", epochs=1)[0] == 0
+    head = tmp_path / "a" / "checkpoints" / "linear_head.safetensors"
+    others = make_dataset(identities=2, views=2, size=(40, 36), first_seed=300)
+    code = main(["eval", "--head", str(head), "--seed-dirs", ",".join(map(str, others)), "--denoise-gain-only",
+                 "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model", str(tiny_models.qwen_image),
+                 "--device", "cpu", "--gain-pairs", "2", "--out-dir", str(tmp_path / "ev")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    g = report["denoise_gain"]
+    assert g["overall"]["persons"] == 2 and g["overall"]["photos"] == 4
+    assert g["settings"]["resolution"] == "32x32"  # the head's training resolution
+    assert set(g["per_person"]) == {"seed_300", "seed_301"}
+    assert "held-out denoising gain" in out.out
+
+
+def test_out_of_gpu_memory_names_the_flags_that_reduce_memory(train, people, tmp_path, monkeypatch):
+    from qwen_identity.training import denoise_pipeline
+
+    def oom(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(denoise_pipeline, "train_denoise", oom)
+    code, _, err = train("--seed-dirs", people, out=tmp_path / "a", epochs=1)
+    assert code == 2, err
+    assert "out of GPU memory" in err and "--gradient-checkpointing" in err and "--grad-accum" in err
+    assert "--train-resolution" in err and "Traceback" not in err
+
+
+def test_denoise_flags_without_the_denoise_objective_are_refused(train, people, tmp_path, tiny_models, capsys):
+    code = main(["train", "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model",
+                 str(tiny_models.qwen_image), "--seed-dirs", people, "--face-weight", "2", "--device", "cpu",
+                 "--out-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--face-weight applies to --objective denoise only" in err
