@@ -325,14 +325,12 @@ def test_two_people_workflow_puts_each_person_in_their_region(server):
     half = SIZE // 16                                   # latent columns of the left half
     left, right = (..., slice(0, half)), (..., slice(half, None))
     assert pair.shape == alone["a"].shape and pair.shape[-1] == SIZE // 8
-    assert (alone["a"] - alone["b"]).abs().max() > 1e-3, "the two people's conditionings do not differ"
-    assert torch_allclose(pair[left], alone["a"][left]) and torch_allclose(pair[right], alone["b"][right])
-
-
-def torch_allclose(x, y, atol=1e-5) -> bool:
-    import torch
-
-    return bool(torch.allclose(x.float(), y.float(), atol=atol))
+    off = [float((pair[h] - alone[w][h]).abs().max()) for h, w in ((left, "a"), (right, "b"))]
+    apart = [float((alone["a"] - alone["b"])[h].abs().mean()) for h in (left, right)]
+    print(f"two people in the server: region vs own single run max |diff| {off}; A vs B mean |diff| {apart}")
+    # batched differently (A, B, negative vs A, negative): rounding-level differences (measured ~2e-5)
+    # against people that differ by far more in the same place (~0.045)
+    assert max(off) < 2e-4 and min(apart) > 50 * 2e-4, (off, apart)
 
 
 # ---- UI workflows in the browser ------------------------------------------------------------------
