@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..core.errors import UserInputError
 from ..core.residual.head import head_summary, load_head
-from ..core.files.safe_paths import resolve_inside
+from ..core.files.safe_paths import expand_user, resolve_inside
 from ..core.runtime.model_folders import list_model_files, model_dirs
 
 NO_HEADS = "(no heads in models/identity_heads)"
@@ -15,7 +15,7 @@ NO_HEADS = "(no heads in models/identity_heads)"
 def resolve_head_file(head_name: str, head_path: str = "") -> Path:
     """The path input wins when non-empty; a dropdown name must resolve inside a heads folder."""
     if head_path and head_path.strip():
-        return Path(head_path.strip()).expanduser()
+        return expand_user(head_path.strip(), "head_path")
     if not head_name or head_name == NO_HEADS:
         raise UserInputError("no head selected: put a .safetensors head from `qwen-identity train` into "
                              "ComfyUI/models/identity_heads/ and refresh, or type its path into head_path.")
