@@ -15,6 +15,9 @@ Guarantees:
   since ComfyUI draws that noise for the whole batch from one seed);
 - cells are batched at most `max_batch` at a time, in batches of nearly equal size (default: as many as
   fit the free memory, at most 16);
+- regional conditioning (ConditioningSetMask, TwoPersonRegions) passes through untouched: the one
+  `mask` of an entry applies to every cell of a batch, as in KSampler (a MASK batch is refused, and a
+  mask of another size than the latent is noted in the log: ComfyUI resizes it);
 - progress: `progress(done, total)` in sampler steps over all batches (a `comfy.utils.ProgressBar`
   when none is given); ComfyUI's interrupt (the Cancel button) is honoured after every step.
 
