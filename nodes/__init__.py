@@ -16,6 +16,7 @@ NODE_MODULES: list[str] = [
     "qwen3vl_nodes",
     "head_nodes",
     "inject_nodes",
+    "region_nodes",
     "sampling_nodes",
     "grid_nodes",
     "eval_nodes",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..core.errors import UserInputError
 from ..core.residual.head import head_summary, load_head
-from ..core.files.safe_paths import resolve_inside
+from ..core.files.safe_paths import expand_user, resolve_inside
 from ..core.runtime.model_folders import list_model_files, model_dirs
 from ..core.runtime.security import check_free_path, free_paths_allowed
 
@@ -17,7 +17,7 @@ def resolve_head_file(head_name: str, head_path: str = "") -> Path:
     """The path input wins when non-empty; a dropdown name must resolve inside a heads folder."""
     check_free_path(head_path, "head_path", "a head from the list")
     if head_path and head_path.strip():
-        return Path(head_path.strip()).expanduser()
+        return expand_user(head_path.strip(), "head_path")
     if not head_name or head_name == NO_HEADS:
         raise UserInputError("no head selected: put a .safetensors head from `qwen-identity train` into "
                              "ComfyUI/models/identity_heads/ and refresh, or type its path into head_path.")

@@ -15,6 +15,9 @@ Guarantees:
   since ComfyUI draws that noise for the whole batch from one seed);
 - cells are batched at most `max_batch` at a time, in batches of nearly equal size (default: as many as
   fit the free memory, at most 16);
+- regional conditioning (ConditioningSetMask, TwoPersonRegions) passes through untouched: the one
+  `mask` of an entry applies to every cell of a batch, as in KSampler (a MASK batch is refused, and a
+  mask of another size than the latent is noted in the log: ComfyUI resizes it);
 - progress: `progress(done, total)` in sampler steps over all batches (a `comfy.utils.ProgressBar`
   when none is given); ComfyUI's interrupt (the Cancel button) is honoured after every step.
 
@@ -23,21 +26,26 @@ ComfyUI modules are imported inside the functions; this module imports without C
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..core.generation.cell_batches import split_evenly
+from ..core.generation.regions import mask_notes
 from ..core.generation.sampling import MAX_SEED
 from ..core.errors import ModelMismatchError, UserInputError
 
 LATENT_CHANNELS = 16          # Qwen-Image's Wan-2.1 VAE latent (ComfyUI's EmptySD3LatentImage layout)
 SPATIAL_FACTOR = 8            # VAE downscale
 SIZE_MULTIPLE = 16            # VAE /8 times the transformer's 2x2 patches
+log = logging.getLogger(__name__)
 AUTO_MAX_BATCH = 16           # a 4x4 α×seed grid in one sampler call when memory allows
 # Samplers that draw fresh noise while sampling (from one seed for the whole batch in ComfyUI):
 # batching cells would make a seed's image depend on its batch neighbours, so they run one at a time.
 _STOCHASTIC_MARKERS = ("ancestral", "sde", "ddpm", "lcm", "seeds_", "sa_solver")
+# Conditioning extras that hold one value for the whole batch, never one per prompt row.
+_BATCH_WIDE_KEYS = frozenset({"mask"})
 
 
 def is_stochastic_sampler(sampler_name: str) -> bool:
@@ -89,8 +97,9 @@ def conditioning_batch(positive, negative) -> int:
 def select_conditioning(conditioning, rows: Sequence[int]) -> list:
     """A new CONDITIONING whose batch is `rows` of the input (batch-1 entries are repeated).
 
-    Tensors in the entry's dict with the same batch (the attention mask) are indexed alike; the input
-    is never modified.
+    Tensors in the entry's dict with the same batch (the attention mask) are indexed alike, except a
+    region `mask` (ConditioningSetMask, TwoPersonRegions): ComfyUI applies that one mask to every image
+    of the batch, so it is passed on as it is. The input is never modified.
     """
     index = torch.as_tensor(list(rows), dtype=torch.long)
     out = []
@@ -99,7 +108,7 @@ def select_conditioning(conditioning, rows: Sequence[int]) -> list:
         idx = torch.zeros_like(index) if b == 1 else index
         new_extra = {}
         for k, v in extra.items():
-            if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == b:
+            if k not in _BATCH_WIDE_KEYS and torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == b:
                 v = v[idx.to(v.device)]
             new_extra[k] = v
         out.append([cond[idx.to(cond.device)], new_extra])
@@ -176,6 +185,10 @@ def sample_native(model, vae, positive, negative, seeds, steps, cfg, width, heig
                              f"{', '.join(comfy.samplers.KSampler.SCHEDULERS)}")
     n_items = conditioning_batch(positive, negative)
     _check_model(model, vae, positive)
+    lat_h, lat_w = int(height) // SPATIAL_FACTOR, int(width) // SPATIAL_FACTOR
+    for what, cond in (("positive", positive), ("negative", negative)):
+        for note in mask_notes(cond, lat_h, lat_w, what):
+            log.warning("QwenImageSampleFromEmbeds: %s", note)
 
     cells = [(item, seed) for item in range(n_items) for seed in seeds]
     one = torch.zeros([1, LATENT_CHANNELS, int(height) // SPATIAL_FACTOR, int(width) // SPATIAL_FACTOR],

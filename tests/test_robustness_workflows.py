@@ -159,6 +159,9 @@ def execute(api: dict, s: dict, mutated: str | None = None) -> list[torch.Tensor
         elif t in ("SaveImage", "PreviewImage"):
             saved.append(inputs["images"])   # None when it came from the (absent) native chain
             results[nid] = ()
+        elif t == "MaskPreview":
+            assert torch.isfinite(inputs["mask"]).all()
+            results[nid] = ()
         elif t in LOADERS:
             if nid == mutated:   # the loader must cope with the value; the tiny stand-in is used either way
                 cls = N[t]

@@ -1,5 +1,7 @@
 """Names from workflows cannot escape the models folder."""
 
+from pathlib import Path
+
 import pytest
 
 from qwen_identity.core.errors import UserInputError
@@ -29,3 +31,11 @@ def test_user_symlinks_inside_the_folder_are_followed(tmp_path):
     assert resolve_inside("link.safetensors", [base]).read_bytes() == b"x"
     with pytest.raises(UserInputError, match="outside"):
         resolve_inside("../store/big.safetensors", [base])
+
+
+def test_an_unknown_home_folder_is_a_user_error():
+    from qwen_identity.core.files.safe_paths import expand_user
+
+    with pytest.raises(UserInputError, match="'~no_such_user_qi/x' starts with '~'.*full path"):
+        expand_user("~no_such_user_qi/x", "model_path")
+    assert expand_user("/a/b") == Path("/a/b")

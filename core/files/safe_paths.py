@@ -33,3 +33,13 @@ def resolve_inside(name: str, base_dirs: Iterable[str | os.PathLike], what: str 
             return candidate
     where = ", ".join(map(str, bases)) or "(no folder registered)"
     raise UserInputError(f"{what} {name!r} not found in {where}. Put it there, or refresh the node list (press R).")
+
+
+def expand_user(text: str, what: str = "path") -> Path:
+    """`Path(text).expanduser()`, with a user error for a `~name` whose home cannot be found (pathlib
+    raises RuntimeError for an unknown user, or for `~` when HOME is unset)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise UserInputError(f"{what} {text!r} starts with '~' but that home folder cannot be found; write the "
+                             "full path instead.") from None

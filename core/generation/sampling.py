@@ -23,6 +23,13 @@ as in ComfyUI). When several entries of one side are active, their predictions a
 by their `strength` key (default 1), as ComfyUI combines conditionings. Every step must have at least
 one active positive entry (and negative entry when CFG is on).
 
+Regions: an entry with ComfyUI's conditioning `mask` (ConditioningSetMask with set_cond_area "default",
+TwoPersonRegions) weighs its prediction per latent pixel by the mask (resized to the latent size as
+ComfyUI does, bilinear; × `mask_strength`), so the active entries' predictions are blended pixel by
+pixel: (a·v_A + b·v_B) / (a + b), as ComfyUI blends its denoised predictions (for a flow model the
+same blend, since both are linear in the velocity at a shared x and sigma). Pixels that no active
+entry covers are an error (ComfyUI would predict zero there). `core/generation/regions.py` explains.
+
 Output order: for each conditioning batch item (α-major after InjectResidual), for each seed.
 
 Speed options (both off by default; `bench/RESULTS.md` has the measurements):
@@ -53,6 +60,7 @@ import numpy as np
 import torch
 
 from .cell_batches import split_evenly
+from .regions import entry_region, packed_weights
 from ..residual.conditioning import entry_mask
 from ..errors import NotEnoughMemoryError, UserInputError
 from ..pipeline.defaults import DEFAULT_NEGATIVE_PROMPT  # noqa: F401  (re-exported for the nodes)
@@ -182,13 +190,16 @@ class _Entry:
     start: float
     end: float
     strength: float
+    region: torch.Tensor | None = None  # [L, C] per-feature weight of a masked entry (packed layout)
 
     def row(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = item if self.embeds.shape[0] > 1 else 0
         return self.embeds[i], self.mask[i]
 
 
-def _entries(conditioning, side: str, device, dtype, width: int | None) -> tuple[list[_Entry], int]:
+def _entries(conditioning, side: str, device, dtype, width: int | None,
+             latent: tuple[int, int, int] | None = None) -> tuple[list[_Entry], int]:
+    """The side's entries; `latent` = (lat_h, lat_w, channels) to read region masks (else they are refused)."""
     if not isinstance(conditioning, list) or not conditioning:
         raise UserInputError(f"the {side} conditioning is empty: connect a text-encode node.")
     entries, sizes = [], set()
@@ -206,14 +217,20 @@ def _entries(conditioning, side: str, device, dtype, width: int | None) -> tuple
                 f"the {side} conditioning has H={embeds.shape[-1]} ({describe_text_width(embeds.shape[-1])}) but this "
                 f"Qwen-Image transformer takes H={width} ({describe_text_width(width)}): encode the prompt with the "
                 "text encoder that belongs to this model.")
-        for key in ("area", "mask", "control", "gligen"):
+        for key in ("area", "control", "gligen") + (("mask",) if latent is None else ()):
             if extra.get(key) is not None:
                 raise UserInputError(f"the {side} conditioning carries {key!r}, which the diffusers path does not "
-                                     "support: use the native MODEL+VAE inputs for regional/controlled conditioning.")
+                                     "support: use the native MODEL+VAE inputs for area/controlled conditioning.")
+        region = None
+        if latent is not None:
+            lat_h, lat_w, channels = latent
+            weights = entry_region(extra, lat_h, lat_w, f"the {side} conditioning")
+            if weights is not None:
+                region = packed_weights(weights, channels).to(device=device, dtype=torch.float32)
         mask = entry_mask(embeds, extra).bool()
         entries.append(_Entry(embeds.to(device=device, dtype=dtype), mask.to(device),
                               float(extra.get("start_percent", 0.0)), float(extra.get("end_percent", 1.0)),
-                              float(extra.get("strength", 1.0))))
+                              float(extra.get("strength", 1.0)), region))
         sizes.add(embeds.shape[0])
     batch = max(sizes)
     if sizes - {1, batch}:
@@ -240,10 +257,10 @@ class _Plan:
     mask: torch.Tensor | None
     row_cell: torch.Tensor      # [R] cell index of each row
     pos_rows: torch.Tensor      # indices of the positive rows
-    pos_weight: torch.Tensor    # [n_cells] summed weights (positive)
+    pos_weight: torch.Tensor    # [n_cells, 1, 1] summed weights (positive), [n_cells, L, C] with regions
     neg_rows: torch.Tensor | None
-    neg_weight: torch.Tensor | None
-    row_weight: torch.Tensor    # [R, 1, 1]
+    neg_weight: torch.Tensor | None  # [n_cells, 1, 1], or [n_cells, L, C] with regions
+    row_weight: torch.Tensor    # [R, 1, 1], or [R, L, C] when an active entry has a region mask
     img_shapes: list = field(default_factory=list)
     graph: "_GraphedForward | None" = None  # cuda_graphs: this plan's recorded forward
 
@@ -283,17 +300,23 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
                              "Qwen-Image with true CFG only.")
     dtype = transformer.dtype
     text_width = transformer.config.joint_attention_dim
-    pos, n_items = _entries(positive, "positive", device, dtype, text_width)
+    vsf = pipe.vae_scale_factor
+    lat_h, lat_w = 2 * (height // (vsf * 2)), 2 * (width // (vsf * 2))
+    channels = transformer.config.in_channels // 4
+    latent = (lat_h, lat_w, channels)
+    pos, n_items = _entries(positive, "positive", device, dtype, text_width, latent)
     do_cfg = cfg > 1 and negative is not None
-    neg, n_neg = _entries(negative, "negative", device, dtype, text_width) if do_cfg else ([], 1)
+    neg, n_neg = _entries(negative, "negative", device, dtype, text_width, latent) if do_cfg else ([], 1)
     if do_cfg and n_neg not in (1, n_items):
         raise UserInputError(f"the negative conditioning has batch {n_neg} but the positive has {n_items}: give one "
                              "negative prompt, or one per positive item.")
     for side, entries in (("positive", pos), ("negative", neg)):
         for i in range(steps if entries else 0):
-            if not active_entries(entries, i, steps):
+            active = active_entries(entries, i, steps)
+            if not active:
                 raise UserInputError(f"no {side} conditioning is active at step {i + 1} of {steps} (percent "
                                      f"{step_percent(i, steps):.3f}): the start_percent/end_percent windows leave a gap.")
+            _check_coverage(entries, active, side, i, steps)
 
     if compile:
         compile_transformer(transformer)
@@ -302,9 +325,6 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
     fast = (bool(compile) or use_graphs) and not hooks  # also: modulation precomputed once per chunk
     graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
-    vsf = pipe.vae_scale_factor
-    lat_h, lat_w = 2 * (height // (vsf * 2)), 2 * (width // (vsf * 2))
-    channels = transformer.config.in_channels // 4
     img_shape = (1, height // vsf // 2, width // vsf // 2)
     image_seq_len = (lat_h // 2) * (lat_w // 2)
     sched_cfg = pipe.scheduler.config
@@ -606,18 +626,34 @@ def compile_transformer(transformer, backend: str = "inductor") -> bool:
     return True
 
 
+def _check_coverage(entries: list[_Entry], active: tuple, side: str, i: int, steps: int) -> None:
+    """With region masks, every latent pixel needs some weight from the active entries (ComfyUI would
+    predict zero where none covers it)."""
+    regions = [entries[k] for k in active]
+    if all(e.region is not None for e in regions):
+        total = sum(e.region * e.strength for e in regions)
+        if bool((total <= 0).any()):
+            frac = float((total <= 0).float().mean())
+            raise UserInputError(f"at step {i + 1} of {steps} the {side} conditioning's region masks leave {frac:.0%} "
+                                 "of the picture uncovered (no prediction there): make the masks cover the whole "
+                                 "picture (TwoPersonRegions does), or add an unmasked entry.")
+
+
 def _combine(pred: torch.Tensor, plan: _Plan, rows: torch.Tensor, weight: torch.Tensor, n_cells: int) -> torch.Tensor:
-    """Weighted mean of the rows' predictions per cell (a plain slice when each cell has one row)."""
+    """Weighted mean of the rows' predictions per cell (a plain slice when each cell has one row).
+
+    Weights are per row ([R, 1, 1]) or, with region masks, per row and packed latent feature
+    ([R, L, C]): the per-pixel blend of the entries' predictions."""
     if rows.shape[0] == n_cells:
         return pred.index_select(0, rows)
     picked = pred.index_select(0, rows) * plan.row_weight.index_select(0, rows).to(pred.dtype)
     out = torch.zeros((n_cells, *pred.shape[1:]), dtype=pred.dtype, device=pred.device)
     out.index_add_(0, plan.row_cell.index_select(0, rows), picked)
-    return out / weight.to(pred.dtype)[:, None, None]
+    return out / weight.to(pred.dtype)
 
 
 def _build_plan(chunk, pos, neg, key, device, dtype, img_shape) -> _Plan:
-    texts, masks, row_cell, weights, sides = [], [], [], [], []
+    texts, masks, row_cell, weights, regions, sides = [], [], [], [], [], []
     for side, (entries, active) in enumerate(((pos, key[0]), (neg, key[1]))):
         for c, (item, _seed) in enumerate(chunk):
             for k in active:
@@ -626,6 +662,7 @@ def _build_plan(chunk, pos, neg, key, device, dtype, img_shape) -> _Plan:
                 masks.append(m)
                 row_cell.append(c)
                 weights.append(entries[k].strength)
+                regions.append(entries[k].region)
                 sides.append(side)
     s_max = max(t.shape[0] for t in texts)
     text = torch.zeros((len(texts), s_max, texts[0].shape[-1]), dtype=dtype, device=device)
@@ -635,11 +672,15 @@ def _build_plan(chunk, pos, neg, key, device, dtype, img_shape) -> _Plan:
         mask[r, :m.shape[0]] = m
     row_cell_t = torch.tensor(row_cell, device=device)
     sides_t = torch.tensor(sides, device=device)
-    w = torch.tensor(weights, dtype=torch.float32, device=device)
+    w = torch.tensor(weights, dtype=torch.float32, device=device)[:, None, None]
+    shape = next((r.shape for r in regions if r is not None), None)
+    if shape is not None:  # region masks: a weight per row and packed latent feature
+        w = torch.stack([w[r] * (reg if reg is not None else torch.ones(shape, device=device))
+                         for r, reg in enumerate(regions)])
     n = len(chunk)
 
     def summed(side):
-        out = torch.zeros(n, dtype=torch.float32, device=device)
+        out = torch.zeros((n, *w.shape[1:]), dtype=torch.float32, device=device)
         sel = sides_t == side
         return out.index_add_(0, row_cell_t[sel], w[sel])
 
@@ -647,5 +688,5 @@ def _build_plan(chunk, pos, neg, key, device, dtype, img_shape) -> _Plan:
     neg_rows = (sides_t == 1).nonzero(as_tuple=True)[0]
     return _Plan(text=text, mask=None if bool(mask.all()) else mask, row_cell=row_cell_t, pos_rows=pos_rows,
                  pos_weight=summed(0), neg_rows=neg_rows if len(neg_rows) else None,
-                 neg_weight=summed(1) if len(neg_rows) else None, row_weight=w[:, None, None],
+                 neg_weight=summed(1) if len(neg_rows) else None, row_weight=w,
                  img_shapes=[[img_shape]] * len(texts))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import UserInputError
+from ..files.safe_paths import expand_user
 from .security import check_download
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -67,7 +68,7 @@ def resolve_model_dir(source: str, *, search_dirs: Iterable[str | os.PathLike] =
     if not source or not str(source).strip():
         raise UserInputError(f"no {what} given: choose a folder from the list, a path, or a hub id such as org/name.")
     source = str(source).strip()
-    path = Path(source).expanduser()
+    path = expand_user(source, what)
     if path.is_dir():
         return path
     if path.exists():

@@ -37,6 +37,7 @@ QWEN3VL = "Qwen3-VL-2B-Instruct"          # models/qwen3_vl/Qwen3-VL-2B-Instruct
 HEAD = "linear_head.safetensors"          # models/identity_heads/ (written by `qwen-identity train`)
 DIFFUSERS = "Qwen-Image"                  # models/diffusers/Qwen-Image/ (hub Qwen/Qwen-Image)
 PHOTOS = ["person_1.png", "person_2.png", "person_3.png"]  # ComfyUI/input/: your photos of ONE person
+PEOPLE_PHOTOS = ["person_a.png", "person_b.png"]           # ComfyUI/input/: one photo of EACH of two people
 
 PROMPT = "a portrait photo of a person, studio lighting, 85mm"
 NEGATIVE = "blurry, low quality, deformed, watermark"
@@ -50,6 +51,7 @@ WORKFLOW_FILES = {
     "qwen_identity_native_ksampler": "one image, native loaders + KSampler, strength and step window",
     "qwen_identity_diffusers": "one image, diffusers Qwen-Image pipeline",
     "qwen_identity_multi_photo": "several photos of one person combined",
+    "qwen_identity_two_people": "two people in one picture, one region each",
 }
 
 
@@ -106,6 +108,14 @@ class _Builder:
                     properties=properties or {})
         self.nodes.append(node)
         return node.id
+
+    def node_widgets(self, node_id, **widgets):
+        """Change widget values of a node added earlier (e.g. a shared loader's prompt)."""
+        node = self.nodes[node_id - 1]
+        unknown = set(widgets) - set(node.widgets)
+        if unknown:
+            raise ValueError(f"{node.type} has no widget inputs {sorted(unknown)}")
+        node.widgets.update(widgets)
 
     def link(self, src, slot, dst, name):
         self.links.append((src, slot, dst, name))
@@ -274,8 +284,68 @@ def multi_photo(defs):
     return b.graph("qwen_identity_multi_photo")
 
 
+PEOPLE_PROMPT = ("two people standing side by side in a park, the first person on the left, the second person "
+                 "on the right, photo, 35mm")
+PEOPLE_SIZE = (1024, 576)
+
+
+def two_people(defs):
+    b = _Builder(defs)
+    vl = b.add("LoadQwen3VL", (300, -340), size=(300, 220), model=QWEN3VL)
+    head = b.add("LoadResidualHead", (620, -340), size=(330, 100), head_name=HEAD)
+    feats = []
+    for k, photo in enumerate(PEOPLE_PHOTOS):
+        img = b.add("LoadImage", (0, 380 * k), size=(280, 320), title=f"Person {'AB'[k]}", image=photo)
+        f = b.add("ExtractIdentityFeatures", (620, -100 + 380 * k), size=(330, 200),
+                  title=f"Person {'AB'[k]} features")
+        b.link(vl, 0, f, "qwen3vl")
+        b.link(img, 0, f, "images")
+        feats.append(f)
+    model, vae, pos, neg = _native_loaders(b, y=900)
+    injs = []
+    for k, f in enumerate(feats):
+        inj = b.add("InjectResidual", (980, 60 + 300 * k), size=(340, 200), title=f"Inject person {'AB'[k]}",
+                    strength=1.0, start_at=0.0, end_at=1.0)
+        b.link(pos, 0, inj, "conditioning")
+        b.link(head, 0, inj, "head")
+        b.link(f, 0, inj, "identity")
+        injs.append(inj)
+    width, height = PEOPLE_SIZE
+    regions = b.add("TwoPersonRegions", (1360, 60), size=(320, 260), layout="left/right", split=0.5, width=width,
+                    height=height, feather=64)
+    b.link(injs[0], 0, regions, "conditioning_a")
+    b.link(injs[1], 0, regions, "conditioning_b")
+    preview = b.add("MaskPreview", (1720, -340), size=(300, 220), title="Person A's region")
+    b.link(regions, 1, preview, "mask")
+    latent = b.add("EmptySD3LatentImage", (1360, 700), size=(300, 110), width=width, height=height, batch_size=1)
+    ks = b.add("KSampler", (1720, 60), size=(320, 270), seed=1234, steps=28, cfg=4.5, sampler_name="euler",
+               scheduler="simple", denoise=1.0)
+    b.link(model, 0, ks, "model")
+    b.link(regions, 0, ks, "positive")
+    b.link(neg, 0, ks, "negative")
+    b.link(latent, 0, ks, "latent_image")
+    dec = b.add("VAEDecode", (2080, 60), size=(200, 50))
+    b.link(ks, 0, dec, "samples")
+    b.link(vae, 0, dec, "vae")
+    save = b.add("SaveImage", (2320, 60), size=(520, 340), filename_prefix="qwen_identity/two_people")
+    b.link(dec, 0, save, "images")
+    b.node_widgets(pos, text=PEOPLE_PROMPT)
+    b.note("## Two people in one picture\nOne InjectResidual per person on the same prompt; TwoPersonRegions "
+           "uses person A's conditioning on the left and B's on the right (a 64-pixel soft border) and "
+           "ComfyUI's own KSampler samples it. Each person's conditioning is run on the whole picture and the "
+           "regions pick whose prediction is used where, so the prompt should place one person in each region. "
+           "Keep TwoPersonRegions' width/height equal to the latent's. For a drawn layout choose layout `mask` "
+           "and connect a MASK (white = person A). What the regions do and do not guarantee: "
+           "docs/multi-person.md.\n\n" + MODELS_NOTE.replace("photos of ONE person (replace the example names)",
+                                                              "one photo of each person (`person_a.png`, "
+                                                              "`person_b.png`)"),
+           (980, -420), (560, 440))
+    return b.graph("qwen_identity_two_people")
+
+
 BUILDERS = {"qwen_identity_alpha_grid": alpha_grid, "qwen_identity_native_ksampler": native_ksampler,
-            "qwen_identity_diffusers": diffusers_single, "qwen_identity_multi_photo": multi_photo}
+            "qwen_identity_diffusers": diffusers_single, "qwen_identity_multi_photo": multi_photo,
+            "qwen_identity_two_people": two_people}
 
 
 def render_all() -> dict[Path, str]:
