@@ -20,12 +20,9 @@ DOCS = ROOT / "docs"
 # dangle until then; the lead trims this list at merge time (test_pending_pages_are_still_missing
 # fails for any entry that exists, so the list cannot go stale).
 PENDING_PAGES = {
-    "docs/denoise-training.md",
     "docs/native-acceleration.md",
     "docs/comfyui-compat.md",
-    "docs/multi-person.md",
     "docs/modal.md",
-    "docs/security.md",
     "docs/testing.md",
 }
 

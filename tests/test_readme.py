@@ -82,11 +82,12 @@ def test_link_check_can_fail(tmp_path, monkeypatch):
     import readme_sections
 
     monkeypatch.setattr(readme_sections, "ROOT", tmp_path)
+    monkeypatch.setattr(readme_sections, "PENDING_PAGES", {"docs/pending.md"})
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.md").write_text("# A\n## Some heading\n")
     page = tmp_path / "README.md"
     page.write_text("[ok](docs/a.md#some-heading) [no file](docs/b.md) [no anchor](docs/a.md#other)\n"
-                    "[pending](docs/security.md) ![img](pic.png) [web](https://example.org/x)\n"
+                    "[pending](docs/pending.md) ![img](pic.png) [web](https://example.org/x)\n"
                     "```\n[in code](nowhere.md)\n```\n")
     bad = broken_links([page])
     assert len(bad) == 3 and "docs/b.md (no such file)" in bad[0] and "#other" in bad[1], bad
