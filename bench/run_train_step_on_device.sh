@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12 part 4: one GPU call measures one denoise training step of the identity head through the real-size
 # Qwen-Image transformer (random bf16 weights) beside the peft LoRA anchor, in the same process
-# (bench/bench_train_step.py; results in bench/RESULTS-train-step.md).
+# (bench/bench_train_step.py; results in bench/RESULTS.md, section "Denoise training step").
 #
 #   1 GPU  (kind nvidia-h200):     run(command="bash bench/run_train_step_on_device.sh", carry=[WHEEL])
 #   2 GPUs (kind nvidia-h200-x2):  run(command="NGPU=2 bash bench/run_train_step_on_device.sh", carry=[WHEEL])
