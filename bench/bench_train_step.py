@@ -144,6 +144,10 @@ class TrainBench:
         self.tiny = args.tiny
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            # torch.cuda.set_per_process_memory_fraction (the 24 GB cap) and group offload's onload device
+            # refuse an index-less torch.device("cuda"): resolve it to the current card once, here.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = torch.bfloat16
         self.cfg = TINY_TRANSFORMER if self.tiny else QWEN_IMAGE_TRANSFORMER
         self.feature_dim = args.feature_dim if args.feature_dim else (64 if self.tiny else 2048)
@@ -939,6 +943,16 @@ class TrainBench:
         stages.append(("frozen_check", frozen_check))
         if self.world == 1 and self.args.mem24 != "none":
             stages.append(("mem24", self.stage_24gb))
+        core = ("env", "build", "fingerprint", "flops")
+        if self.args.stages:
+            wanted = {x.strip() for x in self.args.stages.split(",") if x.strip()}
+            known = {n for n, _ in stages} | set(core) | {"eager", "head_grad_check", "mask", "compiled", "ddp",
+                                                           "frozen_check", "mem24"}
+            unknown = wanted - known
+            if unknown:
+                raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)}; known: {sorted(known)}")
+            stages = [(n, fn) for n, fn in stages if n in core or n in wanted]
+            self.results["config"]["stages"] = sorted(wanted)
         for name, fn in stages:
             need = {"mem24": 80, "compiled": 90, "mask": 30}.get(name, 20)   # seconds a stage needs to be useful
             if self.out_of_time(need) and name not in ("env", "build", "fingerprint", "flops", "frozen_check"):
@@ -1041,6 +1055,10 @@ def main(argv=None) -> int:
                    help="configurations to time again with regional torch.compile: comma list of WxH[:best|b1|N] "
                         "(default 768x512:best,768x512:b1 on a GPU, none on the CPU); 'none' to skip")
     p.add_argument("--mem24", default=None, help="24 GB stage: 'fp8', 'fp8,group' (default on a GPU) or 'none'")
+    p.add_argument("--stages", default=None,
+                   help="run only these stages (comma list; env, build, fingerprint and flops always run): eager, "
+                        "head_grad_check, mask, compiled, frozen_check, mem24 (1 GPU), ddp (2+ GPUs); "
+                        "e.g. --stages mem24 reruns the 24 GB stage alone")
     p.add_argument("--feature-dim", type=int, default=None, help="D of the identity features (default 2048; tiny 64)")
     p.add_argument("--tokens", type=int, default=4, help="K residual tokens of the head (default 4)")
     p.add_argument("--text-tokens", type=int, default=None, help="prompt tokens S of E (default 40; tiny 7)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12 part 4: one GPU call measures one denoise training step of the identity head through the real-size
 # Qwen-Image transformer (random bf16 weights) beside the peft LoRA anchor, in the same process
-# (bench/bench_train_step.py; results in bench/RESULTS-train-step.md).
+# (bench/bench_train_step.py; results in bench/RESULTS.md, section "Denoise training step").
 #
 #   1 GPU  (kind nvidia-h200):     run(command="bash bench/run_train_step_on_device.sh", carry=[WHEEL])
 #   2 GPUs (kind nvidia-h200-x2):  run(command="NGPU=2 bash bench/run_train_step_on_device.sh", carry=[WHEEL])
@@ -12,6 +12,7 @@
 # (each process the whole frozen transformer, the head's gradients all-reduced), 768x512, one GPU vs two.
 # Python is stopped by `timeout` before the 10-minute limit; the JSON is rewritten after every configuration,
 # and the table is printed from it last either way. Results: $OUT/train_step_<N>gpu.json and .log.
+# The 24 GB stage alone (~3 min): TAG=_mem24 EXTRA="--stages mem24" bash bench/run_train_step_on_device.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 NGPU=${NGPU:-1}
@@ -30,16 +31,17 @@ nvidia-smi -L
 python3 -c "import torch, diffusers, transformers, accelerate, peft; print('torch', torch.__version__, 'diffusers', \
 diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'peft', \
 peft.__version__, 'gpus', torch.cuda.device_count())"
-J="$OUT/train_step_${NGPU}gpu.json"
+N="train_step_${NGPU}gpu${TAG:-}"   # TAG=_mem24: a rerun of one stage keeps its own file names
+J="$OUT/$N.json"
 if [ "$NGPU" = 1 ]; then
   timeout -k 10 "$LIMIT_S" python3 bench/bench_train_step.py --budget-s "$BUDGET_S" --out "$J" ${EXTRA:-} \
-    > "$OUT/train_step_1gpu.log" 2>&1
+    > "$OUT/$N.log" 2>&1
 else
   timeout -k 10 "$LIMIT_S" accelerate launch --multi_gpu --num_processes "$NGPU" --num_machines 1 \
     --mixed_precision no --dynamo_backend no bench/bench_train_step.py --resolutions "${RES:-768x512}" \
     --modes head --compile "${COMPILE:-768x512:best}" --budget-s "$BUDGET_S" --out "$J" ${EXTRA:-} \
-    > "$OUT/train_step_${NGPU}gpu.log" 2>&1
+    > "$OUT/$N.log" 2>&1
 fi
 echo "python exit code $?"
-grep -E "^\[|Error|error" "$OUT/train_step_${NGPU}gpu.log" | grep -v "should be kept in float32" | tail -45
+grep -E "^\[|Error|error" "$OUT/$N.log" | grep -v "should be kept in float32" | tail -45
 [ -f "$J" ] && python3 bench/bench_train_step.py --report "$J"

@@ -65,3 +65,26 @@ def test_flops_formula_matches_the_measured_forward_at_real_size():
     assert per["lora_extra"] < 0.02 * per["forward"]
     hw, model = bench.step_flops(per, 4, checkpointing=True, lora=False)
     assert hw == 4 * (per["forward"] + per["backward_input"] + per["recompute"]) and model < hw
+
+
+def test_stages_option_runs_the_24gb_stage_alone(tmp_path):
+    """`--stages mem24` (the lead's rerun of the 24 GB stage) skips the eager/LoRA/compiled sweeps and still
+    measures the fp8 stage; an unknown stage name is refused with the list of known ones. The device fix
+    (an index-less "cuda" resolved to the current card, which set_per_process_memory_fraction requires)
+    needs a GPU and is not reachable here."""
+    bench = load_bench()
+    out = tmp_path / "r.json"
+    rc = bench.main(["--tiny", "--device", "cpu", "--resolutions", "64x64", "--stages", "mem24",
+                     "--warmup", "1", "--repeat", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0 and not res["errors"], res["errors"]
+    assert not [r for r in res["runs"] if r["label"] in ("b1", "bmax", "b80gb")]   # no eager sweep
+    assert "head_grad_check" not in res["stages"] and "frozen_check" not in res["stages"]
+    assert isinstance(res["stages"]["mem24"]["fp8_layerwise"]["backward_works"], bool)
+    assert res["config"]["stages"] == ["mem24"]
+    try:
+        bench.main(["--tiny", "--device", "cpu", "--stages", "mem42", "--out", str(tmp_path / "x.json")])
+    except SystemExit as e:
+        assert "mem42" in str(e) and "mem24" in str(e)
+    else:
+        raise AssertionError("an unknown stage name was accepted")
