@@ -150,7 +150,8 @@ def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print,
     from ..core.residual.injection import inject_identity
     from ..core.runtime.progress import tqdm_progress
     from ..core.identity.qwen3vl import load_qwen3vl
-    from ..core.generation.sampling import encode_text, load_qwen_image_pipeline, sample, speed_options
+    from ..core.generation.acceleration import speed_options
+    from ..core.generation.sampling import encode_text, load_qwen_image_pipeline, sample
     from ..core.identity.seed_dirs import load_seed_dirs
 
     warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))

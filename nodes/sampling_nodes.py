@@ -164,7 +164,8 @@ class QwenImageSampleFromEmbeds:
         if pipeline is not None:
             if not isinstance(pipeline, QwenImageBundle):
                 raise UserInputError("the pipeline input must come from LoadQwenImageDiffusers.")
-            from ..core.generation.sampling import sample, speed_options
+            from ..core.generation.acceleration import speed_options
+            from ..core.generation.sampling import sample
 
             progress, interrupt = _progress_and_interrupt()
             result = sample(pipeline, positive, negative, seed_list, steps=int(steps), cfg=float(cfg),

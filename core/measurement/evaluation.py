@@ -149,7 +149,8 @@ def sample_alpha_images(pipeline_bundle, head, identity, positive: list, negativ
     """
     from ..files.images import comfy_to_pil
     from ..residual.injection import inject_identity
-    from ..generation.sampling import sample, speed_options
+    from ..generation.acceleration import speed_options
+    from ..generation.sampling import sample
 
     alphas, seeds = parse_alphas(alphas), [int(s) for s in seeds]
     out: dict[float, list[Image.Image]] = {}
