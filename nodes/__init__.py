@@ -17,6 +17,7 @@ NODE_MODULES: list[str] = [
     "head_nodes",
     "inject_nodes",
     "sampling_nodes",
+    "accelerate_nodes",
     "grid_nodes",
     "eval_nodes",
 ]

@@ -44,6 +44,7 @@ import torch
 from .acceleration import (GraphedForward, PrecomputedModulation, compile_transformer, has_offload_hooks,
                            real_rope)
 from .cell_batches import split_evenly
+from .true_cfg import true_cfg_tokens
 from ..residual.conditioning import entry_mask
 from ..errors import NotEnoughMemoryError, UserInputError
 from ..residual.injection import parse_number_list
@@ -349,10 +350,7 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
                 noise_pred = _combine(pred, plan, plan.pos_rows, plan.pos_weight, len(chunk))
                 if do_cfg:
                     neg_pred = _combine(pred, plan, plan.neg_rows, plan.neg_weight, len(chunk))
-                    comb = neg_pred + cfg * (noise_pred - neg_pred)
-                    cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
-                    noise_norm = torch.norm(comb, dim=-1, keepdim=True)
-                    noise_pred = comb * (cond_norm / noise_norm)
+                    noise_pred = true_cfg_tokens(noise_pred, neg_pred, cfg)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 done += 1
                 if progress is not None:
