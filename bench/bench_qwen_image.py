@@ -1024,6 +1024,15 @@ def main(argv=None) -> int:
                    "compiled, compiled_graphs; default all)")
     p.add_argument("--no-stock-grid", action="store_true", help="stock: time one image only, not the grid")
     p.add_argument("--comfyui-dir", default=None, help="a ComfyUI checkout for the comfy stage (default: $COMFYUI_DIR)")
+    p.add_argument("--comfy-dtypes", default="default,fp8_e4m3fn", help="comfy stage: UNETLoader weight dtypes to "
+                   "measure, in order (default,fp8_e4m3fn)")
+    p.add_argument("--comfy-backend", default=None, help="comfy stage: QwenImageAccelerate's backend (default inductor "
+                   "on a GPU, aot_eager on a CPU)")
+    p.add_argument("--comfy-torch-compile-limit-s", type=float, default=None, help="comfy stage: seconds ComfyUI's "
+                   "TorchCompileModel may take in its child process before it is killed (default 180 on a GPU, "
+                   "0 = skip, the default on a CPU)")
+    p.add_argument("--no-comfy-grid-9-calls", dest="comfy_grid_9_calls", action="store_false", help="comfy stage: "
+                   "skip the eager grid as 9 KSampler calls")
     p.add_argument("--budget-s", type=float, default=None, help="skip remaining work past this many seconds")
     p.add_argument("--out", default=None, help="write the JSON results here (after every stage)")
     p.add_argument("--profile-out", default=None, help="write profiler tables here")

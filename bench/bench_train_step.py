@@ -354,7 +354,7 @@ class TrainBench:
     def rope_context(self):
         if not self.compiled:
             return contextlib.nullcontext()
-        from qwen_identity.core.generation.sampling import _real_rope
+        from qwen_identity.core.generation.acceleration import real_rope as _real_rope
 
         # RoPE in real arithmetic inside compiled blocks, as the sampler does. It must also cover the backward:
         # with gradient checkpointing the blocks run again there, and a different RoPE function then (another
@@ -648,7 +648,7 @@ class TrainBench:
     def stage_compiled(self):
         """Regional torch.compile of the blocks (the sampler's compile_transformer), for the configurations
         in --compile (default: 768x512 at the largest batch with the faster memory policy, and batch 1)."""
-        from qwen_identity.core.generation.sampling import compile_transformer
+        from qwen_identity.core.generation.acceleration import compile_transformer
 
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         with contextlib.suppress(AttributeError):

@@ -2,7 +2,8 @@
 import json, os, sys, time
 import torch
 from qwen_identity.tiny_models import build_tiny_models
-from qwen_identity.core.generation.sampling import encode_text, load_qwen_image_pipeline, sample, speed_options
+from qwen_identity.core.generation.acceleration import speed_options
+from qwen_identity.core.generation.sampling import encode_text, load_qwen_image_pipeline, sample
 
 tiny = build_tiny_models("/tmp/tm")
 res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}

@@ -18,6 +18,7 @@ NODE_MODULES: list[str] = [
     "inject_nodes",
     "region_nodes",
     "sampling_nodes",
+    "accelerate_nodes",
     "grid_nodes",
     "eval_nodes",
 ]

@@ -100,8 +100,10 @@ class QwenImageSampleFromEmbeds:
     DESCRIPTION = ("Samples Qwen-Image from positive and negative CONDITIONING (e.g. from InjectResidual) for every "
                    "conditioning batch item × every seed, α-major: item 0 with each seed, then item 1, ... Connect "
                    "either a diffusers pipeline (LoadQwenImageDiffusers) or ComfyUI's native Qwen-Image MODEL and "
-                   "VAE (fp8, GGUF and LoRA-patched models work). Qwen-Image's true CFG; good settings: steps 28, cfg "
-                   "4.5, 768x512, negative prompt 'blurry, low quality, deformed, watermark'.")
+                   "VAE (fp8, GGUF and LoRA-patched models work). Good settings: steps 28, cfg 4.5, 768x512, "
+                   "negative prompt 'blurry, low quality, deformed, watermark'. The diffusers path always uses "
+                   "Qwen-Image's true CFG (diffusers' per-token norm rescale); the native path uses ComfyUI's CFG "
+                   "unless true_cfg_norm is on.")
     CATEGORY = CATEGORY
     FUNCTION = "sample"
     RETURN_TYPES = ("IMAGE", "STRING")
@@ -121,8 +123,9 @@ class QwenImageSampleFromEmbeds:
                 "seeds": ("STRING", {"default": DEFAULT_SEEDS, "tooltip": "Comma-separated generation seeds; each "
                           "seed gives the same image alone or in a batch."}),
                 "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 200, "tooltip": "Denoising steps."}),
-                "cfg": ("FLOAT", {"default": DEFAULT_CFG, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "True "
-                        "classifier-free guidance scale (<= 1 turns CFG off and ignores the negative)."}),
+                "cfg": ("FLOAT", {"default": DEFAULT_CFG, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-"
+                        "free guidance scale (<= 1 turns CFG off and ignores the negative). Diffusers path: true "
+                        "CFG with diffusers' norm rescale; native path: see true_cfg_norm."}),
                 "width": ("INT", {"default": DEFAULT_WIDTH, "min": 16, "max": 4096, "step": 16, "tooltip": "Image "
                           "width, a multiple of 16."}),
                 "height": ("INT", {"default": DEFAULT_HEIGHT, "min": 16, "max": 4096, "step": 16, "tooltip": "Image "
@@ -144,16 +147,23 @@ class QwenImageSampleFromEmbeds:
                                  "sampler."}),
                 "scheduler": (schedulers, {"default": DEFAULT_SCHEDULER, "tooltip": "Native path only: ComfyUI "
                               "scheduler."}),
-                "speed": (["standard", "fast"], {"default": "standard", "tooltip": "Diffusers path on a CUDA GPU: "
-                          "'fast' compiles the transformer blocks and replays CUDA graphs (about 3x faster than stock "
-                          "diffusers on an H100; the first run of each size pays tens of seconds of compilation). "
-                          "Ignored on CPU/MPS and on the native path."}),
+                "speed": (["standard", "fast"], {"default": "standard", "tooltip": "On a CUDA GPU, 'fast' "
+                          "compiles the transformer blocks (the first run of each size pays tens of seconds of "
+                          "compilation). Diffusers path: compiled blocks plus CUDA graphs (about 3x faster than "
+                          "stock diffusers on an H100). Native path: what QwenImageAccelerate does (inductor, "
+                          "regional compile through ComfyUI's hooks, eager when the model is only partly loaded). "
+                          "Ignored on CPU/MPS."}),
+                "true_cfg_norm": ("BOOLEAN", {"default": False, "tooltip": "Native path: use the seed's true CFG "
+                                  "(as diffusers' QwenImagePipeline and the diffusers path: the guided prediction "
+                                  "rescaled per token to the conditional one's norm) instead of ComfyUI's plain CFG. "
+                                  "Off: the same image as ComfyUI's KSampler. The diffusers path always rescales."}),
             },
         }
 
     def sample(self, positive, negative, seeds=DEFAULT_SEEDS, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
                width=DEFAULT_WIDTH, height=DEFAULT_HEIGHT, max_batch=MAX_BATCH_AUTO, pipeline=None, model=None,
-               vae=None, sampler_name=DEFAULT_SAMPLER, scheduler=DEFAULT_SCHEDULER, speed="standard", **kwargs):
+               vae=None, sampler_name=DEFAULT_SAMPLER, scheduler=DEFAULT_SCHEDULER, speed="standard",
+               true_cfg_norm=False, **kwargs):
         seed_list = parse_seeds(seeds)
         max_batch = int(max_batch)
         if max_batch < 0:
@@ -165,7 +175,8 @@ class QwenImageSampleFromEmbeds:
         if pipeline is not None:
             if not isinstance(pipeline, QwenImageBundle):
                 raise UserInputError("the pipeline input must come from LoadQwenImageDiffusers.")
-            from ..core.generation.sampling import sample, speed_options
+            from ..core.generation.acceleration import speed_options
+            from ..core.generation.sampling import sample
 
             progress, interrupt = _progress_and_interrupt()
             result = sample(pipeline, positive, negative, seed_list, steps=int(steps), cfg=float(cfg),
@@ -181,12 +192,27 @@ class QwenImageSampleFromEmbeds:
         except ImportError:
             raise UserInputError("the native MODEL + VAE path is not available in this version of the pack "
                                  "(nodes/native_sampling.py is missing); use the diffusers pipeline input.") from None
+        model = native_model_options(model, fast=speed == "fast", true_cfg=bool(true_cfg_norm))
         progress, _ = _progress_and_interrupt()
         images = sample_native(model, vae, positive, negative, seed_list, int(steps), float(cfg), int(width),
                                int(height), sampler_name, scheduler, progress=progress, max_batch=max_batch or None)
         if not isinstance(images, torch.Tensor):
             raise UserInputError("the native sampler returned no IMAGE tensor.")
         return (images, seeds_text)
+
+
+def native_model_options(model, fast: bool, true_cfg: bool):
+    """The native path's MODEL with the node's options applied through ComfyUI's hooks (clones; the input
+    MODEL is never changed): speed "fast" on a CUDA device = QwenImageAccelerate's defaults, true_cfg_norm =
+    QwenImageTrueCFG."""
+    from .native_acceleration import accelerate, acceleration_state, set_true_cfg
+
+    device = getattr(model, "load_device", None)
+    if fast and getattr(device, "type", None) == "cuda" and acceleration_state(model) is None:
+        model = accelerate(model)
+    if true_cfg:
+        model = set_true_cfg(model)
+    return model
 
 
 NODE_CLASS_MAPPINGS = {"LoadQwenImageDiffusers": LoadQwenImageDiffusers,

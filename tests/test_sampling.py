@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qwen_identity.core.generation import sampling
+from qwen_identity.core.generation import acceleration, sampling
 from qwen_identity.core.errors import UserInputError
 
 NEG = sampling.DEFAULT_NEGATIVE_PROMPT
@@ -186,8 +186,8 @@ def test_speed_options_keep_outputs(bundle, conds):
     plain = sampling.sample(bundle, pos, neg, seeds=[5], steps=2, width=W, height=H, return_latents=True,
                             decode=False)
     fast_pipe = copy.deepcopy(bundle.pipeline)
-    assert sampling.compile_transformer(fast_pipe.transformer, backend="eager") is True
-    assert sampling.compile_transformer(fast_pipe.transformer) is False  # once only
+    assert acceleration.compile_transformer(fast_pipe.transformer, backend="eager") is True
+    assert acceleration.compile_transformer(fast_pipe.transformer) is False  # once only
     fast = sampling.sample(fast_pipe, pos, neg, seeds=[5], steps=2, width=W, height=H, return_latents=True,
                            decode=False, compile=True, cuda_graphs=True)
     assert torch.allclose(plain.latents, fast.latents, atol=1e-5)
@@ -206,9 +206,9 @@ def test_offload_hooks_are_detected(bundle):
 
     tr = copy_module(bundle.pipeline.transformer)
     HookRegistry.check_if_exists_or_initialize(tr)  # an empty registry (diffusers pipelines leave one) is no hook
-    assert not sampling.has_offload_hooks(tr)
+    assert not acceleration.has_offload_hooks(tr)
     HookRegistry.check_if_exists_or_initialize(tr.transformer_blocks[0]).register_hook(ModelHook(), "probe")
-    assert sampling.has_offload_hooks(tr)
+    assert acceleration.has_offload_hooks(tr)
 
 
 def copy_module(m):
@@ -224,7 +224,7 @@ def test_capturable_text_lengths_matches_diffusers(bundle):
     hidden = torch.randn(3, 5, 8)
     for mask in (None, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])):
         ref = mod.compute_text_seq_len_from_mask(hidden, mask)
-        with sampling._capturable_text_lengths():
+        with acceleration._capturable_text_lengths():
             got = mod.compute_text_seq_len_from_mask(hidden, mask)
         assert got[0] == ref[0]
         assert (got[2] is None and ref[2] is None) or torch.equal(got[2], ref[2])
@@ -238,19 +238,20 @@ def test_rope_real_equals_diffusers_complex_rope():
     x = torch.randn(2, 7, 3, 16, generator=g).to(torch.bfloat16)
     freqs = torch.polar(torch.ones(7, 8), torch.randn(7, 8, generator=g))
     ref = mod.apply_rotary_emb_qwen(x, freqs, use_real=False)
-    with sampling._real_rope():
-        assert mod.apply_rotary_emb_qwen is sampling.rope_real
+    with acceleration.real_rope():
+        assert mod.apply_rotary_emb_qwen is acceleration.rope_real
         got = mod.apply_rotary_emb_qwen(x, freqs, use_real=False)
-    assert mod.apply_rotary_emb_qwen is not sampling.rope_real  # restored
+    assert mod.apply_rotary_emb_qwen is not acceleration.rope_real  # restored
     assert got.dtype == ref.dtype and got.shape == ref.shape
     assert (got.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()  # bf16 rounding at most
     xf = x.float()
-    assert torch.allclose(sampling.rope_real(xf, freqs, use_real=False), mod.apply_rotary_emb_qwen(xf, freqs, use_real=False),
+    assert torch.allclose(acceleration.rope_real(xf, freqs, use_real=False), mod.apply_rotary_emb_qwen(xf, freqs, use_real=False),
                           atol=1e-6)
 
 
 def test_fast_switch_means_compile_and_graphs_only_on_cuda():
-    from qwen_identity.core.generation.sampling import QwenImageBundle, speed_options
+    from qwen_identity.core.generation.acceleration import speed_options
+    from qwen_identity.core.generation.sampling import QwenImageBundle
 
     cpu = QwenImageBundle(pipeline=None, model_id="x", device=torch.device("cpu"), dtype=torch.float32)
     cuda = QwenImageBundle(pipeline=None, model_id="x", device=torch.device("cuda"), dtype=torch.bfloat16)

@@ -183,7 +183,7 @@ def test_sample_node_delegates_native_model_and_vae(monkeypatch):
 
 
 def test_max_batch_auto_is_four_on_the_diffusers_path(monkeypatch):
-    from qwen_identity.core.generation import sampling
+    from qwen_identity.core.generation import acceleration, sampling
     from qwen_identity.core.generation.sampling import DEFAULT_MAX_BATCH, QwenImageBundle
 
     got = {}
@@ -192,7 +192,7 @@ def test_max_batch_auto_is_four_on_the_diffusers_path(monkeypatch):
         got.update(kw)
         return types.SimpleNamespace(images=torch.zeros(1, 32, 32, 3))
     monkeypatch.setattr(sampling, "sample", fake_sample)
-    monkeypatch.setattr(sampling, "speed_options", lambda bundle, fast: {})
+    monkeypatch.setattr(acceleration, "speed_options", lambda bundle, fast: {})
     bundle = QwenImageBundle.__new__(QwenImageBundle)
     cond = [[torch.zeros(1, 4, 32), {"pooled_output": None}]]
     QwenImageSampleFromEmbeds().sample(cond, cond, seeds="5", steps=2, width=32, height=32, pipeline=bundle)

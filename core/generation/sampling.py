@@ -32,19 +32,8 @@ entry covers are an error (ComfyUI would predict zero there). `core/generation/r
 
 Output order: for each conditioning batch item (α-major after InjectResidual), for each seed.
 
-Speed options (both off by default; `bench/RESULTS.md` has the measurements):
-- `compile=True` compiles the transformer's repeated blocks once (`torch.compile`, regional, static
-  shapes). It fuses the many small element-wise kernels between the matrix products. The first call
-  of each new batch/text shape pays the compile (tens of seconds on a GPU); it pays off for grids and
-  repeated runs. It changes the pipeline's transformer in place (for every later user of it).
-- `cuda_graphs=True` (CUDA only, ignored elsewhere and under CPU offload hooks) records the
-  transformer forward of each batch plan once in a CUDA graph and replays it every step, so the
-  Python/launch overhead of ~1,700 kernels per forward is paid once, not 28 times. It holds the
-  activations of one forward in a private memory pool for the duration of the call.
-With either option (and no offload hooks) the blocks' timestep modulation (`img_mod`/`txt_mod`, a third
-of the weights) is computed for all steps at once instead of once per step, and compiled forwards apply
-RoPE in real arithmetic (Inductor has no complex kernels).
-None of this changes the arithmetic (no precision loss); outputs match the plain path within bf16 noise.
+Speed options (`compile`, `cuda_graphs`, both off by default) live in `core/generation/acceleration.py`;
+they change no arithmetic (outputs match the plain loop within bf16 noise).
 """
 
 from __future__ import annotations
@@ -59,8 +48,11 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .acceleration import (GraphedForward, PrecomputedModulation, compile_transformer, has_offload_hooks,
+                           real_rope)
 from .cell_batches import split_evenly
 from .regions import entry_region, packed_weights
+from .true_cfg import true_cfg_tokens
 from ..residual.conditioning import entry_mask
 from ..errors import NotEnoughMemoryError, UserInputError
 from ..pipeline.defaults import DEFAULT_NEGATIVE_PROMPT  # noqa: F401  (re-exported for the nodes)
@@ -262,7 +254,7 @@ class _Plan:
     neg_weight: torch.Tensor | None  # [n_cells, 1, 1], or [n_cells, L, C] with regions
     row_weight: torch.Tensor    # [R, 1, 1], or [R, L, C] when an active entry has a region mask
     img_shapes: list = field(default_factory=list)
-    graph: "_GraphedForward | None" = None  # cuda_graphs: this plan's recorded forward
+    graph: "GraphedForward | None" = None  # cuda_graphs: this plan's recorded forward
 
 
 @dataclass
@@ -353,7 +345,7 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
         scheduler.set_begin_index(0)
         timesteps = scheduler.timesteps
         plans: dict[tuple, _Plan] = {}
-        modulation = _PrecomputedModulation.enter(transformer, timesteps, latents.dtype) if fast else None
+        modulation = PrecomputedModulation.enter(transformer, timesteps, latents.dtype) if fast else None
         try:
             for i, t in enumerate(timesteps):
                 if interrupt is not None:
@@ -368,7 +360,8 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
                 timestep = t.expand(rows.shape[0]).to(latents.dtype)
                 if use_graphs:
                     if plan.graph is None:
-                        plan.graph = _GraphedForward(transformer, plan, rows, timestep, graph_pool)
+                        plan.graph = GraphedForward(lambda r, ts, _p=plan: _forward(transformer, _p, r, ts), rows,
+                                                    timestep, graph_pool)
                         pred = plan.graph.first_output
                     else:
                         pred = plan.graph(rows, timestep)
@@ -377,10 +370,7 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
                 noise_pred = _combine(pred, plan, plan.pos_rows, plan.pos_weight, len(chunk))
                 if do_cfg:
                     neg_pred = _combine(pred, plan, plan.neg_rows, plan.neg_weight, len(chunk))
-                    comb = neg_pred + cfg * (noise_pred - neg_pred)
-                    cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)
-                    noise_norm = torch.norm(comb, dim=-1, keepdim=True)
-                    noise_pred = comb * (cond_norm / noise_norm)
+                    noise_pred = true_cfg_tokens(noise_pred, neg_pred, cfg)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 done += 1
                 if progress is not None:
@@ -428,202 +418,10 @@ def _raise_out_of_memory(batch: int, max_batch: int, width: int, height: int, de
 
 
 def _forward(transformer, plan: _Plan, rows: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    with _real_rope() if getattr(transformer, "_qwen_identity_compiled", False) else contextlib.nullcontext():
+    with real_rope() if getattr(transformer, "_qwen_identity_compiled", False) else contextlib.nullcontext():
         return transformer(hidden_states=rows, timestep=timestep / 1000, guidance=None,
                            encoder_hidden_states_mask=plan.mask, encoder_hidden_states=plan.text,
                            img_shapes=plan.img_shapes, attention_kwargs={}, return_dict=False)[0]
-
-
-def rope_real(x: torch.Tensor, freqs_cis, use_real: bool = True, use_real_unbind_dim: int = -1) -> torch.Tensor:
-    """diffusers' `apply_rotary_emb_qwen` for complex frequencies, in real arithmetic.
-
-    (a + ib)(c + is) = (ac - bs) + i(as + bc) on interleaved pairs, in float32 like the original.
-    TorchInductor generates no code for complex operators (it falls back to one eager kernel per call,
-    ~4 % of a compiled step on an H100); in real arithmetic it fuses into the neighbouring kernels.
-    """
-    if use_real or not torch.is_tensor(freqs_cis) or not freqs_cis.is_complex():
-        return _ORIGINAL_ROPE(x, freqs_cis, use_real, use_real_unbind_dim)
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    f = torch.view_as_real(freqs_cis).unsqueeze(1)  # [S, 1, D/2, 2]
-    c, s = f[..., 0], f[..., 1]
-    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(3).type_as(x)
-
-
-_ORIGINAL_ROPE = None
-
-
-@contextlib.contextmanager
-def _real_rope():
-    """Compiled forwards: diffusers' Qwen-Image attention applies RoPE through `rope_real` (same function,
-    real arithmetic). A module-level swap with a stable function, so compiled code is not re-traced."""
-    global _ORIGINAL_ROPE
-    try:
-        from diffusers.models.transformers import transformer_qwenimage as qwen_module
-    except ImportError:  # pragma: no cover - other diffusers layouts
-        yield
-        return
-    current = getattr(qwen_module, "apply_rotary_emb_qwen", None)
-    if current is None or current is rope_real:
-        yield
-        return
-    _ORIGINAL_ROPE = current
-    qwen_module.apply_rotary_emb_qwen = rope_real
-    try:
-        yield
-    finally:
-        qwen_module.apply_rotary_emb_qwen = current
-
-
-class _GraphedForward:
-    """One plan's transformer forward recorded in a CUDA graph; each step copies its inputs in and replays.
-
-    The first forward runs normally on a side stream (it also triggers any compilation and fills
-    diffusers' RoPE caches outside the graph's memory pool); its output is that step's prediction.
-    """
-
-    def __init__(self, transformer, plan: _Plan, rows: torch.Tensor, timestep: torch.Tensor, pool):
-        self.rows, self.timestep = rows.clone(), timestep.clone()
-        stream = torch.cuda.Stream(device=rows.device)
-        stream.wait_stream(torch.cuda.current_stream(rows.device))
-        with torch.cuda.stream(stream):
-            self.first_output = _forward(transformer, plan, self.rows, self.timestep)
-        torch.cuda.current_stream(rows.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with _capturable_text_lengths(), torch.cuda.graph(self.graph, pool=pool):
-            self.output = _forward(transformer, plan, self.rows, self.timestep)
-
-    def __call__(self, rows: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        self.rows.copy_(rows)
-        self.timestep.copy_(timestep)
-        self.graph.replay()
-        return self.output.clone()
-
-
-@contextlib.contextmanager
-def _capturable_text_lengths():
-    """While a forward is recorded: diffusers' `compute_text_seq_len_from_mask` builds a CPU scalar
-    tensor on every masked call (a host-to-device copy, which CUDA graph capture refuses). The forward
-    uses only its text length and its bool mask, so an equivalent without the copy stands in."""
-    try:
-        from diffusers.models.transformers import transformer_qwenimage as qwen_module
-    except ImportError:  # pragma: no cover - other diffusers layouts
-        yield
-        return
-    original = getattr(qwen_module, "compute_text_seq_len_from_mask", None)
-    if original is None:
-        yield
-        return
-
-    def text_lengths(encoder_hidden_states, encoder_hidden_states_mask):
-        seq_len = encoder_hidden_states.shape[1]
-        if encoder_hidden_states_mask is None:
-            return seq_len, None, None
-        return seq_len, None, encoder_hidden_states_mask.to(torch.bool)
-
-    qwen_module.compute_text_seq_len_from_mask = text_lengths
-    try:
-        yield
-    finally:
-        qwen_module.compute_text_seq_len_from_mask = original
-
-
-class _ModulationLookup(torch.nn.Module):
-    """Stands in for a block's `img_mod` / `txt_mod` (SiLU -> Linear of the timestep embedding): returns the
-    row precomputed for the current step. The same instance is reused across calls (stable for torch.compile)."""
-
-    def __init__(self, table: torch.Tensor, step: torch.Tensor):
-        super().__init__()
-        self.register_buffer("table", table, persistent=False)
-        self.register_buffer("step", step, persistent=False)
-
-    def forward(self, temb: torch.Tensor) -> torch.Tensor:
-        return self.table.index_select(0, self.step).expand(temb.shape[0], -1)
-
-
-class _PrecomputedModulation:
-    """The blocks' modulation depends only on the timestep, which all rows of a step share. Computing it for
-    all steps at once reads each block's `img_mod`/`txt_mod` weights (1/3 of the model: 13.6 GB in bf16 for
-    Qwen-Image) once per chunk instead of once per step; during the chunk the blocks look their row up.
-    Same function; the batched product may round differently in the last bf16 bit."""
-
-    def __init__(self, transformer, originals, lookups, step):
-        self.transformer, self.originals, self.lookups, self.step = transformer, originals, lookups, step
-
-    @classmethod
-    def enter(cls, transformer, timesteps: torch.Tensor, dtype: torch.dtype):
-        blocks = getattr(transformer, "transformer_blocks", None)
-        embed = getattr(transformer, "time_text_embed", None)
-        if (not blocks or embed is None or getattr(transformer, "zero_cond_t", False)
-                or getattr(transformer.config, "guidance_embeds", False)
-                or not all(isinstance(getattr(b, "img_mod", None), torch.nn.Sequential)
-                           and isinstance(getattr(b, "txt_mod", None), torch.nn.Sequential) for b in blocks)):
-            return None
-        device = timesteps.device
-        # exactly what the forward computes per step: (t in the latents' dtype) / 1000, then time_text_embed
-        t = timesteps.to(dtype) / 1000
-        probe = torch.empty(0, dtype=transformer.dtype, device=device)
-        temb = embed(t.to(transformer.dtype), probe)  # [steps, dim]
-        cache = getattr(transformer, "_qwen_identity_mod_lookups", None)
-        step = torch.zeros(1, dtype=torch.long, device=device)
-        originals, lookups = [], []
-        capacity = max(32, 1 << (len(timesteps) - 1).bit_length())  # fixed table shapes: no re-compile per step count
-        for k, block in enumerate(blocks):
-            tables = [torch.nn.functional.pad(m(temb), (0, 0, 0, capacity - len(timesteps)))
-                      for m in (block.img_mod, block.txt_mod)]
-            pair = []
-            for j, table in enumerate(tables):
-                old = cache[k][j] if cache is not None else None
-                if old is not None and old.table.shape == table.shape and old.table.device == table.device:
-                    old.table.copy_(table)
-                    old.step = step
-                    pair.append(old)
-                else:
-                    pair.append(_ModulationLookup(table, step))
-            lookups.append(pair)
-            originals.append((block.img_mod, block.txt_mod))
-        transformer._qwen_identity_mod_lookups = lookups
-        for block, (img, txt) in zip(blocks, lookups):
-            block.img_mod, block.txt_mod = img, txt
-        return cls(transformer, originals, lookups, step)
-
-    def set_step(self, i: int) -> None:
-        self.step.fill_(i)
-
-    def exit(self) -> None:
-        for block, (img, txt) in zip(self.transformer.transformer_blocks, self.originals):
-            block.img_mod, block.txt_mod = img, txt
-
-
-def has_offload_hooks(module: torch.nn.Module) -> bool:
-    """True when accelerate (model/sequential CPU offload) or diffusers (group offload, layerwise
-    casting) hooks move or cast weights during the forward: such a forward cannot be graph-recorded."""
-    return any(getattr(m, "_hf_hook", None) is not None or bool(getattr(getattr(m, "_diffusers_hook", None), "hooks", None))
-               for m in module.modules())  # (diffusers pipelines leave an empty hook registry behind: not a hook)
-
-
-def speed_options(bundle, fast: bool) -> dict:
-    """`sample()` keyword arguments for the user-facing "fast" switch: regional torch.compile plus CUDA
-    graphs, the configuration measured 3.2x faster than stock diffusers on an H100 (bench/RESULTS.md).
-    Only on CUDA: elsewhere compiling costs more than it saves, and graphs do not exist."""
-    _, device = _pipe_and_device(bundle)
-    on_cuda = bool(fast) and torch.device(device).type == "cuda"
-    return {"compile": on_cuda, "cuda_graphs": on_cuda}
-
-
-def compile_transformer(transformer, backend: str = "inductor") -> bool:
-    """Regional torch.compile of the transformer's repeated blocks, once (idempotent). Returns True
-    if it compiled now, False if it already was."""
-    if getattr(transformer, "_qwen_identity_compiled", False):
-        return False
-    kwargs = dict(fullgraph=True, dynamic=False, backend=backend)
-    if getattr(transformer, "_repeated_blocks", None) and hasattr(transformer, "compile_repeated_blocks"):
-        transformer.compile_repeated_blocks(**kwargs)
-    else:
-        for block in getattr(transformer, "transformer_blocks", []):
-            block.compile(**kwargs)
-    transformer._qwen_identity_compiled = True
-    return True
 
 
 def _check_coverage(entries: list[_Entry], active: tuple, side: str, i: int, steps: int) -> None:

@@ -150,7 +150,8 @@ def sample_alpha_images(pipeline_bundle, head, identity, positive: list, negativ
     """
     from ..files.images import comfy_to_pil
     from ..residual.injection import inject_identity
-    from ..generation.sampling import sample, speed_options
+    from ..generation.acceleration import speed_options
+    from ..generation.sampling import sample
 
     alphas, seeds = alphas_with_baseline(alphas), [int(s) for s in seeds]
     batches = {int(item[0].shape[0]) for item in positive if isinstance(item[0], torch.Tensor)}

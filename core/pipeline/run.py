@@ -32,6 +32,7 @@ from ..files.atomic import atomic_write, atomic_write_json
 from ..files.dataset_fingerprint import file_sha256
 from ..files.images import comfy_to_pil, load_image
 from ..generation import sampling
+from ..generation.acceleration import speed_options
 from ..generation.grid import make_grid
 from ..identity import qwen3vl as qwen3vl_loader
 from ..identity.features import FeatureSettings, IdentityFeatures, extract_features, load_feature_cache, \
@@ -253,7 +254,7 @@ def run_identities(identities: Sequence[SeedDir], settings: RunSettings, out_dir
         with tqdm_progress(sd.name, unit="step") as bar:
             result = sampling.sample(bundle, cond, negative, settings.seeds, steps=settings.steps, cfg=settings.guidance,
                                      width=settings.width, height=settings.height, max_batch=settings.max_batch,
-                                     progress=bar, **sampling.speed_options(bundle, settings.fast))
+                                     progress=bar, **speed_options(bundle, settings.fast))
         sampling_s = time.perf_counter() - t
         grid = make_grid(comfy_to_pil(result.images), settings.alphas, settings.seeds)
         png, meta_path = gen_dir / f"{sd.name}_alpha_grid.png", gen_dir / f"{sd.name}_meta.json"
