@@ -117,6 +117,6 @@ def test_fp8_storage_backpropagates_into_the_conditioning(compute):
     assert all(p.grad is None for p in tr.parameters())
     rel = float((grad - ref_grad).norm() / ref_grad.norm())
     cos = float(torch.nn.functional.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0))
-    # e4m3 keeps 3 mantissa bits (weights off by up to ~6 %); measured rel ~RELDIFF, the bounds leave room
-    print("FP8", compute, rel, cos)
+    # e4m3 keeps 3 mantissa bits (weights off by up to ~6 %): measured rel 0.061-0.062, cos 0.998 (fp32 and
+    # bf16 compute); the bounds leave 4x room and still fail a wrong-dtype or detached gradient
     assert rel < 0.25 and cos > 0.97, (rel, cos)

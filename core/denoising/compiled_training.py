@@ -28,12 +28,17 @@ def compile_for_training(transformer, device: torch.device | str, backend: str =
     """Compile the transformer's blocks with `backend`. inductor (the fast one) is CUDA only here: on any
     other device it is refused with the fix; "aot_eager"/"eager" run anywhere (tests use them on the CPU
     to exercise the same path). Returns True if it compiled now (False: already compiled)."""
+    check_compile(device, backend)
+    return compile_transformer(transformer, backend=backend)
+
+
+def check_compile(device: torch.device | str, backend: str = "inductor") -> None:
+    """Refuse an unknown backend, and inductor off CUDA, before any model loads."""
     if backend not in BACKENDS:
         raise UserInputError(f"compile backend must be one of {', '.join(BACKENDS)} (got {backend!r}).")
     if backend == "inductor" and torch.device(device).type != "cuda":
         raise UserInputError(f"--compile needs a CUDA GPU (training runs on {torch.device(device)}): it compiles "
                              "the transformer blocks with Triton kernels. Leave --compile off on this machine.")
-    return compile_transformer(transformer, backend=backend)
 
 
 def training_rope(enabled: bool = True):
