@@ -108,8 +108,8 @@ def add_denoise_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gain-pairs", type=int, default=4,
                    help="fixed (σ, ε) pairs per held-out photo for the held-out denoising gain (default: 4)")
     g.add_argument("--compile", action="store_true",
-                   help="regional torch.compile of the transformer blocks (CUDA only; the first steps compile for a "
-                        "few minutes): 768x512 batch 10 on an H200 went from 7.7 to 10.5 samples/s (bench/RESULTS.md)")
+                   help="regional torch.compile of the transformer blocks (CUDA only; the first two steps compile, ~20 s on an "
+                        "H200): 768x512 batch 10 on an H200 went from 7.7 to 10.5 samples/s (bench/RESULTS.md)")
     g.add_argument("--offload", choices=("none", "model_cpu_offload", "group", "sequential"), default="none",
                    help="refused with --objective denoise (backpropagation through offloading is not verified)")
     g.add_argument("--fp8-storage", action="store_true",
