@@ -185,7 +185,7 @@ def test_fp8_storage_and_compiled_blocks_train_like_the_plain_run(train, people,
     monkeypatch.setattr(denoise_pipeline, "check_compile", lambda device, backend: calls.append(("check", backend)))
     monkeypatch.setattr(denoise_pipeline, "compile_for_training",
                         lambda tr, device, backend: calls.append(("compile", backend)) or original(tr, backend="aot_eager"))
-    code, _, err = train("--seed-dirs", people, "--compile", "--gradient-checkpointing", out=tmp_path / "c", epochs=1)
+    code, _, err = train("--seed-dirs", people, "--compile", out=tmp_path / "c", epochs=1)
     torch._dynamo.reset()
     assert code == 0, err
     assert calls == [("check", "inductor"), ("compile", "inductor")]
