@@ -114,7 +114,7 @@ def add_denoise_arguments(p: argparse.ArgumentParser) -> None:
                    help="refused with --objective denoise (backpropagation through offloading is not verified)")
     g.add_argument("--fp8-storage", action="store_true",
                    help="keep the transformer's weights in fp8 (diffusers layerwise casting), computing in --dtype: "
-                        "half the weight memory (for 24 GB cards), gradients within ~6 %% of bf16 storage")
+                        "half the weight memory (for 24 GB cards), gradients within ~6-8 %% of bf16 storage; not with --compile")
 
 
 DENOISE_ONLY = ("train_resolution", "allow_upscale", "caption_source", "caption_template", "alpha_train", "grad_accum",

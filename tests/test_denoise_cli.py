@@ -134,7 +134,7 @@ def test_caches_are_keyed_by_resolution_model_and_dtype(train, people, tmp_path,
     assert code == 0 and "encoding" not in err and "extracting" not in err
 
 
-@pytest.mark.parametrize("case", ["one photo", "small photo", "no face", "compile", "offload", "resolution"])
+@pytest.mark.parametrize("case", ["one photo", "small photo", "no face", "compile", "compile+fp8", "offload", "resolution"])
 def test_bad_input_is_a_clear_error_that_writes_nothing(train, make_dataset, tmp_path, case):
     extra = []
     if case == "one photo":
@@ -150,6 +150,7 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(train, make_dataset, tmp
     else:
         dirs = make_dataset(identities=2, views=2, size=(40, 36))
         extra, message = {"compile": (["--compile"], "--compile needs a CUDA GPU"),
+                          "compile+fp8": (["--compile", "--fp8-storage"], "--compile and --fp8-storage do not combine"),
                           "offload": (["--offload", "group"], "--offload group is not supported"),
                           "resolution": (["--train-resolution", "30x32"], "multiples of 16")}[case]
     code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), *extra, out=tmp_path / "out", epochs=1)

@@ -83,6 +83,11 @@ class DenoiseOptions:
             raise UserInputError(f"--face-weight must be 0 (off) or a number >= 1 (got {self.face_weight}).")
         if self.gain_pairs < 1:
             raise UserInputError(f"--gain-pairs must be at least 1 (got {self.gain_pairs}).")
+        if self.compile and self.fp8_storage:
+            raise UserInputError(
+                "--compile and --fp8-storage do not combine: fp8 layerwise casting re-casts each layer's weights "
+                "inside the compiled blocks, which torch.compile (fullgraph) refuses. Drop one of them: --compile "
+                "for speed on a large card, --fp8-storage for a 24 GB card.")
         if self.offload != "none":
             raise UserInputError(
                 f"--offload {self.offload} is not supported with --objective denoise: backpropagation through "
