@@ -134,7 +134,7 @@ def test_caches_are_keyed_by_resolution_model_and_dtype(train, people, tmp_path,
     assert code == 0 and "encoding" not in err and "extracting" not in err
 
 
-@pytest.mark.parametrize("case", ["one photo", "small photo", "no face", "fp8", "offload", "resolution"])
+@pytest.mark.parametrize("case", ["one photo", "small photo", "no face", "compile", "compile+fp8", "offload", "resolution"])
 def test_bad_input_is_a_clear_error_that_writes_nothing(train, make_dataset, tmp_path, case):
     extra = []
     if case == "one photo":
@@ -149,13 +149,50 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(train, make_dataset, tmp
         message = "no face found"
     else:
         dirs = make_dataset(identities=2, views=2, size=(40, 36))
-        extra, message = {"fp8": (["--fp8-storage"], "--fp8-storage is not supported"),
+        extra, message = {"compile": (["--compile"], "--compile needs a CUDA GPU"),
+                          "compile+fp8": (["--compile", "--fp8-storage"], "--compile and --fp8-storage do not combine"),
                           "offload": (["--offload", "group"], "--offload group is not supported"),
                           "resolution": (["--train-resolution", "30x32"], "multiples of 16")}[case]
     code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), *extra, out=tmp_path / "out", epochs=1)
     assert code == 2, err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_fp8_storage_and_compiled_blocks_train_like_the_plain_run(train, people, tmp_path, monkeypatch):
+    """--fp8-storage trains on the CPU (layerwise casting, float32 compute) and is recorded; --compile runs
+    the same code path as on a GPU with the aot_eager backend (inductor is CUDA only) and gives the plain
+    run's head up to float reassociation."""
+    from qwen_identity.core.residual.head import load_head
+    from qwen_identity.training import denoise_pipeline
+
+    head_of = lambda d: load_head(d / "checkpoints" / "linear_head.safetensors")  # noqa: E731
+    assert train("--seed-dirs", people, out=tmp_path / "plain", epochs=1)[0] == 0
+    plain = head_of(tmp_path / "plain").proj.weight.detach()
+    code, _, err = train("--seed-dirs", people, "--fp8-storage", out=tmp_path / "fp8", epochs=1)
+    assert code == 0, err
+    fp8 = head_of(tmp_path / "fp8")
+    assert fp8.meta.training_args["fp8_storage"] is True
+    # a different (quantised) transformer, the same direction of learning: 1 epoch of Adam from the same init
+    cos = torch.nn.functional.cosine_similarity(fp8.proj.weight.detach().flatten(), plain.flatten(), dim=0)
+    assert float(cos) > 0.9, float(cos)
+
+    torch._dynamo.reset()
+    from qwen_identity.core.generation import sampling
+
+    calls = []
+    original = sampling.compile_transformer
+    # the CUDA check passes (recorded), and the blocks compile with aot_eager instead of inductor
+    monkeypatch.setattr(denoise_pipeline, "check_compile", lambda device, backend: calls.append(("check", backend)))
+    monkeypatch.setattr(denoise_pipeline, "compile_for_training",
+                        lambda tr, device, backend: calls.append(("compile", backend)) or original(tr, backend="aot_eager"))
+    code, _, err = train("--seed-dirs", people, "--compile", out=tmp_path / "c", epochs=1)
+    torch._dynamo.reset()
+    assert code == 0, err
+    assert calls == [("check", "inductor"), ("compile", "inductor")]
+    compiled = head_of(tmp_path / "c")
+    assert "fp8_storage" not in compiled.meta.training_args  # compile changes no result: not part of the run
+    assert torch.allclose(compiled.proj.weight.detach(), plain, rtol=1e-3, atol=1e-5)
 
 
 def test_single_photo_flip_trains(train, make_dataset, tmp_path):

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.denoising.latent_cache import PhotoView, Resolution, cache_path, face_token_weights, latents_for, vae_key
+from ..core.denoising.compiled_training import check_compile, compile_for_training, training_rope
 from ..core.denoising.flow_matching import freeze_transformer, pack_latents
 from ..core.denoising.prompt_cache import prompt_embeddings, prompt_key
 from ..core.errors import ModelMismatchError, NotEnoughMemoryError, UserInputError
@@ -65,6 +66,8 @@ class DenoiseOptions:
     gain_pairs: int = 4
     offload: str = "none"
     fp8_storage: bool = False
+    compile: bool = False             # regional torch.compile of the blocks (CUDA only)
+    compile_backend: str = "inductor"  # tests: "aot_eager" exercises the same path on the CPU
 
     def validate(self) -> None:
         self.loop.validate()
@@ -80,13 +83,17 @@ class DenoiseOptions:
             raise UserInputError(f"--face-weight must be 0 (off) or a number >= 1 (got {self.face_weight}).")
         if self.gain_pairs < 1:
             raise UserInputError(f"--gain-pairs must be at least 1 (got {self.gain_pairs}).")
-        if self.offload != "none" or self.fp8_storage:
-            which = "--fp8-storage" if self.fp8_storage else f"--offload {self.offload}"
+        if self.compile and self.fp8_storage:
             raise UserInputError(
-                f"{which} is not supported with --objective denoise: backpropagation through it is not verified "
-                "(diffusers' fp8 layerwise casting fails in the backward on the CPU; group offload needs weights "
-                "back on the GPU during the backward). Use a GPU with enough memory, --gradient-checkpointing, "
-                "--batch-size 1 with --grad-accum, or a smaller --train-resolution.")
+                "--compile and --fp8-storage do not combine: fp8 layerwise casting re-casts each layer's weights "
+                "inside the compiled blocks, which torch.compile (fullgraph) refuses. Drop one of them: --compile "
+                "for speed on a large card, --fp8-storage for a 24 GB card.")
+        if self.offload != "none":
+            raise UserInputError(
+                f"--offload {self.offload} is not supported with --objective denoise: backpropagation through "
+                "offloading is not verified (group offload needs the weights back on the GPU during the backward). "
+                "Use --fp8-storage (half the weight memory), --gradient-checkpointing, --batch-size 1 with "
+                "--grad-accum, or a smaller --train-resolution.")
 
     def record(self) -> dict[str, Any]:
         """What the head's metadata records about the objective."""
@@ -97,11 +104,13 @@ class DenoiseOptions:
                 "face_weight": self.face_weight, "single_photo": self.single_photo,
                 "reg_weight": self.loop.reg_weight, "grad_accum": self.loop.grad_accum,
                 "batch_size": self.loop.batch_size, "lr": self.loop.lr, "seed": self.loop.seed,
-                "gradient_checkpointing": self.gradient_checkpointing}
+                "gradient_checkpointing": self.gradient_checkpointing,
+                # only when on, so runs from before the flag existed still resume (compile changes no result)
+                **({"fp8_storage": True} if self.fp8_storage else {})}
 
 
 def _model_key(source):
-    from .pipeline import _model_key as key  # the feature cache's model identity (shared)
+    from ..core.pipeline.cache_keys import model_key as key  # the offline caches' model identity (shared)
 
     return key(source)
 
@@ -159,6 +168,8 @@ def run_denoise_training(cfg, opts: DenoiseOptions, progress=None, say: Callable
     dist = make_dist(device, cfg.distributed)
     if dist.device is not None and device.type != "cpu":
         device = dist.device
+    if opts.compile:
+        check_compile(device, opts.compile_backend)
     if not dist.is_main:
         say, warn, progress = (lambda m: None), (lambda m: None), (lambda name: (lambda done, total: None))
     identities = load_identities(cfg.seed_dirs, single_view=False, warn=warn, progress=progress("photos"))
@@ -227,7 +238,8 @@ def _prepare(cfg, opts: DenoiseOptions, identities, views, device, dist, progres
     return res, dtype, qi_dir, latents, faces, feats, feature_meta, embeds, mask, rho, prompts
 
 
-def _load_transformer(qi_dir: Path, device, dtype, hidden: int, gradient_checkpointing: bool):
+def _load_transformer(qi_dir: Path, device, dtype, hidden: int, gradient_checkpointing: bool,
+                      fp8_storage: bool = False, compile_backend: str | None = None):
     from diffusers import QwenImageTransformer2DModel
 
     from ..core.runtime.model_sources import read_config
@@ -245,7 +257,21 @@ def _load_transformer(qi_dir: Path, device, dtype, hidden: int, gradient_checkpo
     except RuntimeError as e:
         _check_memory_error(e)
         raise
-    return freeze_transformer(tr, gradient_checkpointing)
+    return prepare_transformer(tr, device, dtype, gradient_checkpointing, fp8_storage, compile_backend)
+
+
+def prepare_transformer(tr, device, dtype, gradient_checkpointing: bool = False, fp8_storage: bool = False,
+                        compile_backend: str | None = None):
+    """Frozen (no weight gradients), optionally per-block checkpointed, with fp8 weight storage (diffusers
+    layerwise casting: weights stored float8_e4m3fn, each layer cast to `dtype` when it runs; the step
+    reads that compute dtype, `flow_matching.compute_dtype_of`) and the blocks compiled with
+    `compile_backend` (None: not compiled). Train a compiled one inside `training_rope()`."""
+    if fp8_storage:
+        tr.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    tr = freeze_transformer(tr, gradient_checkpointing)
+    if compile_backend:
+        compile_for_training(tr, device, compile_backend)
+    return tr
 
 
 def _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_step) -> dict:
@@ -351,12 +377,14 @@ def _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_s
         say(f"nothing to do: {state_path} already finished --epochs {loop.epochs}. Raise --epochs to train longer.")
         mf = cfg.out_dir / "metrics.json"
         return json.loads(mf.read_text()) if dist.is_main and mf.is_file() else {}
-    transformer = _load_transformer(qi_dir, device, dtype, h, opts.gradient_checkpointing)
+    transformer = _load_transformer(qi_dir, device, dtype, h, opts.gradient_checkpointing, opts.fp8_storage,
+                                    opts.compile_backend if opts.compile else None)
     try:
-        history = train_denoise(head, transformer, train, val if len(val) else None, loop, optimizer=optimizer,
-                                start_step=start_step, history=history, dist=dist, device=device,
-                                gain_pairs=opts.gain_pairs, on_checkpoint=on_checkpoint,
-                                progress=progress("training"), stop_after_step=stop_after_step)
+        with training_rope(opts.compile):  # spans the backward: checkpointing recomputes compiled blocks there
+            history = train_denoise(head, transformer, train, val if len(val) else None, loop, optimizer=optimizer,
+                                    start_step=start_step, history=history, dist=dist, device=device,
+                                    gain_pairs=opts.gain_pairs, on_checkpoint=on_checkpoint,
+                                    progress=progress("training"), stop_after_step=stop_after_step)
     except RuntimeError as e:
         _check_memory_error(e)
         raise

@@ -135,14 +135,47 @@ def _accepts(fn, name: str) -> bool:
     return name in params
 
 
+_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                if hasattr(torch, n))
+
+
+def compute_dtype_of(transformer) -> torch.dtype:
+    """The dtype the transformer computes in. Usually its parameters' dtype; under diffusers' layerwise
+    casting (fp8 storage) the weights are stored in float8 and cast per layer to the hook's compute dtype,
+    so the first parameter's dtype would be float8 and inputs cast to it fail ("mat1 and mat2 must have
+    the same dtype"): read the hook's compute dtype then, else the first non-float8 floating parameter."""
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("layerwise_casting") if registry is not None and hasattr(registry, "get_hook") else None
+        if hook is not None and getattr(hook, "compute_dtype", None) is not None:
+            return hook.compute_dtype
+    for p in transformer.parameters():
+        if p.is_floating_point() and p.dtype not in _FLOAT8:
+            return p.dtype
+    return torch.float32
+
+
+def attention_mask_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None when every prompt is unpadded (all ones), else the mask. diffusers' encode_prompt does the same
+    (prompt_embeds_mask None when all ones): an all-ones mask switches Qwen-Image's attention to the masked
+    path, measured 6 % slower at 768x512 batch 10 on an H200 (bench/RESULTS.md, "Denoise training step"),
+    for the same result."""
+    if mask is None or bool(mask.bool().all()):
+        return None
+    return mask
+
+
 def predict_velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
-                     prompt_embeds_mask: torch.Tensor | None, img_shapes: Sequence[tuple[int, int, int]]) -> torch.Tensor:
-    """The transformer's velocity [B, N, 4C] in its own dtype. Passes `txt_seq_lens` to diffusers versions
-    whose forward still takes it (before 0.36); 0.42 derives the text length from the mask."""
-    dtype = next(transformer.parameters()).dtype
+                     prompt_embeds_mask: torch.Tensor | None, img_shapes: Sequence[tuple[int, int, int]],
+                     compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The transformer's velocity [B, N, 4C] in its compute dtype (`compute_dtype`, default
+    `compute_dtype_of(transformer)`). An all-ones mask is dropped (attention_mask_or_none). Passes
+    `txt_seq_lens` to diffusers versions whose forward still takes it (before 0.36); 0.42 derives the
+    text length from the mask."""
+    dtype = compute_dtype or compute_dtype_of(transformer)
     kwargs = dict(hidden_states=x_t.to(dtype), timestep=sigmas.to(device=x_t.device, dtype=dtype),
                   encoder_hidden_states=prompt_embeds.to(dtype), img_shapes=list(img_shapes), return_dict=False)
-    mask = prompt_embeds_mask
+    mask = attention_mask_or_none(prompt_embeds_mask)
     if mask is not None:
         kwargs["encoder_hidden_states_mask"] = mask.to(device=x_t.device)
     if _accepts(transformer.forward, "txt_seq_lens"):
@@ -154,7 +187,8 @@ def predict_velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, promp
 def flow_matching_loss(transformer, x0_packed: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
                        prompt_embeds: torch.Tensor, prompt_embeds_mask: torch.Tensor | None,
                        img_shapes: Sequence[tuple[int, int, int]], weights: torch.Tensor | None = None,
-                       token_weights: torch.Tensor | None = None) -> torch.Tensor:
+                       token_weights: torch.Tensor | None = None,
+                       compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-sample loss [B] (float32): weights_b · Σ_n w_bn · mean_c (v̂ - (ε - x0))²_bnc / Σ_n w_bn.
 
     x0_packed, noise [B, N, 4C]; sigmas [B]; prompt_embeds [B, S, H] (the only input that should carry a
@@ -164,7 +198,8 @@ def flow_matching_loss(transformer, x0_packed: torch.Tensor, noise: torch.Tensor
     x0, eps = x0_packed.float(), noise.float()
     x_t = (1.0 - s) * x0 + s * eps
     target = eps - x0
-    pred = predict_velocity(transformer, x_t, sigmas, prompt_embeds, prompt_embeds_mask, img_shapes).float()
+    pred = predict_velocity(transformer, x_t, sigmas, prompt_embeds, prompt_embeds_mask, img_shapes,
+                            compute_dtype).float()
     err = (pred - target).pow(2).mean(-1)  # [B, N]
     if token_weights is None:
         per = err.mean(1)
