@@ -19,7 +19,7 @@ import contextlib
 import torch
 
 from ..errors import UserInputError
-from ..generation.sampling import _real_rope, compile_transformer
+from ..generation.acceleration import compile_transformer, real_rope as _real_rope
 
 BACKENDS = ("inductor", "aot_eager", "eager")
 
