@@ -14,8 +14,6 @@ without ComfyUI):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from PIL import Image
 
