@@ -19,6 +19,7 @@ from typing import Callable
 
 from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
 from .common_args import add_generation_arguments, add_head_training_arguments, add_system_arguments
+from .fanout import add_fanout_arguments
 
 DEFAULT_OUT = "outputs"
 DEFAULT_ALPHAS = "0.5,1.0,1.5"
@@ -56,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"diffusers Qwen-Image folder or hub id (default: {DEFAULT_QWEN_IMAGE})")
     g = p.add_argument_group("system")
     add_system_arguments(g)
+    g = p.add_argument_group("fan-out over several processes (see docs/modal.md)")
+    add_fanout_arguments(g)
 
 
 @dataclass
@@ -84,6 +87,7 @@ class SweepConfig:
     hf_token: str | None = None
     cache_dir: str | None = None
     extra_meta: dict = field(default_factory=dict)
+    write_dir: Path | None = None   # where generations/ goes (a fan-out stage); default out_dir
 
 
 def package_versions() -> dict[str, str]:
@@ -197,7 +201,7 @@ def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print,
     timings["load_qwen_image_s"] = time.perf_counter() - t
     positive = encode_text(bundle, cfg.base_prompt)
     negative = encode_text(bundle, cfg.negative_prompt)
-    gen_dir = cfg.out_dir / "generations"
+    gen_dir = (cfg.write_dir or cfg.out_dir) / "generations"
     written = []
     for sd, feats in zip(seed_dirs, identities):
         cond, warnings = inject_identity(positive, head, feats, cfg.alphas, mode=cfg.strength_mode)
@@ -288,10 +292,23 @@ def train_first(cfg: SweepConfig, epochs: int, batch_size: int, lr: float, targe
 
 
 def run(args) -> int:
+    from dataclasses import replace
+
+    from ..core.errors import UserInputError
     from ..core.files.out_dir_lock import OutDirLock
+    from .fanout import plan, run_fanned
 
     cfg = config_from_args(args)
     t0 = time.perf_counter()
+    fan = plan(args)
+    if fan is not None:   # one chunk of the identities per process, merged into OUT (cli/fanout.py)
+        if args.train:
+            raise UserInputError("--train cannot run in every chunk: train the head once first (`qwen-identity "
+                                 "train` or `sweep --train` in one process), then fan out with --head.")
+        head = cfg.head or cfg.out_dir / HEAD_RELPATH   # the path the one-process run records in the meta
+        return run_fanned(args, "sweep", cfg.seed_dirs, cfg.out_dir,
+                          lambda subset, stage: run_sweep(replace(cfg, seed_dirs=subset, head=head, write_dir=stage)),
+                          the_plan=fan)
     with OutDirLock(cfg.out_dir, allow_nested=True):  # training and sampling are one writer: nobody slips in between
         if args.train:
             train_first(cfg, args.epochs, args.batch_size, args.lr, args.target, args.tokens, args.overwrite)
