@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-_PRIVATE = {"chunk", "merge_chunks", "_run", "command"}
+_PRIVATE = {"chunk", "merge_chunks", "_run", "command", "train"}   # sweep: only chunk 0 trains
 
 
 def add_fanout_arguments(group: argparse._ArgumentGroup) -> None:

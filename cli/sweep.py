@@ -302,9 +302,13 @@ def run(args) -> int:
     t0 = time.perf_counter()
     fan = plan(args)
     if fan is not None:   # one chunk of the identities per process, merged into OUT (cli/fanout.py)
-        if args.train:
-            raise UserInputError("--train cannot run in every chunk: train the head once first (`qwen-identity "
-                                 "train` or `sweep --train` in one process), then fan out with --head.")
+        if args.train and (fan.rank != 0 or fan.wait_for_others):
+            raise UserInputError("--train runs once, with --chunk 0/N, before the other chunks (they then use "
+                                 "OUT/checkpoints/linear_head.safetensors); under accelerate launch train the head "
+                                 "first (`qwen-identity train` or `sweep --train` in one process), then fan out.")
+        if args.train:   # chunk 0 trains into OUT (as one process would), then runs its chunk
+            with OutDirLock(cfg.out_dir, allow_nested=True):
+                train_first(cfg, args.epochs, args.batch_size, args.lr, args.target, args.tokens, args.overwrite)
         head = cfg.head or cfg.out_dir / HEAD_RELPATH   # the path the one-process run records in the meta
         return run_fanned(args, "sweep", cfg.seed_dirs, cfg.out_dir,
                           lambda subset, stage: run_sweep(replace(cfg, seed_dirs=subset, head=head, write_dir=stage)),

@@ -203,8 +203,8 @@ def test_merge_refuses_missing_or_foreign_chunks(data, tmp_path, capsys):
 def test_sweep_train_is_refused_in_a_chunk(data, tmp_path, capsys):
     argv = sweep_argv(data, tmp_path / "o")
     argv.remove("--head"), argv.remove(data["head"])
-    assert main(argv + ["--train", "--chunk", "0/2"]) == 2
-    assert "train the head once first" in capsys.readouterr().err
+    assert main(argv + ["--train", "--chunk", "1/2"]) == 2
+    assert "--train runs once, with --chunk 0/N" in capsys.readouterr().err
 
 
 @pytest.mark.slow
