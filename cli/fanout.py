@@ -33,6 +33,16 @@ def plan(args):
     return fanout.plan_from(getattr(args, "chunk", None), getattr(args, "merge_chunks", None))
 
 
+def _use_local_gpu() -> None:
+    """Under a launcher, process LOCAL_RANK works on GPU LOCAL_RANK ('cuda' then means that device)."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() and os.environ.get("LOCAL_RANK", "").isdigit():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+
+
 def run_fanned(args, command: str, seed_dirs: Sequence[Path], out_dir: Path,
                work: Callable[[list[Path], Path], None], combiners: Mapping[str, Callable] | None = None,
                say: Callable[[str], None] = print, the_plan=None) -> int:
@@ -48,6 +58,8 @@ def run_fanned(args, command: str, seed_dirs: Sequence[Path], out_dir: Path,
                              "are named after it: rename one.")
     key = fanout.run_key({k: v for k, v in vars(args).items() if k not in _PRIVATE}, p.launch_id)
     if p.rank >= 0:
+        if p.wait_for_others:
+            _use_local_gpu()
         subset = fanout.split(list(seed_dirs), p.world)[p.rank]
         stage = fanout.stage_dir(out_dir, command, p.rank, p.world)
         with OutDirLock(stage):

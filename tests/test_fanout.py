@@ -165,36 +165,32 @@ def one_process_sweep(data):
     return out
 
 
-@pytest.mark.parametrize("command", ["sweep", "eval"])
-def test_chunks_then_merge_equal_one_process(command, data, one_process_sweep, capsys):
-    argv = sweep_argv if command == "sweep" else eval_argv
-    if command == "sweep":
-        one = one_process_sweep
-    else:
-        one = data["root"] / "eval_one"
-        assert main(argv(data, one)) == 0
-    fanned = data["root"] / f"{command}_fanned"
+def test_eval_chunks_then_merge_equal_one_process(data, capsys):
+    """eval in two chunks (--chunk 0/2, --chunk 1/2) then --merge-chunks 2 == one eval: the same grids and
+    plot byte for byte, the same eval.json (the sweep's explicit chunks run in tests/test_modal_runner.py,
+    its launcher mode below)."""
+    one = data["root"] / "eval_one"
+    assert main(eval_argv(data, one)) == 0
+    fanned = data["root"] / "eval_fanned"
     for i in range(2):   # 3 identities in 2 chunks: 2 + 1
-        assert main(argv(data, fanned) + ["--chunk", f"{i}/2"]) == 0
-    staged = fanout.stage_dirs(fanned, command, 2)
+        assert main(eval_argv(data, fanned) + ["--chunk", f"{i}/2"]) == 0
+    staged = fanout.stage_dirs(fanned, "eval", 2)
     assert [fanout.read_marker(s)["identities"] for s in staged] == [["seed_100", "seed_101"], ["seed_102"]]
-    assert main(argv(data, fanned) + ["--merge-chunks", "2"]) == 0
+    assert main(eval_argv(data, fanned) + ["--merge-chunks", "2"]) == 0
     assert not (fanned / fanout.STAGE_ROOT).exists()
     expected = tree(one)
-    if command == "eval":   # the report names its output folder; everything else is equal
-        text = json.dumps(tree(fanned)).replace(str(fanned), str(one))
-        assert json.loads(text) == expected
-    else:
-        assert tree(fanned) == expected
-    assert len(expected) == (6 if command == "sweep" else 5)
+    assert len(expected) == 5   # eval.json, the plot, 3 grids
+    # the report names its output folder; everything else is equal
+    assert json.loads(json.dumps(tree(fanned)).replace(str(fanned), str(one))) == expected
 
 
 def test_merge_refuses_missing_or_foreign_chunks(data, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(sweep_argv(data, out) + ["--merge-chunks", "2"]) == 2
     assert "not finished" in capsys.readouterr().err
-    # chunks of another argument set (other α) are not merged into this run
-    assert main(sweep_argv(data, out) + ["--chunk", "0/1", "--alphas", "0,1"]) == 0
+    # a stage made by a run with other arguments (its marker's key differs) is not merged into this run
+    fanout.run_chunk(fanout.stage_dir(out, "sweep", 0, 1), "another-run", ["seed_100"],
+                     lambda s: (s / "generations").mkdir())
     assert main(sweep_argv(data, out) + ["--merge-chunks", "1"]) == 2
     assert "not finished" in capsys.readouterr().err
     assert not (out / "generations").exists()
