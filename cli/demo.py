@@ -14,6 +14,15 @@ import argparse
 import time
 from pathlib import Path
 
+from ..core.errors import UserInputError
+from ..core.files.out_dir_lock import OutDirLock
+from ..core.generation.sampling import parse_seeds
+from ..core.identity.seed_dirs import parse_seed_dir_args
+from ..core.pipeline.defaults import DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT
+from ..core.pipeline.run import RunSettings
+from ..core.residual.injection import parse_alphas
+from .sweep import HEAD_RELPATH, SweepConfig, run_sweep, train_first
+
 DEFAULT_OUT = "demo_output"
 TINY = dict(width=64, height=64, steps=4, epochs=3, lr=1e-2, max_batch=16)
 REAL = dict(width=512, height=768, steps=28, epochs=3, lr=1e-3, max_batch=4)
@@ -25,8 +34,6 @@ MAX_IDENTITIES = 100
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .sweep import DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT
-
     p.add_argument("--out-dir", default=DEFAULT_OUT, help=f"where everything is written (default: ./{DEFAULT_OUT})")
     p.add_argument("--qwen3-vl-model", default=None, help="Qwen3-VL folder or hub id (default: tiny offline stand-in)")
     p.add_argument("--qwen-image-model", default=None,
@@ -40,11 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..core.errors import UserInputError
-    from ..core.residual.injection import parse_alphas
-    from ..core.files.out_dir_lock import OutDirLock
-    from ..core.generation.sampling import parse_seeds
-
     if (args.qwen3_vl_model is None) != (args.qwen_image_model is None):
         raise UserInputError("give both --qwen3-vl-model and --qwen-image-model (real models), or neither (tiny "
                              "stand-ins): a real model cannot be mixed with a stand-in.")
@@ -57,10 +59,6 @@ def run(args) -> int:
 
 
 def _demo(args, out: Path, alphas, seeds) -> int:
-    from ..core.files.out_dir_lock import OutDirLock
-    from ..core.identity.seed_dirs import parse_seed_dir_args
-    from .sweep import SweepConfig, run_sweep, train_first
-
     t0 = time.time()
     ran: list[str] = []
     stand_in = args.qwen3_vl_model is None
@@ -85,10 +83,10 @@ def _demo(args, out: Path, alphas, seeds) -> int:
         captions = {i: CAPTIONS[i % len(CAPTIONS)] for i in range(args.identities)}
         dirs = make_seed_dirs(out / "data", identities=args.identities, views=2, captions=captions)
         ran.append(f"wrote {len(dirs)} synthetic identities (seed_*/photo_view_*.png + caption.txt) in {out / 'data'}")
-    cfg = SweepConfig(seed_dirs=dirs, out_dir=out, alphas=alphas, seeds=seeds, steps=sizes["steps"],
-                      height=sizes["height"], width=sizes["width"], max_batch=sizes["max_batch"], base_prompt=args.base_prompt,
-                      qwen3_vl_model=vl_model, qwen_image_model=qi_model, device=args.device,
-                      extra_meta={"demo": True, "stand_in_models": stand_in})
+    cfg = SweepConfig(dirs, out, RunSettings(
+        head=out / HEAD_RELPATH, alphas=alphas, seeds=seeds, steps=sizes["steps"], height=sizes["height"],
+        width=sizes["width"], max_batch=sizes["max_batch"], base_prompt=args.base_prompt, qwen3_vl_model=vl_model,
+        qwen_image_model=qi_model, device=args.device, extra_meta={"demo": True, "stand_in_models": stand_in}))
     t = time.time()
     metrics = train_first(cfg, epochs=sizes["epochs"], batch_size=2, lr=sizes["lr"], target="caption", tokens=1,
                           overwrite=True)
@@ -99,7 +97,7 @@ def _demo(args, out: Path, alphas, seeds) -> int:
     with OutDirLock(out):
         written = run_sweep(cfg)
     ran.append(f"ran the α × seed sweep (α {args.alphas}; seeds {args.gen_seeds}; {sizes['width']}x{sizes['height']} "
-               f"px, {sizes['steps']} steps, true CFG {cfg.guidance}) in {time.time() - t:.1f}s: "
+               f"px, {sizes['steps']} steps, true CFG {cfg.settings.guidance}) in {time.time() - t:.1f}s: "
                + ", ".join(str(p) for p, _ in written))
     print("\nRan:\n  - " + "\n  - ".join(ran))
     if stand_in:

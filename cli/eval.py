@@ -74,11 +74,11 @@ def _safe_name(name: str) -> str:
 
 def _validate(args):
     from ..core.errors import UserInputError
-    from ..core.measurement.evaluation import parse_alphas
-    from ..core.residual.injection import parse_alphas as parse_alpha_list
+    from ..core.measurement.evaluation import alphas_with_baseline
+    from ..core.residual.injection import parse_alphas
     from ..core.generation.sampling import check_size, parse_seeds
 
-    alphas = parse_alphas(parse_alpha_list(args.alphas))
+    alphas = alphas_with_baseline(parse_alphas(args.alphas))
     seeds = parse_seeds(args.gen_seeds)
     check_size(args.width, args.height)
     if args.steps < 1:
@@ -179,7 +179,7 @@ def _evaluate(args, seed_dir_paths, alphas, seeds, out: Path, write_dir: Path, t
     from ..core.identity.seed_dirs import load_seed_dirs
     from ..core.runtime.model_folders import model_dirs
     from ..training.pipeline import DEFAULT_QWEN3_VL
-    from .sweep import _release_memory
+    from ..core.pipeline.run import release_memory as _release_memory
 
     seed_dirs = load_seed_dirs(seed_dir_paths)
     names = [d.name for d in seed_dirs]

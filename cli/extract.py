@@ -2,7 +2,9 @@
 
 For each seed directory (one identity: its photo_view_*.png, natural-sorted) the file holds the
 per-image features [N, D], the combined identity vector [D] and the metadata (model, D, feature
-source, layer, resolution, photos used). `qwen-identity train` reuses it as its feature cache.
+source, layer, resolution, seed dir, photos used). Entries are keyed like every feature cache of the
+pack (`core.pipeline.cache_keys.feature_key`: the photos' sha256, model, settings, dtype), so
+`qwen-identity train --features FILE` reuses exactly the entries that match its own run.
 An unreadable photo is skipped with a warning naming it; a directory with no readable photo is an
 error naming the directory. The output is written atomically; input files are only read.
 """
@@ -71,7 +73,9 @@ def run(args) -> int:
 def _run(args, stack) -> int:
     from ..core.errors import UserInputError
     from ..core.files.out_dir_lock import OutDirLock
-    from ..core.identity.features import FeatureSettings, extract_features, feature_cache_key, save_feature_cache
+    from ..core.identity.features import FeatureSettings, extract_features, save_feature_cache
+    from ..core.pipeline.cache_keys import feature_key, photo_hashes
+    from ..core.runtime.devices import resolve_device, resolve_dtype
     from ..core.files.images import load_image
     from ..core.runtime.progress import offset_progress, tqdm_progress
     from ..core.identity.qwen3vl import load_qwen3vl
@@ -86,11 +90,12 @@ def _run(args, stack) -> int:
     settings = FeatureSettings(source=args.feature_source, layer=args.layer, resolution=args.resolution,
                                max_pixels=args.max_pixels)
     seed_dirs = load_seed_dirs(parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file))
-    keys = [feature_cache_key(d.path) for d in seed_dirs]
     plan = [(d, *readable_photos(d)) for d in seed_dirs]  # fail fast, before the model loads
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+    search = model_dirs("qwen3_vl")
+    keys = [feature_key(args.qwen3_vl_model, settings, photo_hashes(good), dtype, search) for _, good, _ in plan]
     stack.enter_context(OutDirLock(out.parent))  # one writer per output folder (as train, sweep and eval)
 
-    search = model_dirs("qwen3_vl")
     bundle = load_qwen3vl(args.qwen3_vl_model, search_dirs=search, download_dir=search[0] if search else None,
                           token=args.hf_token, cache_dir=args.cache_dir, device=args.device, dtype=args.dtype,
                           attn_implementation=args.attn_implementation)

@@ -1,48 +1,19 @@
 """ScoreIdentity: how close generated images are to a person's reference photos (a thin adapter over
-core.face_similarity / core.evaluation). dlib's face distance always; the Qwen3-VL feature cosine when
+core.measurement.identity_scores). dlib's face distance always; the Qwen3-VL feature cosine when
 a QWEN3VL model is connected.
 """
 
 from __future__ import annotations
 
 import json
-import math
 
-from ..core.measurement.evaluation import Scorers, notes_for, prepare_references, qwen3vl_embedder, score_images
-from ..core.measurement.face_similarity import DETECTORS, THRESHOLD, FaceEmbedder
 from ..core.files.images import comfy_to_pil
+from ..core.measurement.face_similarity import DETECTORS, THRESHOLD
+from ..core.measurement.identity_scores import score_identity
+from .comfy_runtime import comfy_progress, on_device
 
 CATEGORY = "Qwen Identity"
 NO_FACE_MEAN = -1.0
-
-
-def score_identity(images, reference, threshold: float = THRESHOLD, detector: str = "hog", qwen3vl=None,
-                   progress=None) -> dict:
-    """Scores of IMAGE `images` against IMAGE `reference` (JSON-ready dict with `notes`, one per image)."""
-    from ..core.errors import UserInputError
-
-    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
-        raise UserInputError(f"threshold must be a positive number (0.6 is the model's operating point), got {threshold}.")
-    refs_pil, imgs_pil = comfy_to_pil(reference), comfy_to_pil(images)
-    image_features = None
-    if qwen3vl is not None:
-        from ..core.identity.qwen3vl import Qwen3VLBundle
-
-        if not isinstance(qwen3vl, Qwen3VLBundle):
-            raise UserInputError("the qwen3vl input must come from LoadQwen3VL.")
-        image_features = qwen3vl_embedder(qwen3vl)
-    scorers = Scorers(face=FaceEmbedder(detector=detector), image_features=image_features, threshold=float(threshold))
-    if qwen3vl is not None:
-        from .qwen3vl_nodes import _ensure_on_device, _release
-
-        _ensure_on_device(qwen3vl)
-    try:
-        refs = prepare_references(refs_pil, scorers)
-        row = score_images(imgs_pil, refs, scorers, progress=progress)
-    finally:
-        if qwen3vl is not None:
-            _release(qwen3vl)
-    return {"references": refs.to_json(), **row, "notes": notes_for(row)}
 
 
 class ScoreIdentity:
@@ -82,10 +53,9 @@ class ScoreIdentity:
         }
 
     def score(self, images, reference, threshold=THRESHOLD, detector="hog", qwen3vl=None):
-        from .qwen3vl_nodes import comfy_progress
-
         n = int(images.shape[0]) if hasattr(images, "shape") and images.ndim == 4 else 1
-        result = score_identity(images, reference, threshold, detector, qwen3vl, progress=comfy_progress(n))
+        result = score_identity(comfy_to_pil(images), comfy_to_pil(reference), threshold, detector, qwen3vl,
+                                progress=comfy_progress(n), on_device=on_device)
         mean = result["summary"].get("face_distance")
         return (json.dumps(result, indent=2), NO_FACE_MEAN if mean is None else float(mean), "\n".join(result["notes"]))
 

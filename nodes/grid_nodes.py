@@ -9,6 +9,7 @@ from ..core.generation.grid import make_grid
 from ..core.files.images import comfy_to_pil, pil_to_comfy
 from ..core.residual.injection import parse_alphas
 from ..core.generation.sampling import DEFAULT_SEEDS, parse_seeds
+from ..core.measurement.identity_scores import score_identity
 
 
 class AlphaGrid:
@@ -50,9 +51,7 @@ class AlphaGrid:
                                      "per image, α-major.")
         extra = None
         if reference is not None:  # identity score per cell (see ScoreIdentity)
-            from .eval_nodes import score_identity
-
-            scored = score_identity(images, reference)
+            scored = score_identity(comfy_to_pil(images), comfy_to_pil(reference))
             notes = scored["notes"] if notes is None else [f"{a} {b}".strip() for a, b in zip(notes, scored["notes"])]
             extra = {"identity_scores": scored["summary"], "cell_scores": scored["notes"]}
         g = make_grid(comfy_to_pil(images), alpha_list, seed_list, cell_notes=notes, extra_meta=extra)

@@ -28,12 +28,12 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..core.generation.cell_batches import split_evenly
+from ..core.generation.sampling import MAX_SEED
 from ..core.errors import ModelMismatchError, UserInputError
 
 LATENT_CHANNELS = 16          # Qwen-Image's Wan-2.1 VAE latent (ComfyUI's EmptySD3LatentImage layout)
 SPATIAL_FACTOR = 8            # VAE downscale
 SIZE_MULTIPLE = 16            # VAE /8 times the transformer's 2x2 patches
-MAX_SEED = 0xFFFFFFFFFFFFFFFF  # KSampler's seed range
 AUTO_MAX_BATCH = 16           # a 4x4 α×seed grid in one sampler call when memory allows
 # Samplers that draw fresh noise while sampling (from one seed for the whole batch in ComfyUI):
 # batching cells would make a seed's image depend on its batch neighbours, so they run one at a time.

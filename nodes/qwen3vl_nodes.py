@@ -19,52 +19,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES
+from ..core.errors import UserInputError
+from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES, resolve_device, resolve_dtype
+from ..core.runtime.model_sources import resolve_model_dir
 from ..core.identity.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS,
                              FeatureSettings, extract_features, prepare_images)
 from ..core.files.images import comfy_to_pil, pil_to_comfy
-from ..core.identity.qwen3vl import Qwen3VLBundle, attention_choices, check_weight_files, load_qwen3vl
-from .comfy_runtime import comfy_progress
-from .comfy_runtime import model_management as _model_management
+from ..core.identity.qwen3vl import Qwen3VLBundle, attention_choices, load_qwen3vl
+from .comfy_runtime import comfy_progress, ensure_on_device, make_room, model_management, release, weights_bytes
 from ..core.runtime.model_folders import NO_FOLDER, chosen_model_source, list_model_folders, model_dirs
 
 CATEGORY = "Qwen Identity"
-
-
-def _weights_bytes(folder: Path | None, dtype: torch.dtype) -> int:
-    """Rough device memory for the weights: file bytes scaled from bf16 storage to `dtype`, +20 %."""
-    if folder is None:
-        return 0
-    try:
-        size = sum(f.stat().st_size for f in check_weight_files(folder))
-    except Exception:
-        return 0
-    return int(size * torch.tensor([], dtype=dtype).element_size() / 2 * 1.2)
-
-
-def _make_room(bytes_needed: int, device: torch.device) -> None:
-    mm = _model_management()
-    if mm is not None and device.type != "cpu" and bytes_needed > 0:
-        mm.free_memory(bytes_needed, device)
-
-
-def _release(bundle: Qwen3VLBundle) -> None:
-    """keep_loaded=False: move the model off the GPU and give the cache back to ComfyUI."""
-    if getattr(bundle, "keep_loaded", True) or bundle.device.type == "cpu":
-        return
-    bundle.model.to("cpu")
-    mm = _model_management()
-    if mm is not None:
-        mm.soft_empty_cache()
-    elif bundle.device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _ensure_on_device(bundle: Qwen3VLBundle) -> None:
-    current = next(bundle.model.parameters()).device
-    if current.type != bundle.device.type:
-        _make_room(_weights_bytes(bundle.path, bundle.dtype), bundle.device)
-        bundle.model.to(bundle.device)
 
 
 class LoadQwen3VL:
@@ -109,19 +74,16 @@ class LoadQwen3VL:
             model, model_path, "qwen3_vl", "Qwen3-VL model folder", placeholder=NO_FOLDER,
             no_choice="no Qwen3-VL model chosen: put a Qwen3-VL folder in ComfyUI/models/qwen3_vl/ or type a path / "
                       "hub id (e.g. Qwen/Qwen3-VL-2B-Instruct) in model_path.")
-        from ..core.runtime.devices import resolve_device, resolve_dtype
-        from ..core.runtime.model_sources import resolve_model_dir
-
         dirs = model_dirs("qwen3_vl")
         token = (hf_token or "").strip() or None
         folder = resolve_model_dir(source, search_dirs=dirs, download_dir=dirs[0] if dirs else None, token=token,
                                    what="Qwen3-VL model")
-        mm = _model_management()
+        mm = model_management()
         dev = resolve_device(mm.get_torch_device() if (mm is not None and device == "auto") else device)
         dt = resolve_dtype(dtype, dev)
         load_on = dev if keep_loaded else torch.device("cpu")
         if keep_loaded:
-            _make_room(_weights_bytes(folder, dt), dev)
+            make_room(weights_bytes(folder, dt), dev)
         bundle = load_qwen3vl(str(folder), device=load_on, dtype=dt, attn_implementation=attention)
         bundle.device = dev
         bundle.keep_loaded = bool(keep_loaded)
@@ -166,20 +128,18 @@ class ExtractIdentityFeatures:
 
     def extract(self, qwen3vl, images, feature_source=DEFAULT_SOURCE, layer=-1, resolution=DEFAULT_RESOLUTION,
                 max_pixels=DEFAULT_MAX_PIXELS, weights=""):
-        from ..core.errors import UserInputError
-
         if not isinstance(qwen3vl, Qwen3VLBundle):
             raise UserInputError("the qwen3vl input must come from LoadQwen3VL.")
         settings = FeatureSettings(source=feature_source, layer=int(layer), resolution=resolution,
                                    max_pixels=int(max_pixels))
         pil = comfy_to_pil(images)
         seen = prepare_images(pil, settings, qwen3vl.patch_multiple)
-        _ensure_on_device(qwen3vl)
+        ensure_on_device(qwen3vl)
         try:
             feats = extract_features(qwen3vl, pil, settings, weights=weights, prepared=seen,
                                      progress=comfy_progress(len(seen)))
         finally:
-            _release(qwen3vl)
+            release(qwen3vl)
         return (feats, pil_to_comfy(pad_to_one_size(seen)))
 
 

@@ -18,7 +18,7 @@ from ..core.runtime.model_folders import NO_FOLDER, chosen_model_source, list_mo
 
 CATEGORY = "Qwen Identity"
 DEFAULT_SAMPLER, DEFAULT_SCHEDULER = "euler", "simple"
-AUTO_MAX_BATCH = 0   # max_batch 0: the native path asks ComfyUI's memory estimate, the diffusers path uses 4
+MAX_BATCH_AUTO = 0  # the widget value "auto": the native path asks ComfyUI's memory estimate, the diffusers path uses 4
 
 
 def _progress_and_interrupt():
@@ -126,7 +126,7 @@ class QwenImageSampleFromEmbeds:
                           "width, a multiple of 16."}),
                 "height": ("INT", {"default": DEFAULT_HEIGHT, "min": 16, "max": 4096, "step": 16, "tooltip": "Image "
                            "height, a multiple of 16."}),
-                "max_batch": ("INT", {"default": AUTO_MAX_BATCH, "min": 0, "max": 64, "tooltip": "Most images "
+                "max_batch": ("INT", {"default": MAX_BATCH_AUTO, "min": 0, "max": 64, "tooltip": "Most images "
                               "denoised together (each costs two transformer rows with CFG), split evenly (a 3x3 "
                               "grid at 4 runs 3+3+3). 0 = auto: the native path batches as many as ComfyUI's memory "
                               "estimate allows (a 3x3 grid in ONE sampler call, like ComfyUI's own batched "
@@ -151,7 +151,7 @@ class QwenImageSampleFromEmbeds:
         }
 
     def sample(self, positive, negative, seeds=DEFAULT_SEEDS, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
-               width=DEFAULT_WIDTH, height=DEFAULT_HEIGHT, max_batch=AUTO_MAX_BATCH, pipeline=None, model=None,
+               width=DEFAULT_WIDTH, height=DEFAULT_HEIGHT, max_batch=MAX_BATCH_AUTO, pipeline=None, model=None,
                vae=None, sampler_name=DEFAULT_SAMPLER, scheduler=DEFAULT_SCHEDULER, speed="standard", **kwargs):
         seed_list = parse_seeds(seeds)
         max_batch = int(max_batch)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwen_identity.cli import main
-from qwen_identity.core.identity.features import FeatureSettings, extract_features, feature_cache_key, load_feature_cache
+from qwen_identity.core.identity.features import FeatureSettings, extract_features, load_feature_cache
 from qwen_identity.core.files.images import load_image
 
 FAST = ["--device", "cpu", "--resolution", "pixel_budget", "--max-pixels", "4096"]
@@ -29,10 +29,11 @@ def test_extract_writes_one_entry_per_seed_dir(make_dataset, tiny_qwen3vl_dir, t
     assert rc == 0, capsys.readouterr().err
     assert hashes(dirs + [tiny_qwen3vl_dir]) == before  # inputs untouched
     cache = load_feature_cache(out)
-    assert list(cache) == [feature_cache_key(d) for d in dirs]
+    by_dir = {item.meta["seed_dir"]: item for item in cache.values()}
+    assert list(by_dir) == [str(d) for d in dirs]
     bundle = load_qwen3vl(str(tiny_qwen3vl_dir), device="cpu")
     for d in dirs:
-        item = cache[feature_cache_key(d)]
+        item = by_dir[str(d)]
         assert item.meta["photos"] == ["photo_view_0.png", "photo_view_1.png", "photo_view_2.png"]
         assert item.meta["resolution"] == "pixel_budget" and item.meta["max_pixels"] == 4096
         direct = extract_features(bundle, [load_image(d / f"photo_view_{i}.png") for i in range(3)],
@@ -53,7 +54,7 @@ def test_unreadable_photo_is_skipped_with_a_warning_in_a_subprocess(make_dataset
                        env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"skipping unreadable photo {bad}" in r.stderr and "Traceback" not in r.stderr
-    item = load_feature_cache(out)[feature_cache_key(dirs[0])]
+    (item,) = load_feature_cache(out).values()
     assert item.meta["photos"] == ["photo_view_0.png", "photo_view_1.png"]
     assert item.meta["skipped"] == ["photo_view_10.png"] and item.n_images == 2
     assert bad.read_bytes() == b"this is not a png"
@@ -112,3 +113,24 @@ def test_bad_arguments(make_dataset, tiny_qwen3vl_dir, tmp_path, capsys):
                                     "pixel_budget", "--max-pixels", "10"], capsys)
     assert "no seed directories" in run_bad(["--qwen3-vl-model", "x", "--out", str(tmp_path / "f.safetensors")],
                                             capsys)
+
+
+def test_extract_keys_entries_by_content_model_settings_and_dtype(make_dataset, tiny_qwen3vl_dir, tmp_path):
+    """One key scheme for every feature cache: `extract` writes the key `train`/`sweep` look up (photos'
+    sha256, model, settings, dtype), so moving the photos keeps it and another dtype never reuses it."""
+    from qwen_identity.core.pipeline.cache_keys import feature_key, photo_hashes
+    from qwen_identity.core.identity.seed_dirs import load_seed_dir
+
+    d = make_dataset(identities=1, views=2)[0]
+    out = tmp_path / "f.safetensors"
+    assert main(["extract", "--seed-dirs", str(d), "--qwen3-vl-model", str(tiny_qwen3vl_dir), "--out", str(out),
+                 "--dtype", "fp32", *FAST]) == 0
+    settings = FeatureSettings(resolution="pixel_budget", max_pixels=4096)
+    hashes_ = photo_hashes(load_seed_dir(d).photos)
+    key = feature_key(str(tiny_qwen3vl_dir), settings, hashes_, torch.float32)
+    assert list(load_feature_cache(out)) == [key]
+    assert feature_key(str(tiny_qwen3vl_dir), settings, hashes_, torch.bfloat16) != key
+    moved = tmp_path / "elsewhere" / d.name
+    moved.parent.mkdir()
+    d.rename(moved)
+    assert feature_key(str(tiny_qwen3vl_dir), settings, photo_hashes(load_seed_dir(moved).photos), "float32") == key

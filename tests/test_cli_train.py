@@ -193,4 +193,5 @@ def test_features_from_qwen_identity_extract_are_reused(train, make_dataset, tin
     code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), "--features", str(feats), "--epochs", "1",
                          "--resolution", "pixel_budget", out=tmp_path / "p")
     assert code == 0, err
-    assert "other feature settings" in err and "using features of 0 identities" in err
+    assert "no entry for these photos with this model, these settings and this dtype" in err
+    assert "using features of 0 identities" in err

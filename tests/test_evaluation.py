@@ -154,8 +154,8 @@ def test_bad_sweep_inputs(embedder):
     with pytest.raises(UserInputError, match="reference"):
         ev.evaluate_alpha_sweep(gen, [1.0], [0], [], "p", ev.Scorers(face=embedder))
     with pytest.raises(UserInputError, match="finite"):
-        ev.parse_alphas([1.0, math.nan])
-    assert ev.parse_alphas([2, 0.5, 2.0]) == [0.0, 0.5, 2.0]
+        ev.alphas_with_baseline([1.0, math.nan])
+    assert ev.alphas_with_baseline([2, 0.5, 2.0]) == [0.0, 0.5, 2.0]
     with pytest.raises(RuntimeError, match="returned 1 images for 2 seeds"):
         ev.evaluate_alpha_sweep(lambda a, s: [astronaut()], [1.0], [0, 1], [astronaut()], "p", ev.Scorers())
 

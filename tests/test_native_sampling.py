@@ -152,3 +152,25 @@ def test_sample_native_honours_interrupt(comfy_native):
                              progress=interrupt_after_first_step, max_batch=1)
     finally:
         mm.interrupt_current_processing(False)
+
+
+def test_one_seed_range_for_both_sampling_paths():
+    """The sampler node takes one seed list for both paths: a seed KSampler accepts (up to 2**64 - 1) is
+    accepted by the diffusers path's parser too, and the largest one draws noise there."""
+    from qwen_identity.core.generation import sampling
+
+    assert ns.MAX_SEED == sampling.MAX_SEED == 0xFFFFFFFFFFFFFFFF
+    assert sampling.parse_seeds(str(2**64 - 1)) == [2**64 - 1]
+    assert ns._check_args([2**64 - 1], 1, 16, 16, 1.0) == [2**64 - 1]
+    with pytest.raises(UserInputError, match="out of range"):
+        sampling.parse_seeds(str(2**64))
+    torch.randn(2, generator=torch.Generator("cpu").manual_seed(2**64 - 1))  # the diffusers path's noise draw
+
+
+def test_one_auto_max_batch_name():
+    """AUTO_MAX_BATCH is the native path's cap for max_batch 0 (auto); the node's "auto" widget value has
+    its own name, so the two can no longer be confused."""
+    from qwen_identity.nodes import sampling_nodes
+
+    assert not hasattr(sampling_nodes, "AUTO_MAX_BATCH")
+    assert sampling_nodes.MAX_BATCH_AUTO == 0 and ns.AUTO_MAX_BATCH == 16

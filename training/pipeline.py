@@ -4,9 +4,10 @@ Everything expensive is computed once and cached in the out-dir, keyed by conten
 - `captions/<identity>.txt`: descriptions Qwen3-VL wrote (edit one and rerun to use your wording;
   delete it to have it written again). A `caption.txt` in the seed directory always wins.
 - `cache/features.safetensors` (the feature-cache format of `qwen-identity extract`): one entry per
-  identity keyed by (Qwen3-VL id, feature settings, the photos' sha256).
-- `cache/targets-<key>.safetensors`: the target residuals, keyed by (text-encoder id, base prompt,
-  composed prompts, K, length policy).
+  identity keyed by `core.pipeline.cache_keys.feature_key` (photos' sha256, Qwen3-VL model, feature
+  settings, dtype), the key `extract` and `sweep` use too.
+- `cache/targets-<key>.safetensors`: the target residuals, keyed by `target_key` (text encoder, base
+  prompt, composed prompts, K, length policy, dtype).
 So a second run (or `--resume`) loads no model when nothing changed, and an epoch costs only the head.
 
 Outputs: `checkpoints/linear_head.safetensors` (the head), `checkpoints/train_state.safetensors`
@@ -25,7 +26,8 @@ from typing import Any, Callable
 import torch
 
 from ..core.files.atomic import atomic_write_json, atomic_write_text
-from ..core.files.dataset_fingerprint import cache_key, file_sha256
+from ..core.pipeline.cache_keys import feature_key, target_key
+from ..core.pipeline.defaults import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE  # noqa: F401
 from ..core.errors import UserInputError
 from ..core.residual.head import HeadMeta, ResidualHead, save_head
 from ..core.files.out_dir_lock import OutDirLock
@@ -39,9 +41,6 @@ from .distributed import make_dist, shard_map
 from .loop import History, LoopConfig, TensorData, make_optimizer, seed_everything, train_head
 from .plots import write_loss_curve
 
-DEFAULT_BASE_PROMPT = "a portrait photo of a person, studio lighting, 85mm"
-DEFAULT_QWEN3_VL = "Qwen/Qwen3-VL-2B-Instruct"
-DEFAULT_QWEN_IMAGE = "Qwen/Qwen-Image"
 Progress = Callable[[int, int], None]
 ProgressFactory = Callable[[str], Progress]
 
@@ -98,15 +97,6 @@ def validate_config(cfg: TrainConfig) -> None:
                              "training, --overwrite to start over (it replaces the checkpoint), or another --out-dir.")
     if cfg.resume and not state.is_file():
         raise UserInputError(f"--resume: no training state at {state}; run without --resume to start training.")
-
-
-def _model_key(source: str) -> dict[str, Any]:
-    """A model's identity for cache keys: the given id plus its config's hash when it is a local folder."""
-    p = Path(source)
-    for name in ("config.json", "model_index.json"):
-        if (p / name).is_file():
-            return {"source": str(source), "config": file_sha256(p / name)}
-    return {"source": str(source)}
 
 
 def _text_encoder_hidden(qwen_image_dir: Path) -> int:
@@ -205,10 +195,10 @@ def _captions(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
     return [c or "" for c in captions], sources
 
 
-def feature_cache_entry_key(qwen3_vl_model: str, settings, photo_hashes: list[str]) -> str:
-    """The key of one identity in `OUT/cache/features.safetensors`: model, feature settings, photo hashes
-    (shared with `sweep`, which reuses the features training extracted)."""
-    return cache_key("features", _model_key(qwen3_vl_model), settings.to_meta(), photo_hashes)
+def _dtype(cfg: TrainConfig, device):
+    from ..core.runtime.devices import resolve_dtype
+
+    return resolve_dtype(cfg.dtype, device)
 
 
 def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dist, progress: ProgressFactory,
@@ -219,7 +209,8 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
     settings = FeatureSettings(**cfg.feature_settings)
     path = cfg.out_dir / "cache" / "features.safetensors"
     cached = load_feature_cache(path) if path.is_file() else {}
-    keys = [feature_cache_entry_key(cfg.qwen3_vl_model, settings, ident.photo_hashes) for ident in identities]
+    keys = [feature_key(cfg.qwen3_vl_model, settings, ident.photo_hashes, _dtype(cfg, models.device),
+                        models._search("qwen3_vl")) for ident in identities]
     if cfg.features_file:
         _adopt_extracted(cfg, settings, identities, keys, cached, say)
     todo = [i for i, k in enumerate(keys) if k not in cached]
@@ -250,31 +241,21 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
 
 def _adopt_extracted(cfg: TrainConfig, settings, identities: list[Identity], keys: list[str], cached: dict,
                      say: Callable[[str], None]) -> None:
-    """Take features from a `qwen-identity extract` file (entries keyed by the seed dir's absolute path) when
-    they were made by the same model name with the same settings from the same photo files."""
-    from ..core.identity.features import feature_cache_key, load_feature_cache
+    """Take features from a `qwen-identity extract` file: its entries carry the same content keys, so an
+    entry is used exactly when it was made from the same photos, model, settings and dtype."""
+    from ..core.identity.features import load_feature_cache
 
     extracted = load_feature_cache(cfg.features_file)
-    model_name = Path(str(cfg.qwen3_vl_model).rstrip("/")).name
-    wanted = settings.to_meta()
     used = 0
     for ident, key in zip(identities, keys):
-        entry = extracted.get(feature_cache_key(ident.path))
-        if entry is None or key in cached:
+        if key in cached:
             continue
-        meta = entry.meta
-        why = None
-        if meta.get("model_id") != model_name:
-            why = f"made by {meta.get('model_id')!r}, not {model_name!r}"
-        elif any(meta.get(k) != v for k, v in wanted.items()):
-            why = "made with other feature settings"
-        elif meta.get("photos") != [p.name for p in ident.photos] or entry.per_image.shape[0] != len(ident.photos):
-            why = "made from other photos"
-        if why:
-            say(f"not using {cfg.features_file} for {ident.path}: {why}; extracting again")
-            continue
-        cached[key] = entry
-        used += 1
+        if key in extracted:
+            cached[key] = extracted[key]
+            used += 1
+        else:
+            say(f"not using {cfg.features_file} for {ident.path}: no entry for these photos with this model, "
+                "these settings and this dtype; extracting again")
     say(f"using features of {used} identit{'y' if used == 1 else 'ies'} from {cfg.features_file}")
 
 
@@ -284,7 +265,8 @@ def _targets(cfg: TrainConfig, identities: list[Identity], captions: list[str], 
         return zero_targets(len(identities), cfg.tokens, _text_encoder_hidden(models.qwen_image_dir()),
                             cfg.base_prompt)
     prompts = [compose_prompt(cfg.base_prompt, c) for c in captions]
-    key = cache_key("targets", _model_key(cfg.qwen_image_model), cfg.base_prompt, prompts, cfg.tokens, POLICY_NAME)
+    key = target_key(cfg.qwen_image_model, cfg.base_prompt, prompts, cfg.tokens, POLICY_NAME,
+                     _dtype(cfg, models.device), models._search("diffusers"))
     path = cfg.out_dir / "cache" / f"targets-{key}.safetensors"
     if path.is_file():
         from safetensors.torch import load_file
@@ -402,6 +384,8 @@ def _train(cfg: TrainConfig, identities: list[Identity], train_ids: list[int], v
         return {**rho, "epochs": epoch, "train_loss": hist.train_loss[-1] if hist.train_loss else None,
                 "val_loss": _finite_or_none(hist.val_loss[-1]) if hist.val_loss else None,
                 "train_identities": len(train_ids), "val_identities": len(val_ids),
+                "train_identity_names": [identities[i].name for i in train_ids],
+                "val_identity_names": [identities[i].name for i in val_ids],
                 "train_photos": n_train_views, "val_photos": n_val_views,
                 "history": {"train_loss": hist.train_loss, "val_loss": [_finite_or_none(v) for v in hist.val_loss]}}
 

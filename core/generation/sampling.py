@@ -55,6 +55,7 @@ import torch
 from .cell_batches import split_evenly
 from ..residual.conditioning import entry_mask
 from ..errors import NotEnoughMemoryError, UserInputError
+from ..pipeline.defaults import DEFAULT_NEGATIVE_PROMPT  # noqa: F401  (re-exported for the nodes)
 from ..residual.injection import parse_number_list
 
 DEFAULT_STEPS = 28
@@ -62,11 +63,10 @@ DEFAULT_CFG = 4.5
 DEFAULT_WIDTH = 512
 DEFAULT_HEIGHT = 768
 DEFAULT_SEEDS = "1234,5678,9999"
-DEFAULT_NEGATIVE_PROMPT = "blurry, low quality, deformed, watermark"
 DEFAULT_MAX_BATCH = 4
 OFFLOAD_CHOICES = ("none", "model_cpu_offload", "group", "sequential")
 SIZE_MULTIPLE = 16  # VAE factor 8 × the transformer's 2x2 patches
-MAX_SEED = 2**63 - 1
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # KSampler's seed range; torch.Generator.manual_seed takes all of it
 
 
 # --------------------------------------------------------------------------------------------- inputs

@@ -366,11 +366,6 @@ def load_feature_cache(path: str | os.PathLike) -> dict[str, IdentityFeatures]:
     return out
 
 
-def feature_cache_key(seed_dir: str | os.PathLike) -> str:
-    """The key of a seed directory's entry in a feature cache: its absolute path."""
-    return os.path.abspath(os.fspath(seed_dir))
-
-
 def settings_from_meta(meta: dict) -> FeatureSettings:
     """The FeatureSettings recorded in a features' (or head's) metadata."""
     layer = meta.get("layer")
@@ -380,5 +375,5 @@ def settings_from_meta(meta: dict) -> FeatureSettings:
 
 
 __all__ = ["FeatureSettings", "IdentityFeatures", "prepare_images", "extract_features", "combine_features",
-           "parse_weights", "save_feature_cache", "load_feature_cache", "feature_cache_key", "settings_from_meta",
+           "parse_weights", "save_feature_cache", "load_feature_cache", "settings_from_meta",
            "FEATURE_SOURCES", "RESOLUTIONS", "DEFAULT_SOURCE", "DEFAULT_RESOLUTION", "DEFAULT_MAX_PIXELS"]

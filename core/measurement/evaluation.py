@@ -151,7 +151,7 @@ def sample_alpha_images(pipeline_bundle, head, identity, positive: list, negativ
     from ..residual.injection import inject_identity
     from ..generation.sampling import sample, speed_options
 
-    alphas, seeds = parse_alphas(alphas), [int(s) for s in seeds]
+    alphas, seeds = alphas_with_baseline(alphas), [int(s) for s in seeds]
     out: dict[float, list[Image.Image]] = {}
     if baseline is not None:
         if len(baseline) != len(seeds):
@@ -209,7 +209,7 @@ class SweepEvaluation:
                 "references": self.references, "rows": self.rows, "vs_baseline": deltas}
 
 
-def parse_alphas(alphas: Sequence[float]) -> list[float]:
+def alphas_with_baseline(alphas: Sequence[float]) -> list[float]:
     """Sorted unique finite α values, with the α = 0 baseline added when missing."""
     values = []
     for a in alphas:
@@ -299,7 +299,7 @@ def evaluate_alpha_sweep(generate: Generate, alphas: Sequence[float], seeds: Seq
         raise UserInputError("no generation seeds given: pass at least one seed.")
     if not references:
         raise UserInputError("no reference photos given: the identity needs at least one photo.")
-    alphas = parse_alphas(alphas)
+    alphas = alphas_with_baseline(alphas)
     total = len(alphas) + 1
     if progress:
         progress(0, total)
