@@ -161,3 +161,18 @@ def test_runner_path_in_process_equals_a_local_sweep_train(tiny_models, tmp_path
         meta = f"generations/{d.name}_meta.json"
         assert {k: v for k, v in got[meta].items() if k != "head"} == {k: v for k, v in want[meta].items() if k != "head"}
     assert sorted(want) == sorted(got)   # the same files: checkpoints/, generations/, training outputs
+
+
+def test_several_gpus_in_a_container_go_through_accelerate_launch(monkeypatch):
+    """--processes P > 1 (e.g. `train --objective denoise` on 4 GPUs): the same CLI under accelerate launch."""
+    import subprocess
+
+    seen = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    argv = ["train", "--objective", "denoise", "--out-dir", "/outputs/r"]
+    assert mr.container_run(argv, processes=4, check_paths=False) == 0
+    assert seen == [[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4",
+                     "-m", "qwen_identity.cli", *argv]]
+    ran = []
+    assert mr.container_run(argv, processes=1, run_main=lambda a: ran.append(a) or 0, check_paths=False) == 0
+    assert ran == [argv] and len(seen) == 1   # one process: in-process, no launcher
