@@ -65,16 +65,16 @@ def run(args) -> int:
                                     max_side=args.max_side, min_photos=args.min_photos, max_photos=args.max_photos,
                                     caption=(args.caption or "").strip() or None)
     settings.check()
-    if args.list_file:
+    if args.list_file:   # the inputs are the listed photos (the list may sit next to the output folder)
         people = prep.read_person_list(args.list_file, args.photos)
         root = Path(args.photos) if args.photos else Path(args.list_file).parent
-        sources = [root]
-    else:
+        sources, photos = [], [p for person in people for p in person.photos]
+    else:                # the scanned folder: an output inside it would be read as a person next time
         people = prep.scan_person_folders(args.photos)
         root = Path(args.photos)
-        sources = [root]
+        sources, photos = [root], []
     out = Path(args.out_dir)
-    prep.check_paths(sources, out, args.overwrite)
+    prep.check_paths(sources, out, args.overwrite, photos)
     with OutDirLock(out):
         print(f"prepare: {len(people)} people, {sum(len(p.photos) for p in people)} photos; face check: "
               f"{settings.face_detector}")

@@ -234,6 +234,15 @@ def test_out_dir_inside_the_inputs_is_refused(people_dir, capsys):
     assert digests(people_dir) == before
 
 
+def test_list_layout_may_write_next_to_the_list_but_not_over_a_photo(flat_photos, tmp_path, capsys):
+    lst = flat_photos / "ids.csv"   # list and photos in one folder; output inside it, beside them
+    lst.write_text("file,person\n000000.jpg,a\n000001.jpg,a\n")
+    assert main(["prepare", "--list", str(lst), "--out-dir", str(flat_photos / "seeds"), "--face-detector", "none"]) == 0
+    assert (flat_photos / "seeds" / "seed_a" / "photo_view_1.png").is_file()
+    assert main(["prepare", "--list", str(lst), "--out-dir", str(tmp_path), "--face-detector", "none"]) == 2
+    assert "holds the listed photo" in capsys.readouterr().err
+
+
 def test_no_input_and_flat_folder(tmp_path, flat_photos, capsys):
     assert main(["prepare", "--out-dir", str(tmp_path / "o")]) == 2
     assert "--photos DIR" in capsys.readouterr().err

@@ -322,11 +322,16 @@ def _encode_png(image: Image.Image, max_side: int) -> Callable[[Path], None]:
     return lambda tmp: image.save(tmp, format="PNG")
 
 
-def check_paths(sources: list[Path], out_dir: Path, overwrite: bool) -> None:
-    """Refuse an out-dir that overlaps an input folder, or that holds an earlier run without --overwrite."""
+def check_paths(sources: list[Path], out_dir: Path, overwrite: bool, photos: Iterable[Path] = ()) -> None:
+    """Refuse an out-dir that overlaps an input folder (`sources`: the scanned folder of the sub-folder layout),
+    that holds an input photo (the list layout), or that holds an earlier run without --overwrite."""
     out = Path(os.path.abspath(out_dir))
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out-dir {out_dir} is a file, not a folder. Choose another output folder.")
+    inside = next((p for p in photos if out in Path(os.path.abspath(p)).parents), None)
+    if inside is not None:
+        raise UserInputError(f"--out-dir {out_dir} holds the listed photo {inside}: prepare never writes into its "
+                             "inputs. Choose an output folder outside the photos.")
     for src in sources:
         s = Path(os.path.abspath(src))
         if out == s or s in out.parents or out in s.parents:
