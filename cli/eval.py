@@ -7,7 +7,8 @@ scored against that identity's photos:
 - face distance (dlib 128-d embeddings; lower = more alike, < --threshold = same person) and the share
   of images judged the same person; images without a face are counted, not scored;
 - Qwen3-VL feature cosine to the photos (the features the head was trained on; --no-qwen3vl-cosine off);
-- a prompt-adherence PROXY: Qwen3-VL's P(yes) to 'Does this image show "<prompt>"?' (--no-prompt-proxy off);
+- a prompt-adherence PROXY: Qwen3-VL's P(yes) / (P(yes) + P(no)) to 'Does this image show "<prompt>"?'
+  (`qwen3vl_p_yes_normalised`; --no-prompt-proxy off);
 - diversity across seeds per α: mean pairwise face distance and Qwen3-VL feature distance.
 Writes OUT/eval.json, OUT/identity_vs_alpha.png (one curve per identity, dashed: α = 0 baseline) and
 OUT/<identity>_eval_grid.png (α × seed grid with each cell's face distance under it), all atomically.
@@ -17,23 +18,36 @@ See README "Measuring identity" for how to read the numbers and their limits.
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import re
 import sys
 from pathlib import Path
 
+from ..core.errors import UserInputError
+from ..core.files.atomic import atomic_write, atomic_write_json
+from ..core.files.images import load_image
+from ..core.files.out_dir_lock import OutDirLock
+from ..core.generation.grid import make_grid
+from ..core.generation.sampling import check_size, encode_text, parse_seeds
+from ..core.identity.features import settings_from_meta
+from ..core.identity.seed_dirs import load_seed_dirs, parse_seed_dir_args
+from ..core.measurement.evaluation import (PROMPT_PROXY_NAME, Scorers, alphas_with_baseline, cell_notes_for,
+                                           evaluate_alpha_sweep, plot_identity_vs_alpha, qwen3vl_embedder,
+                                           qwen3vl_prompt_scorer, sample_alpha_images)
+from ..core.measurement.face_similarity import DETECTORS, THRESHOLD, FaceEmbedder
+from ..core.pipeline.defaults import (DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_QWEN3_VL,
+                                      DEFAULT_QWEN_IMAGE)
+from ..core.pipeline.run import Models, check_unique_names, identity_features, release_memory
+from ..core.residual.head import load_head
+from ..core.residual.injection import parse_alphas
+from ..core.runtime.progress import offset_progress, tqdm_progress
 from .common_args import add_generation_arguments, add_system_arguments, finite_float, qwen_image_load_kwargs
 from .fanout import add_fanout_arguments
 
 DEFAULT_OUT = "eval_output"
-DEFAULT_ALPHAS = "0.5,1.0,1.5"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..core.measurement.face_similarity import DETECTORS, THRESHOLD
-    from ..core.generation.sampling import DEFAULT_NEGATIVE_PROMPT
-    from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
-
     g = p.add_argument_group("data")
     g.add_argument("--seed-dirs", default=None, help="comma-separated seed_* folders with photo_view_*.png (globs "
                    "allowed) - required unless --seed-dirs-file is given")
@@ -73,11 +87,6 @@ def _safe_name(name: str) -> str:
 
 
 def _validate(args):
-    from ..core.errors import UserInputError
-    from ..core.measurement.evaluation import alphas_with_baseline
-    from ..core.residual.injection import parse_alphas
-    from ..core.generation.sampling import check_size, parse_seeds
-
     alphas = alphas_with_baseline(parse_alphas(args.alphas))
     seeds = parse_seeds(args.gen_seeds)
     check_size(args.width, args.height)
@@ -95,16 +104,11 @@ def _validate(args):
 
 
 def run(args) -> int:
-    import contextlib
-
     with contextlib.ExitStack() as stack:  # holds the out-dir lock that _run takes once the inputs are checked
         return _run(args, stack)
 
 
 def _run(args, stack) -> int:
-    from ..core.errors import UserInputError
-    from ..core.files.out_dir_lock import OutDirLock
-    from ..core.identity.seed_dirs import parse_seed_dir_args
     from .fanout import plan, run_fanned
 
     alphas, seeds = _validate(args)
@@ -117,10 +121,6 @@ def _run(args, stack) -> int:
         return run_fanned(args, "eval", paths, out,
                           lambda subset, stage: _evaluate(args, subset, alphas, seeds, out, stage, lambda: None),
                           combiners=combiners, say=lambda m: print(m, file=sys.stderr), the_plan=fan)
-    names = [p.name for p in paths]
-    if len(set(names)) != len(names):
-        raise UserInputError(f"two seed directories share a folder name ({', '.join(sorted(names))}); the outputs "
-                              "are named after it: rename one.")
     results = _evaluate(args, paths, alphas, seeds, out, out, lambda: stack.enter_context(OutDirLock(out)))
     _print_summary(results)
     print(f"wrote {out / 'eval.json'}, {out / 'identity_vs_alpha.png'} and {len(results)} grid(s) in {out}")
@@ -130,8 +130,6 @@ def _run(args, stack) -> int:
 def _combine_reports(copies: list[Path], tmp: Path) -> None:
     """eval.json of several chunks -> the one-process report: identities and warnings in chunk order."""
     import json
-
-    from ..core.errors import UserInputError
 
     reports = [json.loads(c.read_text(encoding="utf-8")) for c in copies]
     merged = dict(reports[0])
@@ -151,7 +149,7 @@ def _redraw_plot(copies: list[Path], tmp: Path, backend: str) -> None:
     import json
     import shutil
 
-    from ..core.measurement.evaluation import SweepEvaluation, plot_identity_vs_alpha
+    from ..core.measurement.evaluation import SweepEvaluation
 
     curves = {}
     for c in copies:
@@ -164,46 +162,25 @@ def _redraw_plot(copies: list[Path], tmp: Path, backend: str) -> None:
 
 def _evaluate(args, seed_dir_paths, alphas, seeds, out: Path, write_dir: Path, take_lock) -> dict:
     """Evaluate these identities: grids + eval.json + plot into `write_dir` (paths in the report name `out`)."""
-    from ..core.files.atomic import atomic_write, atomic_write_json
-    from ..core.measurement.evaluation import (PROMPT_PROXY_NAME, Scorers, cell_notes_for, evaluate_alpha_sweep,
-                                   plot_identity_vs_alpha, qwen3vl_embedder, qwen3vl_prompt_scorer,
-                                   sample_alpha_images)
-    from ..core.measurement.face_similarity import FaceEmbedder
-    from ..core.identity.features import extract_features, settings_from_meta
-    from ..core.generation.grid import make_grid
-    from ..core.residual.head import load_head
-    from ..core.files.images import load_image
-    from ..core.runtime.progress import offset_progress, tqdm_progress
-    from ..core.identity.qwen3vl import load_qwen3vl
-    from ..core.generation.sampling import encode_text, load_qwen_image_pipeline
-    from ..core.identity.seed_dirs import load_seed_dirs
-    from ..core.runtime.model_folders import model_dirs
-    from ..training.pipeline import DEFAULT_QWEN3_VL
-    from ..core.pipeline.run import release_memory as _release_memory
-
     seed_dirs = load_seed_dirs(seed_dir_paths)
+    check_unique_names(seed_dirs)
     names = [d.name for d in seed_dirs]
     photos = {d.name: [load_image(p) for p in d.photos] for d in seed_dirs}   # fail fast, before models load
     head = load_head(args.head)
     settings = settings_from_meta(head.meta.feature_settings or {})
     take_lock()  # one writer per output folder (as train, sweep and extract)
     face = FaceEmbedder(detector=args.detector)
-    hf_token = args.hf_token or os.environ.get("HUGGINGFACE_TOKEN") or os.environ.get("HF_TOKEN")
-    cache_dir = args.cache_dir or os.environ.get("HF_HUB_CACHE")
+    models = Models(args.qwen3_vl_model or head.meta.qwen3_vl_model or DEFAULT_QWEN3_VL, args.qwen_image_model,
+                    args.device, args.dtype, args.hf_token, args.cache_dir, **qwen_image_load_kwargs(args))
 
     # 1. Qwen3-VL: identity features of every identity; then it waits on the CPU while Qwen-Image runs
-    vl_source = args.qwen3_vl_model or head.meta.qwen3_vl_model or DEFAULT_QWEN3_VL
-    vl_dirs = model_dirs("qwen3_vl")
-    vl = load_qwen3vl(vl_source, search_dirs=vl_dirs, download_dir=vl_dirs[0] if vl_dirs else None,
-                      token=hf_token, cache_dir=cache_dir, device=args.device, dtype=args.dtype)
-    features = {name: extract_features(vl, photos[name], settings) for name in names}
+    features = dict(zip(names, identity_features(seed_dirs, settings, models)))
+    vl = models.qwen3vl()
     vl.model.to("cpu")
-    _release_memory()
+    release_memory()
 
     # 2. Qwen-Image: every α × seed image of every identity; the α = 0 baseline once for all
-    qi = load_qwen_image_pipeline(args.qwen_image_model, device=args.device, dtype=args.dtype,
-                                  search_dirs=model_dirs("diffusers"), token=hf_token, cache_dir=cache_dir,
-                                  **qwen_image_load_kwargs(args))
+    qi = models.qwen_image()
     positive = encode_text(qi, args.base_prompt)
     negative = encode_text(qi, args.negative_prompt) if args.guidance > 1 else None
     print(f"Qwen3-VL {vl.model_id} and Qwen-Image {qi.model_id} on {qi.device}; {len(names)} identities, "
@@ -224,7 +201,7 @@ def _evaluate(args, seed_dir_paths, alphas, seeds, out: Path, write_dir: Path, t
                 warnings_all.append(f"{name}: {w}")
     qi_id, qi_device = qi.model_id, str(qi.device)
     del qi, positive, negative
-    _release_memory()
+    models.drop_qwen_image()
 
     # 3. scores: faces on the CPU, Qwen3-VL measures back on its device
     vl.model.to(vl.device)
@@ -260,7 +237,8 @@ def _evaluate(args, seed_dir_paths, alphas, seeds, out: Path, write_dir: Path, t
                      "threshold": args.threshold, "distance": "Euclidean, mean over the reference faces"},
             "qwen3vl_cosine": None if args.no_qwen3vl_cosine else "cosine of Qwen3-VL features to the mean reference feature",
             PROMPT_PROXY_NAME: None if args.no_prompt_proxy else
-            "PROXY: Qwen3-VL P(yes) to 'Does this image show \"<prompt>\"? Please answer yes or no.'",
+            "PROXY: Qwen3-VL's P(yes) / (P(yes) + P(no)) to 'Does this image show \"<prompt>\"? Please answer yes "
+            "or no.' (normalised over the two answers; not VQAScore's unnormalised P(\"Yes\"))",
             "diversity": "mean pairwise distance across seeds (face: Euclidean; qwen3vl: 1 - cosine)",
         },
         "warnings": warnings_all, "plot": str(plot_path), "identities": results,
@@ -274,8 +252,6 @@ def _fmt(v) -> str:
 
 
 def _print_summary(results: dict) -> None:
-    from ..core.measurement.evaluation import PROMPT_PROXY_NAME
-
     print(f"{'identity':24s} {'alpha':>6s} {'face_d':>6s} {'same%':>6s} {'qvl_cos':>7s} {'prompt':>6s} {'div_f':>6s}")
     for name, res in results.items():
         for row in res["rows"]:

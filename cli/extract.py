@@ -15,8 +15,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES
-from ..core.identity.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS)
+import contextlib
+
+from ..core.errors import UserInputError
+from ..core.files.images import load_image
+from ..core.files.out_dir_lock import OutDirLock
+from ..core.identity.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS,
+                                      FeatureSettings, extract_features, save_feature_cache)
+from ..core.identity.qwen3vl import load_qwen3vl
+from ..core.identity.seed_dirs import load_seed_dirs, parse_seed_dir_args
+from ..core.pipeline.cache_keys import feature_key, photo_hashes
+from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES, resolve_device, resolve_dtype
+from ..core.runtime.model_folders import model_dirs
+from ..core.runtime.progress import offset_progress, tqdm_progress
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,9 +57,6 @@ def _warn(message: str) -> None:
 
 def readable_photos(seed_dir) -> tuple[list[Path], list[Path]]:
     """(readable, skipped) photos of a seed dir; a dir with no readable photo is a UserInputError."""
-    from ..core.errors import UserInputError
-    from ..core.files.images import load_image
-
     good, skipped = [], []
     for p in seed_dir.photos:
         try:
@@ -64,24 +72,11 @@ def readable_photos(seed_dir) -> tuple[list[Path], list[Path]]:
 
 
 def run(args) -> int:
-    import contextlib
-
     with contextlib.ExitStack() as stack:  # holds the out-dir lock that _run takes once the inputs are checked
         return _run(args, stack)
 
 
 def _run(args, stack) -> int:
-    from ..core.errors import UserInputError
-    from ..core.files.out_dir_lock import OutDirLock
-    from ..core.identity.features import FeatureSettings, extract_features, save_feature_cache
-    from ..core.pipeline.cache_keys import feature_key, photo_hashes
-    from ..core.runtime.devices import resolve_device, resolve_dtype
-    from ..core.files.images import load_image
-    from ..core.runtime.progress import offset_progress, tqdm_progress
-    from ..core.identity.qwen3vl import load_qwen3vl
-    from ..core.identity.seed_dirs import load_seed_dirs, parse_seed_dir_args
-    from ..core.runtime.model_folders import model_dirs
-
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserInputError(f"--out {out} must end in .safetensors (the feature cache is a safetensors file).")

@@ -10,8 +10,13 @@ import argparse
 import os
 from pathlib import Path
 
+from ..core.errors import UserInputError
 from ..core.identity.features import DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS
-from ..training.pipeline import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
+from ..core.identity.seed_dirs import parse_seed_dir_args
+from ..core.pipeline.defaults import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
+from ..core.runtime.progress import tqdm_progress
+from ..training.loop import LoopConfig
+from ..training.pipeline import TrainConfig, run_training
 from .common_args import add_head_training_arguments, add_system_arguments, finite_float
 
 DEFAULT_OUT = "train_output"
@@ -53,11 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
-    from ..core.errors import UserInputError
-    from ..core.identity.seed_dirs import parse_seed_dir_args
-    from ..training.loop import LoopConfig
-    from ..training.pipeline import TrainConfig
-
     if not args.seed_dirs and not args.seed_dirs_file:
         raise UserInputError("no seed directories given: pass --seed-dirs DIR[,DIR...] (globs allowed) or --seed-dirs-file.")
     loop = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -77,9 +77,6 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from ..core.runtime.progress import tqdm_progress
-    from ..training.pipeline import run_training
-
     # deterministic cuBLAS on CUDA (must be set before the first CUDA matmul); harmless elsewhere
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cfg = config_from_args(args)

@@ -8,12 +8,14 @@ from ..core.errors import UserInputError
 from ..core.residual.head import head_summary, load_head
 from ..core.files.safe_paths import resolve_inside
 from ..core.runtime.model_folders import list_model_files, model_dirs
+from ..core.runtime.security import check_free_path, free_paths_allowed
 
 NO_HEADS = "(no heads in models/identity_heads)"
 
 
 def resolve_head_file(head_name: str, head_path: str = "") -> Path:
     """The path input wins when non-empty; a dropdown name must resolve inside a heads folder."""
+    check_free_path(head_path, "head_path", "a head from the list")
     if head_path and head_path.strip():
         return Path(head_path.strip()).expanduser()
     if not head_name or head_name == NO_HEADS:
@@ -43,12 +45,15 @@ class LoadResidualHead:
             },
             "optional": {
                 "head_path": ("STRING", {"default": "", "tooltip": "a head file anywhere on disk; when not empty it "
-                                                                   "is used instead of head_name"}),
+                                                                   "is used instead of head_name (refused when the server's "
+                                                                   "owner set the security level to strong)"}),
             },
         }
 
     @classmethod
     def IS_CHANGED(cls, head_name, head_path=""):
+        if (head_path or "").strip() and not free_paths_allowed():
+            return "free paths off"  # nothing about the path is looked at
         try:
             p = resolve_head_file(head_name, head_path)
             st = p.stat()

@@ -14,8 +14,6 @@ without ComfyUI):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from PIL import Image
 
@@ -50,7 +48,8 @@ class LoadQwen3VL:
                                                "Ignored when model_path is filled in."}),
                 "model_path": ("STRING", {"default": "", "tooltip": "Optional: an absolute folder path or a hub id "
                                           "such as Qwen/Qwen3-VL-2B-Instruct (downloaded into models/qwen3_vl/ "
-                                          "when online). Wins over the dropdown when not empty."}),
+                                          "when online). Wins over the dropdown when not empty. Refused when the "
+                                          "server's owner set the security level to strong."}),
                 "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "Weights precision. auto = bf16 on "
                                                 "GPUs that support it, fp16 on other GPUs, fp32 on CPU."}),
                 "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": "Where extraction runs. auto = "

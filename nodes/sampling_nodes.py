@@ -57,7 +57,8 @@ class LoadQwenImageDiffusers:
                                                "when model_path is filled in."}),
                 "model_path": ("STRING", {"default": "", "tooltip": "Optional: a folder path or a hub id such as "
                                "Qwen/Qwen-Image (downloaded into models/diffusers/ when online). Wins over the "
-                               "dropdown when not empty."}),
+                               "dropdown when not empty. Refused when the server's owner set the security "
+                               "level to strong."}),
                 "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "Weights precision. auto = bf16 on GPUs "
                           "that support it, fp16 on other GPUs, fp32 on CPU."}),
                 "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": "Where sampling runs. auto = "

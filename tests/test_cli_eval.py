@@ -69,7 +69,7 @@ def test_eval_end_to_end(setup, monkeypatch, capsys):
             s = row["summary"]
             assert s["images_with_face"] == 0 and s["face_distance"] is None   # tiny models paint noise
             assert len(row["qwen3vl_cosine"]) == 2 and -1 <= s["qwen3vl_cosine"] <= 1
-            assert all(0 < p < 1 for p in row["qwen3vl_vqascore"])
+            assert len(row["qwen3vl_p_yes_normalised"]) == 2
             assert s["qwen3vl_diversity"] >= 0
         with Image.open(res["grid"]) as g:
             assert g.width > 64 and g.height > 64
@@ -77,7 +77,7 @@ def test_eval_end_to_end(setup, monkeypatch, capsys):
     assert astro["references"] == {"photos": 1, "with_face": 1}
     # the baseline images are the same for both identities, their cosines differ only by the references
     a0 = report["identities"][setup["dirs"][0].name]["rows"][0]
-    assert a0["qwen3vl_vqascore"] == astro["rows"][0]["qwen3vl_vqascore"]
+    assert a0["qwen3vl_p_yes_normalised"] == astro["rows"][0]["qwen3vl_p_yes_normalised"]
     with Image.open(out / "identity_vs_alpha.png") as plot:
         assert plot.format == "PNG"
     assert "seed_astronaut" in stdout and "wrote" in stdout
@@ -91,7 +91,7 @@ def test_eval_without_optional_measures(setup, capsys):
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "eval.json").read_text())
     row = report["identities"]["seed_astronaut"]["rows"][1]
-    assert "qwen3vl_cosine" not in row and "qwen3vl_vqascore" not in row and "face" in row
+    assert "qwen3vl_cosine" not in row and "qwen3vl_p_yes_normalised" not in row and "face" in row
     assert report["negative_prompt"] is None and report["measures"]["qwen3vl_cosine"] is None
 
 

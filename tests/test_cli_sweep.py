@@ -56,6 +56,11 @@ def test_sweep_train_writes_head_grids_and_meta(trained, tiny_models):
         assert img.size == tuple(meta["grid"]["grid_size"])
         assert len(meta["grid"]["cells"]) == 4
     assert not list(out.rglob("*.tmp"))  # atomic writes leave nothing behind
+    # the run's index (the merge step), before later tests sweep single identities into this out-dir
+    run = json.loads((out / "generations" / "meta.json").read_text())
+    names = [d.name for d in dirs]
+    assert [i["identity"] for i in run["identities"]] == names and run["head_meta"]["trained_on"] == names
+    assert run["run"]["alphas"] == [0.0, 1.5] and "hf_token" not in run["run"]
 
 
 def test_alpha_zero_row_is_the_base_image(trained, tiny_models):
@@ -122,3 +127,17 @@ def test_sweep_reuses_the_features_train_cached(trained, tiny_models, tmp_path, 
     assert main(["sweep", *common, "--out-dir", str(out)]) == 0
     name = f"{dirs[1].name}_alpha_grid.png"
     assert (out / "generations" / name).read_bytes() == (fresh / "generations" / name).read_bytes()
+
+
+def test_sweep_train_trains_on_every_identity_it_draws(trained):
+    """`sweep --train` on the seed's two-identity example trains on both (no validation split by default), and
+    the head's metadata, every grid's meta and the run's generations/meta.json name them."""
+    from qwen_identity.core.residual.head import load_head
+
+    dirs, out = trained
+    names = [d.name for d in dirs]
+    head = load_head(out / "checkpoints" / "linear_head.safetensors")
+    assert head.meta.metrics["train_identity_names"] == names and head.meta.metrics["val_identity_names"] == []
+    for d in dirs:
+        meta = json.loads((out / "generations" / f"{d.name}_meta.json").read_text())
+        assert meta["head_meta"]["trained_on"] == names

@@ -78,28 +78,42 @@ def test_seed_dirs_to_checkpoint_to_node_to_residual(train, make_dataset, tmp_pa
     assert code == 0, err
 
 
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return {k: v for k, v in load_file(str(path)).items()}
+
+
 def test_reruns_are_byte_identical_and_resume_matches(train, make_dataset, tmp_path):
-    dirs = ",".join(map(str, make_dataset(identities=2, views=2, size=(64, 64))))
+    """On the caption target, whose gradients move the weights (the zero target's do not, so a resume that
+    restored nothing would still match): reruns are byte-identical, and 1 epoch + --resume to 3 equals 3."""
+    captions = {0: "a woman with red hair", 1: "a bald man with a beard"}
+    dirs = ",".join(map(str, make_dataset(identities=2, views=2, size=(64, 64), captions=captions)))
+    caption = dict(target="caption", extra=("--val-fraction", "0"))
     heads = []
     for name in ("a", "b"):
-        code, _, err = train("--seed-dirs", dirs, "--epochs", "3", out=tmp_path / name)
+        code, _, err = train("--seed-dirs", dirs, "--epochs", "3", out=tmp_path / name, **caption)
         assert code == 0, err
         heads.append((tmp_path / name / "checkpoints" / "linear_head.safetensors").read_bytes())
     assert heads[0] == heads[1]
-    code, _, err = train("--seed-dirs", dirs, "--epochs", "3", "--lr", "2e-3", out=tmp_path / "c")
+    code, _, err = train("--seed-dirs", dirs, "--epochs", "3", "--lr", "2e-3", out=tmp_path / "c", **caption)
     assert (tmp_path / "c" / "checkpoints" / "linear_head.safetensors").read_bytes() != heads[0]
-    # 1 epoch, then --resume to 3 == 3 straight
-    assert train("--seed-dirs", dirs, "--epochs", "1", out=tmp_path / "r")[0] == 0
-    code, _, err = train("--seed-dirs", dirs, "--epochs", "3", "--resume", out=tmp_path / "r")
+    # 1 epoch, then --resume to 3 == 3 straight; epochs 2 and 3 moved the weights, so equality means the
+    # optimizer state and random stream were restored
+    assert train("--seed-dirs", dirs, "--epochs", "1", out=tmp_path / "r", **caption)[0] == 0
+    after_one = _weights(tmp_path / "r" / "checkpoints" / "linear_head.safetensors")
+    three = _weights(tmp_path / "a" / "checkpoints" / "linear_head.safetensors")
+    assert any((after_one[k] - three[k]).abs().max() > 1e-4 for k in three)
+    code, _, err = train("--seed-dirs", dirs, "--epochs", "3", "--resume", out=tmp_path / "r", **caption)
     assert code == 0 and "resuming after epoch 1" in err
     assert (tmp_path / "r" / "checkpoints" / "linear_head.safetensors").read_bytes() == heads[0]
     # resuming with other settings is refused, and nothing to do is not an error
-    code, _, err = train("--seed-dirs", dirs, "--epochs", "4", "--lr", "5e-3", "--resume", out=tmp_path / "r")
+    code, _, err = train("--seed-dirs", dirs, "--epochs", "4", "--lr", "5e-3", "--resume", out=tmp_path / "r", **caption)
     assert code == 2 and "lr" in err
-    code, _, err = train("--seed-dirs", dirs, "--epochs", "3", "--resume", out=tmp_path / "r")
+    code, _, err = train("--seed-dirs", dirs, "--epochs", "3", "--resume", out=tmp_path / "r", **caption)
     assert code == 0 and "nothing to do" in err
     # an existing head is not replaced silently
-    code, _, err = train("--seed-dirs", dirs, out=tmp_path / "r")
+    code, _, err = train("--seed-dirs", dirs, out=tmp_path / "r", **caption)
     assert code == 2 and "--resume" in err and "--overwrite" in err
 
 
@@ -195,3 +209,23 @@ def test_features_from_qwen_identity_extract_are_reused(train, make_dataset, tin
     assert code == 0, err
     assert "no entry for these photos with this model, these settings and this dtype" in err
     assert "using features of 0 identities" in err
+
+
+def test_zero_target_trains_nothing_and_help_says_so(train, make_dataset, tmp_path, capsys):
+    """The seed's zero target: a zero-initialised head, zero targets, zero gradients: the weights stay zero
+    after training, and `--help` says so instead of offering it as an objective."""
+    from qwen_identity.cli import build_parser
+
+    dirs = ",".join(map(str, make_dataset(identities=2, views=1, size=(64, 64))))
+    code, _, err = train("--seed-dirs", dirs, "--epochs", "2", "--lr", "1e-1", out=tmp_path / "z")
+    assert code == 0, err
+    w = _weights(tmp_path / "z" / "checkpoints" / "linear_head.safetensors")
+    assert all(float(v.abs().max()) == 0.0 for k, v in w.items() if k.startswith("proj"))
+    for command in ("train", "sweep"):
+        help_text = " ".join(_help(build_parser(), command).split())
+        assert "zero: trains nothing" in help_text, help_text
+
+
+def _help(parser, command) -> str:
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[command].format_help()

@@ -108,9 +108,23 @@ def test_sweep_with_qwen3vl_measures(bundle):
     assert top["qwen3vl_cosine"] == pytest.approx(expected, abs=1e-4)
     assert top["summary"]["qwen3vl_cosine"] > base["summary"]["qwen3vl_cosine"]
     assert "face" not in top and "face_distance" not in top["summary"]
-    assert all(0 < p < 1 for row in res.rows for p in row[ev.PROMPT_PROXY_NAME])
+    assert all(len(row[ev.PROMPT_PROXY_NAME]) == 2 for row in res.rows)
     assert top[ev.PROMPT_PROXY_NAME] == pytest.approx(scores[1], abs=1e-4)
     assert 0 <= top["summary"]["qwen3vl_diversity"] <= 2
+
+
+def test_prompt_proxy_is_p_yes_normalised_over_yes_and_no(bundle, monkeypatch):
+    """Planted answer log-likelihoods log P(Yes) = -1, log P(No) = -2 give P(yes) / (P(yes) + P(no)) =
+    1 / (1 + e^-1) = 0.7311 (VQAScore's unnormalised P("Yes") would be e^-1 = 0.3679); the measure is named
+    for what it is."""
+    import math
+
+    planted = {"Yes": -1.0, "No": -2.0}
+    monkeypatch.setattr(ev, "_answer_logprob", lambda model, processor, prefix, answer, image: planted[answer])
+    image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
+    (p,) = ev.qwen3vl_prompt_scores(bundle, [image], "a red square", max_pixels=64 * 64)
+    assert p == pytest.approx(1 / (1 + math.exp(-1.0)), abs=1e-6)
+    assert ev.PROMPT_PROXY_NAME == "qwen3vl_p_yes_normalised" and "vqa" not in ev.PROMPT_PROXY_NAME.lower()
 
 
 def test_answer_logprob_obeys_the_chain_rule(bundle):
@@ -223,6 +237,10 @@ def test_sample_alpha_images_batches_alphas_and_shares_the_baseline(tiny_qwenima
     assert [np.asarray(a).tobytes() for a in shared[1.5]] == [np.asarray(b).tobytes() for b in images[1.5]]
     with pytest.raises(UserInputError, match="baseline has 1 images for 2 seeds"):
         ev.sample_alpha_images(bundle, head, identity, pos, neg, [1.5], [5, 6], baseline=alone[:1], **kw)
+    # one prompt only: a batch of two would put 2 × seeds images in every α row
+    two = sampling.encode_text(bundle, ["a portrait photo of a person", "a cat"])
+    with pytest.raises(UserInputError, match="2 prompts"):
+        ev.sample_alpha_images(bundle, head, identity, two, neg, [1.5], [5, 6], **kw)
 
 
 def test_prompt_proxy_closes_a_thinking_prefix(bundle, monkeypatch):
@@ -233,4 +251,4 @@ def test_prompt_proxy_closes_a_thinking_prefix(bundle, monkeypatch):
     monkeypatch.setattr(bundle.processor, "apply_chat_template", lambda *a, **kw: template(*a, **kw) + "<think>\n")
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     (p,) = ev.qwen3vl_prompt_scores(bundle, [image], "a cat", max_pixels=64 * 64)
-    assert 0 < p < 1 and len(seen) == 2 and all(s.endswith("<think>\n\n</think>\n\n") for s in seen)
+    assert len(seen) == 2 and all(s.endswith("<think>\n\n</think>\n\n") for s in seen)

@@ -161,11 +161,22 @@ def test_strength_semantics_after_txt_norm(cond, tiny_qwenimage_dir):
 
 
 def test_relative_without_reference_uses_prompt_mean(cond):
+    """No recorded ρ: each token's residual is the absolute one times rms(E_t) / (mean valid-token RMS of
+    that prompt), checked against the absolute mode's residual, token by token."""
     r = injection.compute_residual(make_head(), identity())
     e, extra = cond[0]
+    e = e * torch.linspace(0.5, 3.0, e.shape[1])[None, :, None]  # planted: token RMS from 0.5x to 3x
+    cond = [[e, extra]]
     out = injection.inject(cond, r, [1.0], mode="relative")[0][0]
+    absolute = injection.inject(cond, r, [1.0], mode="absolute")[0][0] - e
     mask = extra["attention_mask"].bool()
     assert torch.all((out - e)[~mask] == 0)
+    rms = e.float().pow(2).mean(-1).sqrt()
+    for b in range(e.shape[0]):
+        prompt_mean = rms[b][mask[b]].mean()
+        expected = absolute[b] * (rms[b] / prompt_mean)[:, None]
+        assert torch.allclose((out - e)[b][mask[b]], expected[mask[b]], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose((out - e)[mask], absolute[mask], rtol=0.1)  # the scaling did something
     with pytest.raises(UserInputError, match="strength mode"):
         injection.inject(cond, r, [1.0], mode="weird")
 

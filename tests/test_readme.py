@@ -6,6 +6,13 @@ from readme_sections import readme_section
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = [README] + [p.read_text() for p in sorted((ROOT / "docs").glob("*.md")) if not p.name.startswith("_")]
+
+
+def docs_section(title: str):
+    """Every `### <title>` section of the README and docs/*.md, joined (None when there is none)."""
+    found = [s for s in (readme_section(text, title) for text in DOCS) if s is not None]
+    return "\n".join(found) if found else None
 
 
 def test_every_node_input_is_documented():
@@ -33,7 +40,7 @@ def test_every_cli_option_is_documented():
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     missing = []
     for name, p in sub.choices.items():
-        section = readme_section(README, f"qwen-identity {name}")
+        section = docs_section(f"qwen-identity {name}")
         if section is None:
             missing.append(f"{name}: no '### `qwen-identity {name}`' section")
             continue

@@ -56,3 +56,20 @@ def test_caption_targets_record_the_base_prompts_token_rms(tiny_text_encoder):
     enc = encode_prompts(te, tok, base)
     expected = enc.embeds[enc.mask.bool()].float().pow(2).mean(-1).sqrt().mean()
     assert t.text_token_rms is not None and abs(t.text_token_rms - float(expected)) < 1e-5
+
+
+def test_reference_rms_is_the_base_prompts_and_the_injection_doc_says_so(tiny_text_encoder):
+    """ρ (relative strength mode) is the mean valid-token RMS of the BASE prompt the head was trained for,
+    not of the composed training prompts; core/residual/injection.py's docstring says which."""
+    from qwen_identity.core.residual import injection
+
+    te, tok = tiny_text_encoder
+    captions = ["a man with short brown hair, smiling", "a woman with long black hair wearing a red dress"]
+    rho = caption_targets(te, tok, BASE, captions, 1).text_token_rms
+    base = encode_prompts(te, tok, BASE)
+    want = float(base.embeds[0].float().pow(2).mean(-1).sqrt()[base.mask[0].bool()].mean())
+    composed = encode_prompts(te, tok, [compose_prompt(BASE, c) for c in captions])
+    other = float(composed.embeds.float().pow(2).mean(-1).sqrt()[composed.mask.bool()].mean())
+    assert rho == pytest.approx(want, rel=1e-5) and abs(other - want) > 1e-6 * want
+    doc = " ".join(injection.__doc__.split())
+    assert "valid-token RMS of the base prompt" in doc and "of its training prompts" not in doc

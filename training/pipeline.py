@@ -27,7 +27,7 @@ import torch
 
 from ..core.files.atomic import atomic_write_json, atomic_write_text
 from ..core.pipeline.cache_keys import feature_key, target_key
-from ..core.pipeline.defaults import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE  # noqa: F401
+from ..core.pipeline.defaults import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
 from ..core.errors import UserInputError
 from ..core.residual.head import HeadMeta, ResidualHead, save_head
 from ..core.files.out_dir_lock import OutDirLock

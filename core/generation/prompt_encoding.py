@@ -3,6 +3,11 @@
 The real work is diffusers' own `QwenImagePipeline.encode_prompt` (Qwen-Image's chat template, the
 34-token prefix dropped, the last hidden state, right padding), so embeddings equal what the stock
 pipeline and ComfyUI's `CLIPTextEncode` produce. Unlike diffusers, a mask is always returned.
+
+Long prompts are cut to `MAX_PROMPT_TOKENS` = 512 text tokens, as the stock `QwenImagePipeline.__call__`
+does by default (its `encode_prompt` alone would keep 1024), so the diffusers path, the training
+targets and the stock pipeline see the same text. (ComfyUI's own CLIPTextEncode, used on the native
+path, does not cut at 512.)
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserInputError
+
+MAX_PROMPT_TOKENS = 512  # QwenImagePipeline.__call__'s max_sequence_length default (tests check it)
 
 
 @dataclass
@@ -34,8 +41,8 @@ def _encoder_pipeline(text_encoder, tokenizer):
 
 @torch.no_grad()
 def encode_prompts(text_encoder, tokenizer, prompts: str | list[str], device: torch.device | str | None = None,
-                   max_sequence_length: int = 1024) -> PromptEmbeds:
-    """Encode prompts exactly as diffusers' QwenImagePipeline does; always return a mask."""
+                   max_sequence_length: int = MAX_PROMPT_TOKENS) -> PromptEmbeds:
+    """Encode prompts exactly as diffusers' QwenImagePipeline.__call__ does; always return a mask."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise UserInputError("no prompt to encode")

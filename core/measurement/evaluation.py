@@ -12,11 +12,12 @@ identity residual), and scores every image with the measures in `Scorers`, each 
   feature (`core.features.extract_features`, the same features a head is trained on). Model-internal:
   it says whether Qwen3-VL sees the identity, not whether a person would; it is not independent of
   the head, which was trained from these very features.
-- prompt: a prompt-adherence PROXY (no CLIP weights are available offline): Qwen3-VL is asked
-  'Does this image show "<prompt>"? Please answer yes or no.' and the score is
-  P(yes) / (P(yes) + P(no)) from its answer log-likelihoods (the VQAScore recipe of Lin et al. 2024,
-  with Qwen3-VL instead of their CLIP-FlanT5). It is one VLM's judgement of the whole prompt, not CLIP-T;
-  compare it between α values of one run, not across models.
+- prompt: a prompt-adherence PROXY (no CLIP weights are available offline), reported as
+  `qwen3vl_p_yes_normalised`: Qwen3-VL is asked 'Does this image show "<prompt>"? Please answer yes or
+  no.' and the score is P(yes) / (P(yes) + P(no)) from its answer log-likelihoods, i.e. P(yes) given
+  that the answer is yes or no. This is NOT VQAScore (Lin et al. 2024 report the unnormalised P("Yes")
+  of CLIP-FlanT5); the normalisation ignores the probability of any other answer. It is one VLM's
+  judgement of the whole prompt, not CLIP-T; compare it between α values of one run, not across models.
 - diversity across seeds, per α: the mean pairwise face distance between the generated images (with a
   face) and the mean pairwise Qwen3-VL feature distance (1 - cosine). Higher = more varied.
 
@@ -43,9 +44,9 @@ PromptScorer = Callable[[Sequence[Image.Image], str], Sequence[float]]
 Progress = Callable[[int, int], None]
 
 BASELINE_ALPHA = 0.0
-VQA_QUESTION = 'Does this image show "{prompt}"? Please answer yes or no.'
-VQA_ANSWERS = ("Yes", "No")
-PROMPT_PROXY_NAME = "qwen3vl_vqascore"
+PROMPT_QUESTION = 'Does this image show "{prompt}"? Please answer yes or no.'
+PROMPT_ANSWERS = ("Yes", "No")
+PROMPT_PROXY_NAME = "qwen3vl_p_yes_normalised"   # P(yes) / (P(yes) + P(no)); see the module docstring
 
 
 def _mean(values) -> float | None:
@@ -107,7 +108,7 @@ def _answer_logprob(model, processor, prefix: str, answer: str, image: Image.Ima
 
 
 def qwen3vl_prompt_scores(bundle, images: Sequence[Image.Image], prompt: str,
-                          question: str = VQA_QUESTION, answers: tuple[str, str] = VQA_ANSWERS,
+                          question: str = PROMPT_QUESTION, answers: tuple[str, str] = PROMPT_ANSWERS,
                           max_pixels: int = 448 * 448) -> list[float]:
     """The prompt-adherence proxy: P(yes) / (P(yes) + P(no)) per image, in [0, 1] (see module doc)."""
     from ..identity.features import FeatureSettings, prepare_images
@@ -152,6 +153,10 @@ def sample_alpha_images(pipeline_bundle, head, identity, positive: list, negativ
     from ..generation.sampling import sample, speed_options
 
     alphas, seeds = alphas_with_baseline(alphas), [int(s) for s in seeds]
+    batches = {int(item[0].shape[0]) for item in positive if isinstance(item[0], torch.Tensor)}
+    if batches != {1}:
+        raise UserInputError(f"the prompt conditioning holds {'/'.join(map(str, sorted(batches))) or 'no'} prompts: "
+                             "an α sweep takes exactly one prompt (encode one prompt per sweep).")
     out: dict[float, list[Image.Image]] = {}
     if baseline is not None:
         if len(baseline) != len(seeds):

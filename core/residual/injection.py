@@ -13,8 +13,8 @@ Strength semantics (`mode`):
   larger norm.
 - "relative": r_t = R_t · rms(E_t) / ρ, i.e. the residual is measured in units of each token's own
   RMS. ρ is the head's reference token RMS (`meta.metrics["text_token_rms"]`, the mean valid-token RMS
-  of its training prompts) when the head records it, else the mean valid-token RMS of the prompt being
-  injected. With a recorded ρ, what the transformer sees after `txt_norm` no longer depends on the
+  of the base prompt the head was trained for) when the head records it, else the mean valid-token
+  RMS of the prompt being injected. With a recorded ρ, what the transformer sees after `txt_norm` no longer depends on the
   prompt's token norms (scaling E by c gives the identical transformer input); on tokens whose RMS
   equals ρ it equals absolute mode.
 `tests/test_injection.py` shows both through the tiny transformer's own `txt_norm`.

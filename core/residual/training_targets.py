@@ -7,8 +7,9 @@
   target = pool_to_slots(E_caption, K) - pool_to_slots(E_base, K). Adding its expansion to the base
   prompt's embeddings at alpha = 1 therefore moves the pooled base prompt exactly onto the pooled
   caption prompt (the policy's pool(expand(R)) == R), whatever the two prompts' lengths.
-- `zero` (the POC's): the target is a zero residual, so the head learns to change nothing; useful
-  only as a baseline and for checking the machinery.
+- `zero` (the POC's): the target is a zero residual. The head starts at zero, so its output, the loss
+  and every gradient are zero: training changes no weight at all (`--help` says so). Useful only for
+  checking the machinery, never as an objective.
 
 Padding never enters a target: pooling uses only the tokens the mask marks as real, so every slot of
 a target is a valid slot (the loss mask marks them all valid; it exists for slots a future target

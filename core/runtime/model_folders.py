@@ -20,6 +20,7 @@ from typing import Protocol
 
 from ..errors import UserInputError
 from ..files.safe_paths import resolve_inside
+from .security import check_free_path
 
 FOLDERS = {
     "qwen3_vl": ("qwen3_vl", "LLM"),
@@ -73,6 +74,7 @@ def chosen_model_source(model: str, model_path: str, key: str, what: str, no_cho
     else the dropdown value, which may come from someone else's workflow and so must stay inside the
     models folders of `key`. `placeholder` is the dropdown's "nothing found" entry; `no_choice` the error."""
     typed = (model_path or "").strip()
+    check_free_path(typed, "model_path", "a model from the list")
     if typed:
         return typed
     if not model or model == placeholder:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import UserInputError
+from .security import check_download
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -87,6 +88,7 @@ def resolve_model_dir(source: str, *, search_dirs: Iterable[str | os.PathLike] =
         target = base / source.split("/", 1)[1]
         if target.is_dir() and any(target.iterdir()):
             return target
+        check_download(what)
         return _download(source, target, token, cache_dir, what)
     where = f" Put it in one of: {', '.join(map(str, search_dirs))}." if search_dirs else ""
     raise UserInputError(f"{what} {source!r} is neither a folder nor a hub id (org/name).{where}")
