@@ -1,4 +1,4 @@
-"""`qwen-identity`: the command line over the core (extract, train, sweep, demo, eval, similarity).
+"""`qwen-identity`: the command line over the core (prepare, extract, train, sweep, demo, eval, similarity).
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`.
 A `UserInputError` prints one line and exits 2; Ctrl-C exits 130; nothing prints a raw traceback
@@ -19,6 +19,8 @@ from ..version import __version__
 
 # name -> (module, one-line help); a subcommand is listed once it works.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("prepare", "seed directories (seed_*/photo_view_*.png + caption.txt) from photos grouped per person; "
+                "photos without a usable face are skipped and counted"),
     "extract": ("extract", "Qwen3-VL identity features of seed directories into one .safetensors feature cache"),
     "train": ("train", "train a residual head from seed directories (objective caption, zero or denoise)"),
     "sweep": ("sweep", "the POC's alpha x seed sweep: (train,) inject, sample, grid + meta per seed directory"),

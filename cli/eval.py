@@ -43,6 +43,7 @@ from ..core.residual.head import load_head
 from ..core.residual.injection import parse_alphas
 from ..core.runtime.progress import offset_progress, tqdm_progress
 from .common_args import add_generation_arguments, add_system_arguments, finite_float, qwen_image_load_kwargs
+from .fanout import add_fanout_arguments
 
 DEFAULT_OUT = "eval_output"
 
@@ -88,6 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the prompt the photos are conditioned on (default: the head's template, else --base-prompt)")
     g = p.add_argument_group("system")
     add_system_arguments(g)
+    g = p.add_argument_group("fan-out over several processes (see docs/modal.md)")
+    add_fanout_arguments(g)
 
 
 def _warn(message: str) -> None:
@@ -168,15 +171,69 @@ def run(args) -> int:
 
 
 def _run(args, stack) -> int:
+    from .fanout import plan, run_fanned
+
     alphas, seeds = _validate(args)
-    seed_dirs = load_seed_dirs(parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file))
+    paths = parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file)
+    out = Path(args.out_dir)
+    fan = plan(args)
+    if fan is not None and args.denoise_gain:
+        raise UserInputError("--denoise-gain pairs every person with another as the impostor, so it cannot be split "
+                             "into chunks: run it in one process (or alone with --denoise-gain-only).")
+    if fan is not None:   # one chunk of the identities per process, merged into OUT (cli/fanout.py)
+        combiners = {"eval.json": _combine_reports,
+                     "identity_vs_alpha.png": lambda copies, tmp: _redraw_plot(copies, tmp, args.plot_backend)}
+        return run_fanned(args, "eval", paths, out,
+                          lambda subset, stage: _evaluate(args, subset, alphas, seeds, out, stage, lambda: None),
+                          combiners=combiners, say=lambda m: print(m, file=sys.stderr), the_plan=fan)
+    results = _evaluate(args, paths, alphas, seeds, out, out, lambda: stack.enter_context(OutDirLock(out)))
+    _print_summary(results)
+    print(f"wrote {out / 'eval.json'}, {out / 'identity_vs_alpha.png'} and {len(results)} grid(s) in {out}")
+    return 0
+
+
+def _combine_reports(copies: list[Path], tmp: Path) -> None:
+    """eval.json of several chunks -> the one-process report: identities and warnings in chunk order."""
+    import json
+
+    reports = [json.loads(c.read_text(encoding="utf-8")) for c in copies]
+    merged = dict(reports[0])
+    merged["identities"], merged["warnings"] = {}, []
+    shared = {k: v for k, v in reports[0].items() if k not in ("identities", "warnings")}
+    for c, r in zip(copies, reports):
+        if {k: v for k, v in r.items() if k not in ("identities", "warnings")} != shared:
+            raise UserInputError(f"{c} was made with other settings than {copies[0]}: rerun every chunk with the "
+                                 "same arguments.")
+        merged["identities"].update(r["identities"])
+        merged["warnings"] += r["warnings"]
+    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def _redraw_plot(copies: list[Path], tmp: Path, backend: str) -> None:
+    """identity_vs_alpha.png over every chunk's identities, drawn from the chunks' eval.json (same numbers)."""
+    import json
+    import shutil
+
+    from ..core.measurement.evaluation import SweepEvaluation
+
+    curves = {}
+    for c in copies:
+        for name, r in json.loads((c.parent / "eval.json").read_text(encoding="utf-8"))["identities"].items():
+            curves[name] = SweepEvaluation(alphas=r["alphas"], seeds=r["seeds"], rows=r["rows"],
+                                           references=r["references"])
+    drawn = plot_identity_vs_alpha(curves, tmp.with_name(tmp.name + ".png"), backend=backend)
+    shutil.move(drawn, tmp)
+
+
+def _evaluate(args, seed_dir_paths, alphas, seeds, out: Path, write_dir: Path, take_lock) -> dict:
+    """Evaluate these identities: grids + eval.json + plot into `write_dir` (paths in the report name `out`)."""
+    seed_dirs = load_seed_dirs(seed_dir_paths)
     check_unique_names(seed_dirs)
     names = [d.name for d in seed_dirs]
     photos = {d.name: [load_image(p) for p in d.photos] for d in seed_dirs}   # fail fast, before models load
     head = load_head(args.head)
     settings = settings_from_meta(head.meta.feature_settings or {})
-    out = Path(args.out_dir)
-    stack.enter_context(OutDirLock(out))  # one writer per output folder (as train, sweep and extract)
+    take_lock()  # one writer per output folder (as train, sweep and extract)
     face = FaceEmbedder(detector=args.detector)
     models = Models(args.qwen3_vl_model or head.meta.qwen3_vl_model or DEFAULT_QWEN3_VL, args.qwen_image_model,
                     args.device, args.dtype, args.hf_token, args.cache_dir, **qwen_image_load_kwargs(args))
@@ -193,13 +250,17 @@ def _run(args, stack) -> int:
     negative = encode_text(qi, args.negative_prompt) if args.guidance > 1 else None
     print(f"Qwen3-VL {vl.model_id} and Qwen-Image {qi.model_id} on {qi.device}; {len(names)} identities, "
           f"α {alphas} (0 = baseline), seeds {seeds}", file=sys.stderr)
-    generated, warnings_all, baseline = {}, [], None
+    generated, warnings_all = {}, []
     with tqdm_progress("generate", unit="step") as bar:
+        # the α = 0 baseline (identity-free) on its own: every identity's batch is then the same whichever
+        # identities share the process, so a fanned-out run gives the one-process images bit for bit
+        baseline = sample_alpha_images(qi, head, features[names[0]], positive, negative, [0.0], seeds, args.steps,
+                                       args.guidance, args.width, args.height, args.max_batch, args.strength_mode,
+                                       progress=bar, fast=args.fast)[0][0.0]
         for name in names:
             generated[name], warnings = sample_alpha_images(
                 qi, head, features[name], positive, negative, alphas, seeds, args.steps, args.guidance, args.width,
                 args.height, args.max_batch, args.strength_mode, baseline=baseline, progress=bar, fast=args.fast)
-            baseline = generated[name][0.0]
             for w in warnings:
                 _warn(f"{name}: {w}")
                 warnings_all.append(f"{name}: {w}")
@@ -224,11 +285,12 @@ def _run(args, stack) -> int:
             grid = make_grid([im for a in ev.alphas for im in ev.images[a]], ev.alphas, seeds,
                              cell_notes=cell_notes_for(ev), extra_meta={"identity": name})
             grid_path = out / f"{_safe_name(name)}_eval_grid.png"
-            atomic_write(grid_path, lambda tmp, g=grid: g.image.save(tmp, format="PNG"))
+            atomic_write(write_dir / grid_path.name, lambda tmp, g=grid: g.image.save(tmp, format="PNG"))
             seed_dir = next(d for d in seed_dirs if d.name == name)
             results[name] = {"seed_dir": str(seed_dir.path), "grid": str(grid_path), **ev.to_json()}
             curves[name] = ev
-    plot_path = plot_identity_vs_alpha(curves, out / "identity_vs_alpha.png", backend=args.plot_backend)
+    plot_identity_vs_alpha(curves, write_dir / "identity_vs_alpha.png", backend=args.plot_backend)
+    plot_path = out / "identity_vs_alpha.png"
     report = {
         "head": str(args.head), "qwen3_vl_model": vl.model_id, "qwen_image_model": qi_id, "device": qi_device,
         "feature_settings": settings.to_meta(), "base_prompt": args.base_prompt,
@@ -248,12 +310,10 @@ def _run(args, stack) -> int:
     }
     if args.denoise_gain:
         del vl, scorers
-        _release_memory()
+        release_memory()
         report["denoise_gain"] = _denoise_gain(args, args.head, out)
-    atomic_write_json(out / "eval.json", report)
-    _print_summary(results)
-    print(f"wrote {out / 'eval.json'}, {plot_path} and {len(results)} grid(s) in {out}")
-    return 0
+    atomic_write_json(write_dir / "eval.json", report)
+    return results
 
 
 def _fmt(v) -> str:

@@ -30,6 +30,7 @@ from ..training.loop import LoopConfig
 from ..training.pipeline import TrainConfig, run_training
 from .common_args import (add_generation_arguments, add_head_training_arguments, add_system_arguments,
                           finite_float)
+from .fanout import add_fanout_arguments
 
 DEFAULT_OUT = "outputs"
 HEAD_RELPATH = Path("checkpoints") / "linear_head.safetensors"
@@ -66,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"diffusers Qwen-Image folder or hub id (default: {DEFAULT_QWEN_IMAGE})")
     g = p.add_argument_group("system")
     add_system_arguments(g)
+    g = p.add_argument_group("fan-out over several processes (see docs/modal.md)")
+    add_fanout_arguments(g)
 
 
 @dataclass
@@ -120,19 +123,61 @@ def train_first(cfg: SweepConfig, epochs: int, batch_size: int, lr: float, targe
     return metrics
 
 
-def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print) -> list[tuple[Path, Path]]:
-    """Every identity through `core.pipeline.run_identities`, then `merge_results`; [(grid png, meta json)]."""
+def run_sweep(cfg: SweepConfig, say: Callable[[str], None] = print,
+              write_dir: Path | None = None) -> list[tuple[Path, Path]]:
+    """Every identity through `core.pipeline.run_identities`, then `merge_results`; [(grid png, meta json)].
+    `write_dir`: a fan-out chunk's stage (generations/ goes there; cli/fanout.py merges it into OUT)."""
     seed_dirs = load_seed_dirs(cfg.seed_dirs, single_view=cfg.settings.single_view)
-    results = run_identities(seed_dirs, cfg.settings, cfg.out_dir, say=say)
-    merge_results(cfg.out_dir, results, cfg.settings)
+    results = run_identities(seed_dirs, cfg.settings, cfg.out_dir, say=say, write_dir=write_dir)
+    merge_results(write_dir or cfg.out_dir, results, cfg.settings)
     return [(Path(r.grid), Path(r.meta)) for r in results]
 
 
+def combine_run_meta(out_dir: Path) -> Callable[[list[Path], Path], None]:
+    """Combiner of the chunks' generations/meta.json (core/fanout.py): one run index, as `merge_results` writes it
+    in one process: the shared run settings once, every identity (sorted) with its files' paths in OUT."""
+    import json
+
+    gen_dir = out_dir / "generations"
+
+    def combine(copies: list[Path], tmp: Path) -> None:
+        docs = [json.loads(c.read_text(encoding="utf-8")) for c in copies]
+        for c, d in zip(copies, docs):
+            if d["run"] != docs[0]["run"]:
+                raise UserInputError(f"{c} was made with other settings than {copies[0]}: rerun every chunk with the "
+                                     "same arguments.")
+        identities = []
+        for d in docs:
+            for r in d["identities"]:
+                identities.append(dict(r, grid=str(gen_dir / Path(r["grid"]).name),
+                                       meta=str(gen_dir / Path(r["meta"]).name)))
+        merged = dict(docs[0], identities=sorted(identities, key=lambda r: r["identity"]))
+        tmp.write_text(json.dumps(merged, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+    return combine
+
+
 def run(args) -> int:
+    from .fanout import plan, run_fanned
+
     cfg = config_from_args(args)
     if args.train and not 0.0 <= args.val_fraction < 1.0:
         raise UserInputError(f"--val-fraction must be in [0, 1) (got {args.val_fraction}).")
     t0 = time.perf_counter()
+    fan = plan(args)
+    if fan is not None:   # one chunk of the identities per process, merged into OUT (cli/fanout.py)
+        if args.train and (fan.rank != 0 or fan.wait_for_others):
+            raise UserInputError("--train runs once, with --chunk 0/N, before the other chunks (they then use "
+                                 "OUT/checkpoints/linear_head.safetensors); under accelerate launch train the head "
+                                 "first (`qwen-identity train` or `sweep --train` in one process), then fan out.")
+        if args.train:   # chunk 0 trains into OUT (as one process would), then runs its chunk
+            with OutDirLock(cfg.out_dir, allow_nested=True):
+                train_first(cfg, args.epochs, args.batch_size, args.lr, args.target, args.tokens, args.overwrite,
+                            val_fraction=args.val_fraction)
+        return run_fanned(args, "sweep", cfg.seed_dirs, cfg.out_dir,
+                          lambda subset, stage: run_sweep(SweepConfig(subset, cfg.out_dir, cfg.settings),
+                                                          write_dir=stage),
+                          combiners={"generations/meta.json": combine_run_meta(cfg.out_dir)}, the_plan=fan)
     with OutDirLock(cfg.out_dir, allow_nested=True):  # training and sampling are one writer: nobody slips in between
         if args.train:
             train_first(cfg, args.epochs, args.batch_size, args.lr, args.target, args.tokens, args.overwrite,

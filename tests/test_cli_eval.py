@@ -56,8 +56,9 @@ def test_eval_end_to_end(setup, monkeypatch, capsys):
                *setup["models"], "--alphas", "1.5", "--gen-seeds", "7,8", "--out-dir", str(out), *SIZE])
     stdout = capsys.readouterr().out
     assert rc == 0, stdout
-    # one batched call per identity; the α = 0 baseline is sampled once (with the first) and shared
-    assert calls == [([7, 8], 2), ([7, 8], 1)]
+    # the α = 0 baseline is sampled once, on its own, and shared; then one batched call per identity
+    # (its own call: each identity's batch is the same however the identities are split over processes)
+    assert calls == [([7, 8], 1), ([7, 8], 1), ([7, 8], 1)]
     report = json.loads((out / "eval.json").read_text())
     assert set(report["identities"]) == {setup["dirs"][0].name, "seed_astronaut"}
     assert report["alphas"] == [0.0, 1.5] and report["seeds"] == [7, 8]

@@ -93,6 +93,7 @@ WRITERS = {
     "extract": ["extract", "--seed-dirs", "{data}/seed_*", "--qwen3-vl-model", "m", "--out", "{out}/f.safetensors"],
     "eval": ["eval", "--seed-dirs", "{data}/seed_*", "--head", "{head}", "--out-dir", "{out}"],
     "demo": ["demo", "--out-dir", "{out}"],
+    "prepare": ["prepare", "--photos", "{data}", "--out-dir", "{out}"],
 }
 
 

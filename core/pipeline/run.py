@@ -222,9 +222,11 @@ def _head_summary(head: ResidualHead) -> dict:
 
 
 def run_identities(identities: Sequence[SeedDir], settings: RunSettings, out_dir: Path,
-                   models: Models | None = None, say: Say = print, warn: Say | None = None) -> list[IdentityResult]:
+                   models: Models | None = None, say: Say = print, warn: Say | None = None,
+                   write_dir: Path | None = None) -> list[IdentityResult]:
     """For each identity: features -> residual -> E + α·R on the base prompt -> α × seed images -> grid PNG
-    and meta JSON in OUT/generations. Independent per identity (see the module docstring)."""
+    and meta JSON in OUT/generations. Independent per identity (see the module docstring). `write_dir`:
+    where generations/ goes instead (a fan-out chunk's stage, core/fanout.py); the feature cache is OUT's."""
     warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     check_unique_names(identities)
     head_path = Path(settings.head)
@@ -244,7 +246,7 @@ def run_identities(identities: Sequence[SeedDir], settings: RunSettings, out_dir
     timings.update(models.timings)
     positive = sampling.encode_text(bundle, settings.base_prompt)
     negative = sampling.encode_text(bundle, settings.negative_prompt)
-    gen_dir = out_dir / GENERATIONS
+    gen_dir = Path(write_dir or out_dir) / GENERATIONS
     results = []
     for sd, feats in zip(identities, feats_all):
         cond, warnings = inject_identity(positive, head, feats, settings.alphas, mode=settings.strength_mode)
