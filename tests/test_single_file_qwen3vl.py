@@ -122,3 +122,28 @@ def test_the_processor_is_built_from_a_tokenizer_folder(tiny_qwen3vl_dir, tmp_pa
     with pytest.raises(UserInputError, match="qwen25_tokenizer"):
         sf.build_processor(tmp_path)
     json.dumps(sf.TOKEN_IDS)   # the ids are plain ints a config.json can hold
+
+
+def test_load_qwen3vl_node_reads_a_single_file_and_extracts_the_same_features(original, tiny_qwen3vl_dir, tmp_path):
+    """The bundle from the file (tokenizer from a folder, as ComfyUI's qwen25_tokenizer) extracts exactly the
+    features the Hugging Face folder gives; the node without ComfyUI says what it is missing."""
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from qwen_identity.core.identity import features
+    from qwen_identity.core.identity.qwen3vl import load_qwen3vl
+    from qwen_identity.nodes.qwen3vl_nodes import LoadQwen3VL
+
+    path = _single_file(original, tmp_path / "qwen3vl_tiny.safetensors")
+    AutoTokenizer.from_pretrained(tiny_qwen3vl_dir).save_pretrained(tmp_path / "tok")
+    single = sf.load_single_file_bundle(path, tmp_path / "tok", device="cpu", dtype="fp32", overrides=TINY)
+    folder = load_qwen3vl(str(tiny_qwen3vl_dir), device="cpu", dtype="fp32")
+    assert single.feature_dim == folder.feature_dim and single.model_id == "qwen3vl_tiny"
+    photos = [Image.new("RGB", (96, 64), (10 * i, 200, 40)) for i in range(2)]
+    for source in features.FEATURE_SOURCES:
+        settings = features.FeatureSettings(source=source)
+        a = features.extract_features(single, photos, settings).per_image
+        b = features.extract_features(folder, photos, settings).per_image
+        assert a.shape == b.shape and torch.equal(a, b), source
+    with pytest.raises(UserInputError, match="no tokenizer inside"):
+        LoadQwen3VL().load(model="(none)", model_path=str(path), dtype="fp32", device="cpu")

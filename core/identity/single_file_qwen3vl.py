@@ -225,3 +225,27 @@ def _rebuild_meta_buffers(model, path: Path) -> None:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, type(module)(module.config))
+
+
+def load_single_file_bundle(path, tokenizer_dir, *, device="auto", dtype="auto", attn_implementation="sdpa",
+                            overrides: Optional[dict] = None):
+    """A Qwen3VLBundle (what LoadQwen3VL outputs) from the single file `path` and a tokenizer folder."""
+    from ..runtime.devices import resolve_device, resolve_dtype
+    from .qwen3vl import ATTENTION_CHOICES, Qwen3VLBundle
+
+    path = Path(path)
+    if tokenizer_dir is None:
+        raise UserInputError(f"{path.name} has no tokenizer inside; outside ComfyUI pass the folder of a Qwen2/Qwen3 "
+                             "tokenizer (vocab.json + merges.txt), or use the Hugging Face Qwen3-VL folder instead.")
+    if attn_implementation not in ATTENTION_CHOICES:
+        raise UserInputError(f"unknown attention implementation {attn_implementation!r}: use one of "
+                             f"{', '.join(ATTENTION_CHOICES)}.")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    processor = build_processor(tokenizer_dir)
+    model = load_single_file_model(path, dt, overrides)
+    model.config._attn_implementation = attn_implementation
+    model = model.to(dev).eval()
+    model.requires_grad_(False)
+    return Qwen3VLBundle(model=model, processor=processor, model_id=path.stem, device=dev, dtype=dt,
+                         feature_dim=int(model.config.text_config.hidden_size), path=path)
