@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
 import os
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,10 +46,19 @@ import pytest  # noqa: E402
 
 @functools.lru_cache(maxsize=None)
 def _calls_require_comfyui(func) -> bool:
+    """Whether the code of `func` calls require_comfyui() (a call in its syntax tree; text in docstrings or
+    comments does not count)."""
     try:
-        return "require_comfyui(" in inspect.getsource(func)
-    except (OSError, TypeError):
+        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    except (OSError, TypeError, SyntaxError):
         return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            if name == "require_comfyui":
+                return True
+    return False
 
 
 def _needs_real_comfyui(item) -> bool:
