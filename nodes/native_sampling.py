@@ -150,10 +150,16 @@ def _check_model(model, vae, positive) -> None:
 def _auto_max_batch(model, latent_shape, cells: int) -> int:
     """As many cells per batch as ComfyUI's own memory estimate says fit (1..AUTO_MAX_BATCH)."""
     try:
-        import comfy.model_management as mm
-
         per_cell = model.memory_required([2, *latent_shape[1:]])  # x2: cond + uncond
-        free = mm.get_free_memory(model.load_device) - model.model_size() + model.loaded_size()
+        getter = getattr(model, "get_free_memory", None)  # newer ComfyUI: the patcher's own view (dynamic VRAM)
+        if callable(getter):
+            free = getter(model.load_device)
+        else:   # ComfyUI 0.3.64
+            import comfy.model_management as mm
+
+            free = mm.get_free_memory(model.load_device)
+        if not (callable(getattr(model, "is_dynamic", None)) and model.is_dynamic()):
+            free = free - model.model_size() + model.loaded_size()   # the weights still to load need room too
         fit = int(max(free, 0) // max(per_cell, 1))
     except Exception:  # noqa: BLE001 - an exotic MODEL wrapper: stay safe
         fit = 1

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..core.errors import UserInputError
+from ..core.files.safe_paths import expand_user
 from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES, resolve_device, resolve_dtype
 from ..core.runtime.model_sources import resolve_model_dir
 from ..core.identity.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS,
@@ -48,8 +49,10 @@ class LoadQwen3VL:
                                                "Ignored when model_path is filled in."}),
                 "model_path": ("STRING", {"default": "", "tooltip": "Optional: an absolute folder path or a hub id "
                                           "such as Qwen/Qwen3-VL-2B-Instruct (downloaded into models/qwen3_vl/ "
-                                          "when online). Wins over the dropdown when not empty. Refused when the "
-                                          "server's owner set the security level to strong."}),
+                                          "when online), or the path of a single-file Qwen3-VL .safetensors such "
+                                          "as ComfyUI's models/text_encoders/qwen3vl_8b.safetensors (vision tower "
+                                          "included; no second download). Wins over the dropdown when not empty. "
+                                          "Refused when the server's owner set the security level to strong."}),
                 "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "Weights precision. auto = bf16 on "
                                                 "GPUs that support it, fp16 on other GPUs, fp32 on CPU."}),
                 "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": "Where extraction runs. auto = "
@@ -73,6 +76,9 @@ class LoadQwen3VL:
             model, model_path, "qwen3_vl", "Qwen3-VL model folder", placeholder=NO_FOLDER,
             no_choice="no Qwen3-VL model chosen: put a Qwen3-VL folder in ComfyUI/models/qwen3_vl/ or type a path / "
                       "hub id (e.g. Qwen/Qwen3-VL-2B-Instruct) in model_path.")
+        single = expand_user(str(source).strip(), what="model_path")
+        if single.suffix == ".safetensors" and single.is_file():   # ComfyUI's one-file Qwen3-VL text encoder
+            return (self._load_single_file(single, dtype, device, attention, keep_loaded),)
         dirs = model_dirs("qwen3_vl")
         token = (hf_token or "").strip() or None
         folder = resolve_model_dir(source, search_dirs=dirs, download_dir=dirs[0] if dirs else None, token=token,
@@ -87,6 +93,25 @@ class LoadQwen3VL:
         bundle.device = dev
         bundle.keep_loaded = bool(keep_loaded)
         return (bundle,)
+
+    @staticmethod
+    def _load_single_file(path: Path, dtype, device, attention, keep_loaded):
+        from ..core.identity.single_file_qwen3vl import load_single_file_bundle
+        from ..core.runtime.devices import resolve_device
+
+        mm = _model_management()
+        dev = resolve_device(mm.get_torch_device() if (mm is not None and device == "auto") else device)
+        try:   # the Qwen2-BPE tokenizer ComfyUI ships beside its own Qwen3-VL text encoder
+            import comfy.text_encoders  # type: ignore[import-not-found]
+
+            tokenizer_dir = Path(comfy.text_encoders.__file__).parent / "qwen25_tokenizer"
+        except (ImportError, AttributeError, TypeError):
+            tokenizer_dir = None
+        bundle = load_single_file_bundle(path, tokenizer_dir, device=dev if keep_loaded else "cpu", dtype=dtype,
+                                         attn_implementation=attention)
+        bundle.device = dev
+        bundle.keep_loaded = bool(keep_loaded)
+        return bundle
 
 
 class ExtractIdentityFeatures:

@@ -10,9 +10,13 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import os
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -33,6 +37,54 @@ _PKG_ROOT = Path(tempfile.mkdtemp(prefix="qwen_identity_pkg_"))
 sys.path.insert(0, str(_PKG_ROOT))
 
 import pytest  # noqa: E402
+
+
+# ---- tests that need a real ComfyUI -----------------------------------------------------------------
+# `./run test` runs them in a second session, in ComfyUI's venv (scripts/run_tests.sh, docs/testing.md).
+# They are the tests marked `comfyui`; every test that calls `require_comfyui()` in its body or in one of
+# its fixtures is marked here automatically, so a new one is picked up without anyone listing it.
+
+@functools.lru_cache(maxsize=None)
+def _calls_require_comfyui(func) -> bool:
+    """Whether the code of `func` calls require_comfyui() (a call in its syntax tree; text in docstrings or
+    comments does not count)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            if name == "require_comfyui":
+                return True
+    return False
+
+
+def _needs_real_comfyui(item) -> bool:
+    funcs = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)
+    if info is not None:
+        funcs += [d.func for defs in info.name2fixturedefs.values() for d in defs]
+    return any(f is not None and _calls_require_comfyui(f) for f in funcs)
+
+
+@pytest.hookimpl(tryfirst=True)   # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("comfyui") is None and _needs_real_comfyui(item):
+            item.add_marker(pytest.mark.comfyui)
+    out = os.environ.get("QWEN_IDENTITY_COMFYUI_TESTS_OUT")
+    if out:   # ./run test's first session names the files its ComfyUI session must run
+        files = sorted({item.nodeid.split("::")[0] for item in items if item.get_closest_marker("comfyui")})
+        Path(out).write_text("".join(f + "\n" for f in files))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    from comfyui_harness import env as comfy_env
+
+    comfy_env.CURRENT_TEST = item
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -27,6 +27,19 @@ def _ctrl_c_inside_a_finalizer():
 
 
 @pytest.fixture(autouse=True)
+def python_s_own_sigint_handler():
+    """These tests are about what Python does with a Ctrl-C under its own handler, which Python installs
+    only when SIGINT is not ignored at start-up. A suite started as a shell's background job (`... &`,
+    `nohup`) inherits SIGINT ignored: install the handler for each test, as an interactive start would
+    have it, and put back whatever was there."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@pytest.fixture(autouse=True)
 def dropped(monkeypatch):
     """What Python drops ("Exception ignored in ..."), recorded instead of printed."""
     seen = []

@@ -71,6 +71,37 @@ def test_auto_max_batch_falls_back_to_one_for_an_unknown_model():
     assert ns._auto_max_batch(NotAModelPatcher(), (1, 16, 1, 4, 4), cells=6) == 1
 
 
+class _Patcher:
+    """The ModelPatcher surface `_auto_max_batch` reads, as newer ComfyUI has it (get_free_memory, is_dynamic)."""
+    load_device = "cuda:0"
+
+    def __init__(self, dynamic):
+        self.dynamic = dynamic
+
+    def memory_required(self, shape):
+        return 10 * shape[0] // 2    # 10 bytes a cell (cond + uncond)
+
+    def get_free_memory(self, device):
+        return 100
+
+    def model_size(self):
+        return 50
+
+    def loaded_size(self):
+        return 0
+
+    def is_dynamic(self):
+        return self.dynamic
+
+
+def test_auto_max_batch_reads_newer_comfyuis_patcher_memory_view():
+    """ComfyUI 2026's patchers answer free memory themselves; weights of a dynamic (streamed) model are not
+    reserved, those of a classic one are."""
+    assert ns._auto_max_batch(_Patcher(dynamic=False), (1, 16, 1, 4, 4), cells=12) == 5    # (100 - 50) // 10
+    assert ns._auto_max_batch(_Patcher(dynamic=True), (1, 16, 1, 4, 4), cells=12) == 10    # 100 // 10
+    assert ns._auto_max_batch(_Patcher(dynamic=True), (1, 16, 1, 4, 4), cells=3) == 3      # never more than cells
+
+
 # ---- against a real ComfyUI, in this process -------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,130 @@
+"""How `./run test` finds and runs the real-ComfyUI tests (scripts/run_tests.sh, scripts/comfyui_env.sh,
+scripts/test_summary.py, the marking in tests/conftest.py, comfyui_harness.env.require_comfyui)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfyui_harness import env as comfy_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run_summary(*reports: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "test_summary.py"), *map(str, reports)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _junit(path: Path, tests: int, failures: int = 0, errors: int = 0, skipped: int = 0) -> Path:
+    path.write_text(f'<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="{tests}" '
+                    f'failures="{failures}" errors="{errors}" skipped="{skipped}" time="1.0"/></testsuites>')
+    return path
+
+
+def test_summary_adds_both_sessions_into_one_closing_line(tmp_path):
+    out = _run_summary(_junit(tmp_path / "pack.xml", 400, skipped=2), _junit(tmp_path / "comfyui.xml", 28))
+    assert out.returncode == 0, out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "total: 426 passed, 0 failed, 2 skipped"
+
+
+def test_summary_counts_errors_and_a_missing_report_as_failed(tmp_path):
+    out = _run_summary(_junit(tmp_path / "pack.xml", 10, failures=1, errors=2), tmp_path / "never_written.xml")
+    assert out.returncode == 1
+    assert out.stdout.strip().splitlines()[-1] == "total: 7 passed, 4 failed, 0 skipped"
+    assert "never_written.xml: no report" in out.stdout
+
+
+def test_summary_of_nothing_run_is_a_failure(tmp_path):
+    assert _run_summary(_junit(tmp_path / "pack.xml", 0)).returncode == 1
+
+
+def test_tests_that_need_a_real_comfyui_are_marked_and_handed_to_the_comfyui_session(tmp_path):
+    """The marking the second session relies on, seen as `./run test`'s first session sees it: a test
+    calling require_comfyui() in its body (bench) or through a fixture (native sampling) is selected by
+    `-m comfyui`, a plain test beside them is not, and the collection names their files for session 2."""
+    handoff = tmp_path / "files.txt"
+    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_DIR", "PYTEST_ADDOPTS")}
+    env["QWEN_IDENTITY_COMFYUI_TESTS_OUT"] = str(handoff)
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "comfyui",
+                          "tests/test_native_sampling.py", "tests/test_bench.py"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    selected = {line.strip() for line in out.stdout.splitlines() if "::" in line}
+    native = {n for n in selected if n.startswith("tests/test_native_sampling.py::")}
+    assert len(native) >= 4 and all("sample_native" in n or "max_batch" in n for n in native), native
+    assert "tests/test_bench.py::test_comfy_stage_times_comfyuis_sampler_and_the_pack_on_the_same_model" in selected
+    assert "tests/test_native_sampling.py::test_stochastic_samplers_are_recognised" not in selected
+    assert handoff.read_text().split() == ["tests/test_bench.py", "tests/test_native_sampling.py"]
+
+
+class _Item:
+    def __init__(self, marked: bool):
+        self.nodeid, self.marked = "tests/test_x.py::test_y", marked
+
+    def get_closest_marker(self, name):
+        return object() if (self.marked and name == "comfyui") else None
+
+
+def _require(monkeypatch, item, comfyui_dir=None, required=False):
+    monkeypatch.setattr(comfy_env, "CURRENT_TEST", item)
+    if comfyui_dir is None:
+        monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    else:
+        monkeypatch.setenv("COMFYUI_DIR", str(comfyui_dir))
+    if required:
+        monkeypatch.setenv(comfy_env.REQUIRE_ENV, "1")
+    else:
+        monkeypatch.delenv(comfy_env.REQUIRE_ENV, raising=False)
+    getattr(comfy_env, "require_" + "comfyui")()   # spelled apart: this test itself must not be marked
+
+
+def test_an_unmarked_test_needing_comfyui_fails_with_the_fix(monkeypatch):
+    with pytest.raises(pytest.fail.Exception, match=r"tests/test_x.py::test_y .*not marked.*@pytest.mark.comfyui"):
+        _require(monkeypatch, _Item(marked=False))
+
+
+def test_without_comfyui_a_marked_test_skips_with_the_reason(monkeypatch):
+    with pytest.raises(pytest.skip.Exception, match="COMFYUI_DIR is not set.*shared/vendor/ComfyUI"):
+        _require(monkeypatch, _Item(marked=True))
+
+
+def test_in_ci_s_comfyui_session_a_test_that_would_skip_fails(monkeypatch, tmp_path):
+    with pytest.raises(pytest.fail.Exception, match="QWEN_IDENTITY_REQUIRE_COMFYUI is set.*not a ComfyUI checkout"):
+        _require(monkeypatch, _Item(marked=True), comfyui_dir=tmp_path, required=True)
+
+
+def _find_tarball(tmp_path, env_value=None):
+    env = {k: v for k, v in os.environ.items() if k != "QWEN_IDENTITY_COMFYUI_TARBALL"}
+    if env_value is not None:
+        env["QWEN_IDENTITY_COMFYUI_TARBALL"] = env_value
+    # a copy of the script in a checkout-shaped folder whose ../shared/vendor is under our control
+    repo = tmp_path / "work" / "repo"
+    (repo / "scripts").mkdir(parents=True, exist_ok=True)
+    (repo / "scripts" / "comfyui_env.sh").write_bytes((ROOT / "scripts" / "comfyui_env.sh").read_bytes())
+    return repo, subprocess.run(["bash", str(repo / "scripts" / "comfyui_env.sh"), "--find"], env=env,
+                                capture_output=True, text=True, timeout=60)
+
+
+def test_the_tarball_is_found_beside_the_checkout_as_ci_lays_out_shared(tmp_path):
+    repo, out = _find_tarball(tmp_path)
+    assert out.returncode != 0 and out.stdout == ""   # none there: ./run test runs one session, ComfyUI tests skip
+    vendor = tmp_path / "work" / "shared" / "vendor"
+    vendor.mkdir(parents=True)
+    for name in ("ComfyUI-0.3.64-a125cd84.tar.xz", "README.md"):
+        (vendor / name).write_bytes(b"x")
+    repo, out = _find_tarball(tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == str(vendor / "ComfyUI-0.3.64-a125cd84.tar.xz")
+
+
+def test_an_explicit_tarball_wins_and_a_wrong_one_is_named(tmp_path):
+    tar = tmp_path / "mine.tar.xz"
+    tar.write_bytes(b"x")
+    _, out = _find_tarball(tmp_path, str(tar))
+    assert out.returncode == 0 and out.stdout.strip() == str(tar)
+    _, out = _find_tarball(tmp_path / "b", str(tmp_path / "missing.tar.xz"))
+    assert out.returncode != 0 and "missing.tar.xz: no such file" in out.stderr
