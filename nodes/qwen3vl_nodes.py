@@ -14,6 +14,8 @@ without ComfyUI):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from PIL import Image
 
@@ -97,9 +99,8 @@ class LoadQwen3VL:
     @staticmethod
     def _load_single_file(path: Path, dtype, device, attention, keep_loaded):
         from ..core.identity.single_file_qwen3vl import load_single_file_bundle
-        from ..core.runtime.devices import resolve_device
 
-        mm = _model_management()
+        mm = model_management()
         dev = resolve_device(mm.get_torch_device() if (mm is not None and device == "auto") else device)
         try:   # the Qwen2-BPE tokenizer ComfyUI ships beside its own Qwen3-VL text encoder
             import comfy.text_encoders  # type: ignore[import-not-found]
