@@ -31,6 +31,7 @@ from typing import Callable, Mapping, Sequence, TypeVar
 
 from .errors import UserInputError
 from .files.atomic import atomic_write, atomic_write_bytes, atomic_write_json
+from .generation.cell_batches import contiguous_blocks
 
 T = TypeVar("T")
 STAGE_ROOT = ".fanout"
@@ -44,14 +45,7 @@ def split(items: Sequence[T], chunks: int) -> list[list[T]]:
     """`chunks` contiguous blocks of `items` (order kept, sizes differ by at most one; empty when chunks > items)."""
     if chunks < 1:
         raise UserInputError(f"the number of chunks must be at least 1, got {chunks}.")
-    n = len(items)
-    base, extra = divmod(n, chunks)
-    out, start = [], 0
-    for i in range(chunks):
-        size = base + (1 if i < extra else 0)
-        out.append(list(items[start:start + size]))
-        start += size
-    return out
+    return contiguous_blocks(items, chunks)
 
 
 def parse_chunk(text: str) -> tuple[int, int]:
