@@ -389,30 +389,22 @@ def test_head_not_matching_the_model_names_both_sizes(server):
     assert res.execution_error["node_type"] == "InjectResidual"
 
 
-def test_node_info_pages_are_served_and_shown(tmp_path):
+def test_node_info_pages_are_served_and_shown(server, frontend, tmp_path):
     """ComfyUI's node info panel: the server serves web/docs/<Node>.md at the URL the frontend (1.27.x)
-    derives from the node's python_module, and pressing a node's info button shows that page."""
-    require_comfyui()
+    derives from the node's python_module, and pressing a node's info button shows that page. (It uses the
+    module's browser: Playwright's sync API cannot start a second one while the fixture's is open.)"""
     import urllib.request
 
-    from comfyui_harness.server import start_server
-
+    srv = server
     web_docs = ROOT / "web" / "docs"
-    with start_server(comfyui_dir(), packs={PACK_LINK: ROOT}, base_dir=tmp_path, env=_server_env(tmp_path)) as srv:
-        for name in _pack_defs():
-            # the frontend's extractCustomNodeName: python_module "custom_nodes.<folder>" -> <folder>
-            module = srv.object_info[name]["python_module"]
-            assert module == f"custom_nodes.{PACK_LINK}", module
-            with urllib.request.urlopen(f"{srv.url}/extensions/{PACK_LINK}/docs/{name}.md", timeout=30) as r:
-                assert r.status == 200
-                assert r.read().decode("utf-8") == (web_docs / f"{name}.md").read_text(encoding="utf-8"), name
-        chromium = chromium_path()
-        if chromium is None:
-            pytest.fail("no system chromium: apt-get install -y chromium (never `playwright install`)")
-        from comfyui_harness.browser import Frontend
-
-        with Frontend(srv.url, chromium) as fe:
-            rep = fe.node_help("InjectResidual", screenshot=tmp_path / "node_info.png")
+    for name in _pack_defs():
+        # the frontend's extractCustomNodeName: python_module "custom_nodes.<folder>" -> <folder>
+        module = srv.object_info[name]["python_module"]
+        assert module == f"custom_nodes.{PACK_LINK}", module
+        with urllib.request.urlopen(f"{srv.url}/extensions/{PACK_LINK}/docs/{name}.md", timeout=30) as r:
+            assert r.status == 200
+            assert r.read().decode("utf-8") == (web_docs / f"{name}.md").read_text(encoding="utf-8"), name
+    rep = frontend.node_help("InjectResidual", screenshot=tmp_path / "node_info.png")
     summary = {k: rep.get(k) for k in ("docs_requests", "unexpected_errors")}
     assert f"200 {srv.url}/extensions/{PACK_LINK}/docs/InjectResidual.md" in rep["docs_requests"], summary
     text = rep["panel_text"]
