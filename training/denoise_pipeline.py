@@ -34,7 +34,6 @@ from ..core.denoising.flow_matching import freeze_transformer, pack_latents
 from ..core.denoising.prompt_cache import prompt_embeddings, prompt_key
 from ..core.errors import ModelMismatchError, NotEnoughMemoryError, UserInputError
 from ..core.files.atomic import atomic_write_json
-from ..core.files.out_dir_lock import OutDirLock
 from ..core.residual.head import HeadMeta, ResidualHead, describe_text_width, save_head
 from ..core.residual.injection import REFERENCE_RMS_KEY
 from ..core.residual.length_policy import POLICY_NAME
@@ -42,7 +41,7 @@ from ..version import __version__
 from . import checkpoint as ckpt
 from .data import Identity, identities_fingerprint, load_identities, split_identities
 from .denoise import DenoiseData, DenoiseHistory, DenoiseLoopConfig, head_gain, make_optimizer, train_denoise
-from .distributed import make_dist, shard_map
+from .distributed import shard_map
 from .plots import write_loss_curve
 
 CAPTION_SOURCES = ("template", "caption")
@@ -155,31 +154,19 @@ def run_denoise_training(cfg, opts: DenoiseOptions, progress=None, say: Callable
                          warn: Callable[[str], None] | None = None, stop_after_step: int | None = None) -> dict:
     """Train (or resume) a denoise head. `cfg` is training.pipeline.TrainConfig (data, models, out-dir,
     system settings); `opts` the denoise objective's own settings. Returns the metrics written."""
-    from ..core.runtime.devices import resolve_device
-    from .pipeline import validate_config
+    from .pipeline import start_run, validate_config, writer_lock
 
     opts.validate()
     validate_config(replace(cfg, target="caption"))
-    say = say or (lambda m: print(m, file=sys.stderr))
-    warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
-    progress = progress or (lambda name: (lambda done, total: None))
-    cfg.out_dir = Path(cfg.out_dir)
-    device = resolve_device(cfg.device)
-    dist = make_dist(device, cfg.distributed)
-    if dist.device is not None and device.type != "cpu":
-        device = dist.device
+    device, dist, say, warn, progress = start_run(cfg, say, warn, progress)
     if opts.compile:
         check_compile(device, opts.compile_backend)
-    if not dist.is_main:
-        say, warn, progress = (lambda m: None), (lambda m: None), (lambda name: (lambda done, total: None))
     identities = load_identities(cfg.seed_dirs, single_view=False, warn=warn, progress=progress("photos"))
     views = _views(identities, opts.single_photo)
     if len(identities) < 2 and cfg.val_fraction > 0:
         warn("only one person: no held-out people, so no held-out denoising gain is measured.")
-    if dist.is_main:
-        with OutDirLock(cfg.out_dir):
-            return _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_step)
-    return _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_step)
+    with writer_lock(dist, cfg.out_dir):
+        return _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_step)
 
 
 def _prepare(cfg, opts: DenoiseOptions, identities, views, device, dist, progress, say):

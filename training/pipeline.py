@@ -16,6 +16,7 @@ Outputs: `checkpoints/linear_head.safetensors` (the head), `checkpoints/train_st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -305,9 +306,21 @@ def _finite_or_none(x):
 def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
                  say: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> dict:
     """Train (or resume) a head; returns the metrics written to metrics.json."""
+    validate_config(cfg)
+    device, dist, say, warn, progress = start_run(cfg, say, warn, progress)
+    identities = load_identities(cfg.seed_dirs, single_view=cfg.single_view, warn=warn,
+                                 progress=progress("photos"))
+    train_ids, val_ids = split_identities(len(identities), cfg.val_fraction, cfg.loop.seed)
+    with writer_lock(dist, cfg.out_dir):
+        return _train(cfg, identities, train_ids, val_ids, device, dist, progress, say)
+
+
+def start_run(cfg: TrainConfig, say, warn, progress):
+    """What every training objective sets up first: default say/warn/progress, the device (the launcher's
+    for this process under accelerate/torchrun), the data-parallel view, and one voice under a launcher.
+    Returns (device, dist, say, warn, progress)."""
     from ..core.runtime.devices import resolve_device
 
-    validate_config(cfg)
     say = say or (lambda m: print(m, file=sys.stderr))
     warn = warn or (lambda m: print(f"warning: {m}", file=sys.stderr))
     progress = progress or (lambda name: (lambda done, total: None))
@@ -318,13 +331,12 @@ def run_training(cfg: TrainConfig, progress: ProgressFactory | None = None,
         device = dist.device
     if not dist.is_main:  # one voice under a multi-process launcher
         say, warn, progress = (lambda m: None), (lambda m: None), (lambda name: (lambda done, total: None))
-    identities = load_identities(cfg.seed_dirs, single_view=cfg.single_view, warn=warn,
-                                 progress=progress("photos"))
-    train_ids, val_ids = split_identities(len(identities), cfg.val_fraction, cfg.loop.seed)
-    if dist.is_main:  # one writer per out-dir (other processes of a launcher only compute)
-        with OutDirLock(cfg.out_dir):
-            return _train(cfg, identities, train_ids, val_ids, device, dist, progress, say)
-    return _train(cfg, identities, train_ids, val_ids, device, dist, progress, say)
+    return device, dist, say, warn, progress
+
+
+def writer_lock(dist, out_dir: Path):
+    """The out-dir lock for the one writing process; other processes of a launcher only compute."""
+    return OutDirLock(out_dir) if dist.is_main else contextlib.nullcontext()
 
 
 def _train(cfg: TrainConfig, identities: list[Identity], train_ids: list[int], val_ids: list[int], device, dist,
