@@ -121,10 +121,29 @@ def test_the_tarball_is_found_beside_the_checkout_as_ci_lays_out_shared(tmp_path
     assert out.returncode == 0 and out.stdout.strip() == str(vendor / "ComfyUI-0.3.64-a125cd84.tar.xz")
 
 
+def test_every_vendored_comfyui_is_found_oldest_first_and_other_fixtures_are_not(tmp_path):
+    """shared/vendor/ holds 0.3.64 at its top and newer releases in sub-folders (so the old single-tarball
+    glob still finds 0.3.64 alone); node packs vendored for tests (ComfyUI-GGUF-*) are not ComfyUI."""
+    vendor = tmp_path / "work" / "shared" / "vendor"
+    for rel in ("comfyui-2026/ComfyUI-0.33.0-783545f6.tar.xz", "ComfyUI-0.3.64-a125cd84.tar.xz",
+                "comfyui-2025b/ComfyUI-0.9.2-00000000.tar.xz", "comfyui-gguf/ComfyUI-GGUF-795e4515.tar.xz"):
+        (vendor / rel).parent.mkdir(parents=True, exist_ok=True)
+        (vendor / rel).write_bytes(b"x")
+    _, out = _find_tarball(tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(vendor / "ComfyUI-0.3.64-a125cd84.tar.xz"),
+                                  str(vendor / "comfyui-2025b" / "ComfyUI-0.9.2-00000000.tar.xz"),
+                                  str(vendor / "comfyui-2026" / "ComfyUI-0.33.0-783545f6.tar.xz")]
+
+
 def test_an_explicit_tarball_wins_and_a_wrong_one_is_named(tmp_path):
     tar = tmp_path / "mine.tar.xz"
     tar.write_bytes(b"x")
     _, out = _find_tarball(tmp_path, str(tar))
     assert out.returncode == 0 and out.stdout.strip() == str(tar)
+    other = tmp_path / "other.tar.xz"
+    other.write_bytes(b"x")
+    _, out = _find_tarball(tmp_path, f"{tar}:{other}")   # several, in the order given
+    assert out.returncode == 0 and out.stdout.split() == [str(tar), str(other)]
     _, out = _find_tarball(tmp_path / "b", str(tmp_path / "missing.tar.xz"))
     assert out.returncode != 0 and "missing.tar.xz: no such file" in out.stderr
