@@ -156,7 +156,9 @@ def test_gguf_model_from_comfyui_gguf_runs_inject_residual_and_sample_from_embed
     p = Prompt(server.object_info)
     photo = p.add("LoadImage", image="person.png")
     vl = p.add("LoadQwen3VL", model=QWEN3VL, device="cpu")
-    ident = p.add("ExtractIdentityFeatures", qwen3vl=_out(vl), images=_out(photo))
+    # the test photo is a random pattern, not a face: crop the centre where the node has the face crop
+    crop = {"crop": "center"} if "crop" in server.object_info["ExtractIdentityFeatures"]["input"]["required"] else {}
+    ident = p.add("ExtractIdentityFeatures", qwen3vl=_out(vl), images=_out(photo), **crop)
     head = p.add("LoadResidualHead", head_name=HEAD)
     gguf = p.add("ModelSamplingAuraFlow", shift=3.1, model=_out(p.add("UnetLoaderGGUF", unet_name=GGUF_FILE)))
     clip = p.add("TinyQwenImageCLIPLoader", clip_name=TE_FILE, type="qwen_image")
