@@ -2,21 +2,20 @@
 express, seen through noisy non-linear features, denoised by a tiny frozen Qwen-Image transformer.
 
 Every person has a code z ∈ R^Z. Their photos' latents [C, h, w] carry Σ_j z_j B_j inside a "face"
-region (random spatial patterns B_j, zero outside the region; different per person, not a prompt-wide
-shift) plus per-photo noise; their Qwen3-VL "features" are normalise(tanh(A z + n·ξ)) with fresh ξ per
+region (B_j: a random 2x2 sub-patch per channel repeated over the region, zero outside it - a texture
+different per person, not a prompt-wide shift) plus per-photo noise; their Qwen3-VL "features" are normalise(tanh(A z + n·ξ)) with fresh ξ per
 photo (a noisy, non-linear view of the code). The prompt embedding E is the same for everyone ("a photo
 of a person"), so only the residual can tell the transformer who it is denoising.
 
-`denoiser(transformer)` wraps the tiny diffusers transformer in the Denoiser contract (x_t [B, C, h, w],
-σ [B], embeds, mask -> v [B, C, h, w]) with the project's own packing and transformer call.
+`denoiser(transformer)` is the model family's Denoiser (x_t [B, C, h, w], σ [B], embeds, mask -> v) over the
+tiny diffusers transformer.
 """
 
 from __future__ import annotations
 
 import torch
 
-from qwen_identity.core.denoising.flow_matching import (freeze_transformer, pack_latents, predict_velocity,
-                                                       unpack_latents)
+from qwen_identity.core.denoising.flow_matching import freeze_transformer, pack_latents
 from qwen_identity.core.tuning import PersonalData
 from qwen_identity.training.denoise import DenoiseData
 
@@ -41,18 +40,11 @@ def tiny_transformer(layers: int = 1, text_gain: float = 20.0):
     return freeze_transformer(tr)
 
 
-class TinyDenoiser:
-    """The Denoiser contract over a diffusers Qwen-Image transformer (as the model family adapter does)."""
+def denoiser(transformer):
+    """The Denoiser contract over the tiny transformer, from the model family's own adapter."""
+    from qwen_identity.core.families import family_named
 
-    def __init__(self, transformer):
-        self.transformer = transformer
-        p = next(transformer.parameters())
-        self.dtype, self.device = p.dtype, p.device
-
-    def __call__(self, x_t, sigma, embeds, mask):
-        packed, shapes = pack_latents(x_t)
-        v = predict_velocity(self.transformer, packed, sigma, embeds, mask, shapes)
-        return unpack_latents(v, shapes[0])
+    return family_named("qwen-image").denoiser(transformer)
 
 
 class World:

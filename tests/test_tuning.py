@@ -11,7 +11,7 @@ from qwen_identity.core.residual.head import ResidualHead
 from qwen_identity.core.tuning import PersonalData, TuneOptions, tune_head
 from qwen_identity.core.tuning.objective import denoiser_losses, position_weights
 
-from personal_plant import D, H, TinyDenoiser, World, tiny_transformer
+from personal_plant import D, H, World, denoiser, tiny_transformer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,7 +24,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def den():
-    return TinyDenoiser(tiny_transformer())
+    return denoiser(tiny_transformer())
 
 
 @pytest.fixture(scope="module")

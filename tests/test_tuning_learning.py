@@ -26,7 +26,7 @@ from qwen_identity.core.residual.head import ResidualHead
 from qwen_identity.core.tuning import TuneOptions, tune_head
 from qwen_identity.training.denoise import DenoiseLoopConfig, train_denoise
 
-from personal_plant import D, H, TinyDenoiser, World, tiny_transformer
+from personal_plant import D, H, World, denoiser, tiny_transformer
 
 SEEDS = (0, 1, 2)
 GAP = 0.04
@@ -53,7 +53,7 @@ def gap(m):
 
 @pytest.fixture(scope="module")
 def runs(transformer):
-    den = TinyDenoiser(transformer)
+    den = denoiser(transformer)
     out = {}
     for seed in SEEDS:
         w = World(seed=seed)
