@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--impostor-dir", default=None, metavar="DIR",
                    help="photos of other people: report how much the head helps them too (the impostor gain)")
     g.add_argument("--work-dir", default=None,
-                   help="caches of features, latents and the prompt (default: .qwen_identity_tune beside the head)")
+                   help="caches of features, latents and the prompt (default: ~/.cache/qwen-identity/tune, or under $XDG_CACHE_HOME)")
     g = p.add_argument_group("models")
     g.add_argument("--qwen3-vl-model", default=DEFAULT_QWEN3_VL,
                    help=f"Qwen3-VL folder, models-folder name or hub id for the features (default: {DEFAULT_QWEN3_VL})")

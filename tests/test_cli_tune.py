@@ -42,7 +42,9 @@ def photos(tmp_path):
 
 
 @pytest.fixture
-def tune(tiny_models, capsys):
+def tune(tiny_models, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))   # the default --work-dir
+
     def run(photo_dir, out, *args):
         argv = ["tune", str(photo_dir), "--out", str(out), "--qwen3-vl-model", str(tiny_models.qwen3vl),
                 "--qwen-image-model", str(tiny_models.qwen_image), *FAST, *args]
@@ -116,6 +118,8 @@ def test_same_inputs_same_head_and_caches_are_reused(tune, photos, tmp_path):
     code, _, err = tune(photos, b)
     assert code == 0, err
     assert "extracting" not in err and "encoding" not in err     # features and latents came from the caches
+    assert list((tmp_path / "user_cache" / "qwen-identity" / "tune" / "cache").iterdir())
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["a.safetensors", "b.safetensors"]
     from safetensors.torch import load_file
 
     assert all(torch.equal(x, y) for x, y in zip(load_file(a).values(), load_file(b).values()))

@@ -13,8 +13,8 @@ the second view. A photo in which no face is found trains unweighted, with a war
 
 Outputs, all written atomically (an interrupt never leaves a half-written file): the head
 (`--out`, a .safetensors LoadResidualHead, InjectResidual, sweep and eval read as any head),
-`<head>.metrics.json` and `<head>.loss.png` beside it. Caches go to `--work-dir` (default: a
-`.qwen_identity_tune` folder beside the head), keyed by content, model and settings. Ctrl-C stops after
+`<head>.metrics.json` and `<head>.loss.png` beside it. Caches go to `--work-dir` (default:
+`~/.cache/qwen-identity/tune`, or under `$XDG_CACHE_HOME`), keyed by content, model and settings. Ctrl-C stops after
 the current step and keeps the best head so far (the second Ctrl-C aborts without writing).
 """
 
@@ -41,7 +41,15 @@ from .pipeline import TrainConfig
 DEFAULT_PROMPT = "a photo of a person"
 DEFAULT_RESOLUTION = "768x512"
 DEFAULT_FACE_WEIGHT = 2.0
-WORK_DIR_NAME = ".qwen_identity_tune"
+
+
+def default_work_dir() -> Path:
+    """The user's cache folder (not beside the head: a models folder lists every .safetensors below it, and
+    ComfyUI's head dropdown would offer the caches)."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qwen-identity" / "tune"
 
 
 @dataclass
@@ -202,7 +210,7 @@ def run_personal_tuning(run: PersonalRun, progress=None, say: Callable[[str], No
 
     validate(run)
     run.out = Path(run.out)
-    work = Path(run.work_dir) if run.work_dir else run.out.parent / WORK_DIR_NAME
+    work = Path(run.work_dir) if run.work_dir else default_work_dir()
     cfg = replace(run.train, out_dir=work, tokens=run.options.tokens or 1)
     device, dist, say, warn, progress = start_run(cfg, say, warn, progress)
     if run.compile:
