@@ -5,7 +5,7 @@ With no models given it builds TINY RANDOM-WEIGHT STAND-INS of Qwen3-VL and Qwen
 writes a few synthetic identities (with captions), trains a head for a moment (3 epochs, lr 1e-2)
 and runs the POC's α × seed sweep at 64x64 px with 4 steps, so it finishes in seconds on a CPU; the
 images are noise. Give both --qwen3-vl-model and --qwen-image-model (folders or hub ids) to run for
-real with the POC's defaults (768x512, 28 steps, true CFG 4.5); add --seed-dirs for your own photos.
+real with the POC's defaults (512x768 width x height, 28 steps, true CFG 4.5); add --seed-dirs for your own photos.
 """
 
 from __future__ import annotations
