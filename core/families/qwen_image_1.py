@@ -78,6 +78,7 @@ class QwenImage1(ModelFamily):
     latent_channels = 16
     vae_scale_factor = 8
     patch_size = 2
+    size_multiple = 16      # VAE factor 8 × the transformer's 2x2 patches
     defaults = FamilyDefaults(width=512, height=768, steps=28, cfg=4.5)
 
     def describe_width(self) -> str:
