@@ -72,6 +72,7 @@ class ModelFamily:
     vae_classes: tuple[str, ...] = ()            # diffusers VAE classes
     comfy_latent_formats: tuple[str, ...] = ()   # ComfyUI latent_format class names
     state_dict_markers: tuple[str, ...] = ()     # keys (suffixes) only this family's transformer has
+    comfy_text_width_keys: tuple[str, ...] = ()  # ComfyUI model objects whose first dim is the text width H
 
     # latents
     latent_channels: int = 0

@@ -79,6 +79,7 @@ class QwenImage21(ModelFamily):
     vae_classes = ("AutoencoderKLQwenImage21",)
     comfy_latent_formats = ("QwenImage21",)
     state_dict_markers = ("txt_in.text_norm.weight",)
+    comfy_text_width_keys = ("diffusion_model.txt_in.text_norm.weight",)
     latent_channels = 64
     vae_scale_factor = 16
     patch_size = 1
