@@ -5,7 +5,7 @@ With no models given it builds TINY RANDOM-WEIGHT STAND-INS of Qwen3-VL and Qwen
 writes a few synthetic identities (with captions), trains a head for a moment (3 epochs, lr 1e-2)
 and runs the POC's α × seed sweep at 64x64 px with 4 steps, so it finishes in seconds on a CPU; the
 images are noise. Give both --qwen3-vl-model and --qwen-image-model (folders or hub ids) to run for
-real with the POC's defaults (768x512, 28 steps, true CFG 4.5); add --seed-dirs for your own photos.
+real with the POC's defaults (512x768 width x height, 28 steps, true CFG 4.5); add --seed-dirs for your own photos.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def _demo(args, out: Path, alphas, seeds) -> int:
         width=sizes["width"], max_batch=sizes["max_batch"], base_prompt=args.base_prompt, qwen3_vl_model=vl_model,
         qwen_image_model=qi_model, device=args.device, extra_meta={"demo": True, "stand_in_models": stand_in}))
     t = time.time()
+    # the synthetic identities are colour patterns without faces: their features use the centre crop
     metrics = train_first(cfg, epochs=sizes["epochs"], batch_size=2, lr=sizes["lr"], target="caption", tokens=1,
-                          overwrite=True)
+                          overwrite=True, feature_settings=None if args.seed_dirs else {"crop": "center"})
     ran.append(f"trained a residual head ({sizes['epochs']} epochs, lr {sizes['lr']:g}, caption target, "
                f"train loss {metrics.get('train_loss', float('nan')):.4g}) in {time.time() - t:.1f}s -> "
                f"{out / 'checkpoints' / 'linear_head.safetensors'}")

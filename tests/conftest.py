@@ -93,6 +93,16 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+@pytest.fixture(autouse=True)
+def _no_features_from_an_earlier_test():
+    """ExtractIdentityFeatures keeps results per (photos, model, settings) across runs (a re-queue does not
+    run Qwen3-VL again); each test starts without another test's results, so a test that breaks or
+    cancels the model sees the model run."""
+    cache = sys.modules.get("qwen_identity.nodes.feature_cache")
+    if cache is not None:
+        cache.FEATURE_CACHE.clear()
+
+
 @pytest.fixture(scope="session")
 def cli_env() -> dict:
     """Environment for subprocesses: the same package, offline, with the tripwire."""

@@ -233,7 +233,8 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
         done = [0]
 
         def one(_, i):
-            feats = extract_features(bundle, identities[i].load_images(), settings)
+            feats = extract_features(bundle, identities[i].load_images(), settings,
+                                     names=[str(p) for p in identities[i].photos])
             feats.per_image, feats.combined = feats.per_image.cpu(), feats.combined.cpu()
             done[0] += 1
             bar(done[0], len(todo))

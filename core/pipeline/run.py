@@ -201,6 +201,7 @@ def identity_features(seed_dirs: Sequence[SeedDir], settings: FeatureSettings, m
             for n, i in enumerate(todo):
                 sd = seed_dirs[i]
                 feats = extract_features(vl, [load_image(p) for p in sd.photos], settings,
+                                         names=[str(p) for p in sd.photos],
                                          extra_meta={"seed_dir": str(sd.path), "name": sd.name,
                                                      "photos": [p.name for p in sd.photos]})
                 feats.combined, feats.per_image = feats.combined.cpu(), feats.per_image.cpu()

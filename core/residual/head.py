@@ -226,6 +226,9 @@ def check_head_features(head: ResidualHead, features_meta: Any) -> list[str]:
                 f"{key}={trained[key]!r}: extract the features with {key}={trained[key]!r} (or pick a head "
                 f"trained on {key}={flat[key]!r}).")
     warnings_: list[str] = []
+    crop_warning = _crop_mismatch(trained, flat)
+    if crop_warning:
+        warnings_.append(crop_warning)
     for key in SOFT_FEATURE_SETTINGS:
         if key in trained and key in flat and trained[key] != flat[key]:
             warnings_.append(f"features use {key}={flat[key]!r} but the head was trained on {key}={trained[key]!r}; "
@@ -236,6 +239,21 @@ def check_head_features(head: ResidualHead, features_meta: Any) -> list[str]:
                          f"{head.meta.qwen3_vl_model!r} (same width D={head.feature_dim}); a fine-tune of the same "
                          "model works, a different model gives meaningless residuals.")
     return warnings_
+
+
+def _crop_mismatch(trained: dict[str, Any], features: dict[str, Any]) -> str | None:
+    """A warning when the features were cropped otherwise than the head's training photos (a head or features
+    made before the crop setting existed count as what they were made with: `face_crop.legacy_crop`)."""
+    from ..identity.face_crop import legacy_crop
+
+    if not trained or not features or "resolution" not in features and "crop" not in features:
+        return None
+    head_crop, feature_crop = legacy_crop(trained), legacy_crop(features)
+    if head_crop == feature_crop:
+        return None
+    return (f"the identity features use crop {feature_crop!r} but the head was trained on crop {head_crop!r}: the "
+            f"head then sees other features than it learned from. Set crop {head_crop!r} on ExtractIdentityFeatures "
+            f"(or --crop {head_crop} on the command line).")
 
 
 def check_head_hidden(head: ResidualHead, hidden_size: int) -> None:
@@ -283,6 +301,12 @@ def head_summary(head: ResidualHead) -> str:
     if m.qwen3_vl_model or m.text_encoder_model:
         lines.append(f"Qwen3-VL: {m.qwen3_vl_model or '?'}; text encoder: {m.text_encoder_model or '?'}")
     if m.feature_settings:
+        from ..identity.face_crop import legacy_crop
+
+        recorded = "crop" in m.feature_settings
+        lines.append(f"photo crop: {legacy_crop(m.feature_settings)}"
+                     + ("" if recorded else " (not recorded: made before the crop setting)")
+                     + " - extract features with the same crop")
         lines.append("feature settings: " + json.dumps(m.feature_settings, sort_keys=True, default=str))
     if m.base_prompt:
         lines.append(f"base prompt: {m.base_prompt!r}")
