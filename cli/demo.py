@@ -21,6 +21,7 @@ from ..core.identity.seed_dirs import parse_seed_dir_args
 from ..core.pipeline.defaults import DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT
 from ..core.pipeline.run import RunSettings
 from ..core.residual.injection import parse_alphas
+from ..tiny_models.build import FAMILIES as TINY_FAMILIES
 from .sweep import HEAD_RELPATH, SweepConfig, run_sweep, train_first
 
 DEFAULT_OUT = "demo_output"
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f'default: "{DEFAULT_ALPHAS}"')
     p.add_argument("--gen-seeds", default="1234,5678,9999", help='default: "1234,5678,9999"')
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"), help="default: auto")
+    p.add_argument("--family", default="qwen-image", choices=TINY_FAMILIES,
+                   help="which Qwen-Image the tiny stand-ins are (default: qwen-image, i.e. 1.x); with real models "
+                        "the family is read from --qwen-image-model")
 
 
 def run(args) -> int:
@@ -69,9 +73,9 @@ def _demo(args, out: Path, alphas, seeds) -> int:
               "Their images are NOISE; this run only shows that every stage works. For real results pass\n"
               "  --qwen3-vl-model Qwen/Qwen3-VL-2B-Instruct --qwen-image-model Qwen/Qwen-Image\n"
               "(hub ids or local folders), and --seed-dirs with your own photos.")
-        tiny = build_tiny_models(out / "tiny_models")
+        tiny = build_tiny_models(out / "tiny_models", family=args.family)
         vl_model, qi_model, sizes = str(tiny.qwen3vl), str(tiny.qwen_image), TINY
-        ran.append(f"built tiny Qwen3-VL and Qwen-Image checkpoints in {out / 'tiny_models'}")
+        ran.append(f"built tiny Qwen3-VL and Qwen-Image ({args.family}) checkpoints in {out / 'tiny_models'}")
     else:
         vl_model, qi_model, sizes = args.qwen3_vl_model, args.qwen_image_model, REAL
     if args.seed_dirs:
