@@ -60,6 +60,7 @@ class HeadMeta:
     dataset_fingerprint: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     pack_version: str = ""
+    card: dict[str, Any] = field(default_factory=dict)  # the model card's fields (core/residual/model_card.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, default=str)
