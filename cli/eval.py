@@ -40,7 +40,8 @@ from ..core.measurement.face_similarity import DETECTORS, THRESHOLD, FaceEmbedde
 from ..core.pipeline.defaults import (DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_QWEN3_VL,
                                       DEFAULT_QWEN_IMAGE)
 from ..core.pipeline.run import Models, check_unique_names, identity_features, release_memory
-from ..core.residual.head import load_head
+from ..core.families import find_family
+from ..core.residual.head import check_head_family, load_head
 from ..core.residual.injection import parse_alphas
 from ..core.runtime.progress import offset_progress, tqdm_progress
 from .common_args import (add_crop_arguments, add_generation_arguments, add_system_arguments, finite_float,
@@ -259,6 +260,9 @@ def _evaluate(args, seed_dir_paths, alphas, seeds, out: Path, write_dir: Path, t
 
     # 2. Qwen-Image: every α × seed image of every identity; the α = 0 baseline once for all
     qi = models.qwen_image()
+    family = find_family(getattr(qi, "pipeline", qi))
+    if family is not None:
+        check_head_family(head, family)
     positive = encode_text(qi, args.base_prompt)
     negative = encode_text(qi, args.negative_prompt) if args.guidance > 1 else None
     print(f"Qwen3-VL {vl.model_id} and Qwen-Image {qi.model_id} on {qi.device}; {len(names)} identities, "

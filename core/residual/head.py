@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "qwen_identity"
 MAX_ELEMENTS = 2_000_000_000  # a head larger than this is not a head (absurd-shape guard)
 
-# Known text widths: which Qwen-Image generation a hidden size belongs to.
+# Known text widths: which Qwen-Image generation a hidden size belongs to (one per model family).
 TEXT_WIDTHS = {3584: "Qwen-Image / Qwen-Image-Edit (Qwen2.5-VL-7B text encoder, H=3584)",
                4096: "Qwen-Image 2.1 (Qwen3-VL-8B text encoder, H=4096)"}
 FEATURE_WIDTHS = {2048: "Qwen3-VL-2B", 2560: "Qwen3-VL-4B", 4096: "Qwen3-VL-8B"}
@@ -60,6 +60,7 @@ class HeadMeta:
     dataset_fingerprint: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     pack_version: str = ""
+    family: str = ""                      # the model family (core/families/), e.g. "qwen-image"; "" = from H
     card: dict[str, Any] = field(default_factory=dict)  # the model card's fields (core/residual/model_card.py)
 
     def to_json(self) -> str:
@@ -268,11 +269,34 @@ def check_head_hidden(head: ResidualHead, hidden_size: int) -> None:
             f"({head.meta.text_encoder_model or 'not recorded'}).")
 
 
+def head_family(head: ResidualHead):
+    """The model family a head is for (core/families/): its recorded `family`, else (heads from before
+    the field) the family whose text width is the head's H; None when neither says."""
+    from ..families import family_named, family_of_width
+
+    if head.meta.family:
+        return family_named(head.meta.family)
+    return family_of_width(head.hidden_size)
+
+
+def check_head_family(head: ResidualHead, family) -> None:
+    """A head is used only with a model of its own family: otherwise a ModelMismatchError naming both."""
+    from ..errors import ModelMismatchError
+
+    mine = head_family(head)
+    if mine is not None and mine.name != family.name:
+        raise ModelMismatchError(
+            f"the head was trained for {mine.title} (family {mine.name!r}, H={head.hidden_size}) but the model is "
+            f"{family.title} (family {family.name!r}): use a head trained for {family.title}, or the "
+            f"{mine.title} model the head was trained with.")
+
+
 def head_summary(head: ResidualHead) -> str:
     """A few human-readable lines about a head (the LoadResidualHead node's STRING output)."""
     m = head.meta
     lines = [f"Qwen identity head: D={m.feature_dim} ({describe_feature_width(m.feature_dim)}) -> "
-             f"K={m.tokens} slot(s) x H={m.hidden_size} ({describe_text_width(m.hidden_size)})",
+             f"K={m.tokens} slot(s) x H={m.hidden_size} ({describe_text_width(m.hidden_size)})"
+             + (f", model family {m.family}" if m.family else ""),
              f"scale={float(head.scale.detach().float().item()):.4g}, target={m.target or '?'}, "
              f"length policy={m.length_policy or '?'}, format v{m.format_version}, pack {m.pack_version or '?'}"]
     if m.qwen3_vl_model or m.text_encoder_model:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files.atomic import atomic_write_text
-from .head import ResidualHead, save_head
+from .head import ResidualHead, head_family, save_head
 
 HEAD_SUFFIX = "_head.safetensors"
 LEGACY_HEAD_FILE = "linear_head.safetensors"
@@ -32,8 +32,6 @@ MISUSE_NOTE = ("Do not use it to depict a real person without their consent, to 
                "evidence, fraud, non-consensual intimate or defamatory imagery), or to identify or track people. "
                "Generated images can look like real photographs: label them as generated. The head carries "
                "whatever its training photos carried, including their biases.")
-# which Qwen-Image family a text width belongs to (heads made before they recorded their family)
-_FAMILY_OF_WIDTH = {3584: "qwen-image", 4096: "qwen-image-2.1"}
 
 
 def head_file_name(run_name: str) -> str:
@@ -82,9 +80,10 @@ def card_fields(head: ResidualHead, *, steps: int | None = None, persons: int | 
     if persons is None:
         counted = [metrics.get("train_identities"), metrics.get("val_identities")]
         persons = sum(int(c) for c in counted if isinstance(c, int)) or None
-    previous = getattr(m, "card", None) or {}
+    previous = m.card or {}
+    family = head_family(head)   # recorded, else from the text width H (heads made before the field)
     return {
-        "family": getattr(m, "family", "") or _FAMILY_OF_WIDTH.get(int(m.hidden_size), f"unknown (H={m.hidden_size})"),
+        "family": family.name if family is not None else f"unknown (H={m.hidden_size})",
         "qwen3_vl_model": m.qwen3_vl_model or "not recorded",
         "text_encoder_model": m.text_encoder_model or "not recorded",
         "objective": m.target or "not recorded",
