@@ -3,9 +3,9 @@ file that LoadResidualHead, InjectResidual, `sweep` and `eval` take like any oth
 
 The head learns through the frozen Qwen-Image transformer (the denoise objective) what the person's photos
 share; with 3 or more photos one is held out and the head of the step with the lowest held-out denoising
-loss is kept. Start from a universal head with --init-head for a faster, steadier result. Writes HEAD,
-HEAD-stem.metrics.json and HEAD-stem.loss.png (see docs/personalize.md). Ctrl-C stops after the current
-step and keeps the best head so far.
+loss is kept. Start from a universal head with --init-head for a faster start. Writes HEAD and, beside it,
+its model card HEAD-stem.md, HEAD-stem.metrics.json and HEAD-stem.loss.png (see docs/personalize.md).
+Ctrl-C stops after the current step and keeps the best head so far.
 """
 
 from __future__ import annotations
