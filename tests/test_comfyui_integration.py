@@ -448,3 +448,20 @@ def test_empty_models_folder_names_every_missing_file(tmp_path):
         assert wanted in msg, (wanted, msg)
     assert "models/identity_heads" in msg and "model_path" in msg, msg
     print(msg)
+
+
+def test_a_fresh_comfyui_lists_the_example_photos_the_workflows_open_with(tmp_path):
+    """First start with an empty input folder: the pack copies its example photos there, so LoadImage lists
+    every photo the workflows name (the two-people workflow's second person aside) and none shows missing."""
+    from comfyui_harness.server import start
+
+    require_comfyui()
+    base = tmp_path / "fresh"
+    srv = start(comfyui_dir(), packs={PACK_LINK: ROOT}, base_dir=base, env=_server_env(base))
+    try:
+        listed = srv.object_info["LoadImage"]["input"]["required"]["image"][0]
+        assert set(bw.PHOTOS) <= set(listed), listed
+        for name in bw.PHOTOS:
+            assert (base / "input" / name).read_bytes() == (ROOT / "examples" / "photos" / name).read_bytes()
+    finally:
+        srv.stop()
