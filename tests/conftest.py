@@ -132,6 +132,14 @@ def tiny_qwenimage_dir(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwenimage21_dir(tiny_models) -> Path:
+    """A tiny Qwen-Image 2.1 diffusers folder (QwenImage21Pipeline), built beside the other tiny models."""
+    from qwen_identity.tiny_models import build_tiny_models
+
+    return build_tiny_models(tiny_models.qwen3vl.parent, family="qwen-image-2.1").qwen_image
+
+
+@pytest.fixture(scope="session")
 def tiny_text_encoder(tiny_qwenimage_dir):
     """(text_encoder, tokenizer) of the tiny Qwen-Image, loaded by the product's loader."""
     from qwen_identity.core.generation.prompt_encoding import load_text_encoder

@@ -60,3 +60,12 @@ def test_an_unwritable_input_folder_only_warns(tmp_path, caplog):
     blocker.write_text("a file where the folder should be")
     assert install_example_photos(blocker) == []
     assert "could not copy the example photo" in caplog.text
+
+
+def test_the_face_crop_the_workflows_use_finds_one_face_in_each_photo():
+    from qwen_identity.core.identity.face_crop import crop_region
+
+    for name in bw.PHOTOS:
+        with Image.open(EXAMPLE_PHOTOS / name) as im:
+            _, info = crop_region(im.convert("RGB"), "face")
+        assert info.faces_found == 1, (name, info)

@@ -42,7 +42,7 @@ MODEL_LINKS = {UNET: ("diffusion_models", f"{HF}/diffusion_models/{UNET}"),
                LIGHTNING_LORA: ("loras", LIGHTNING_URL)}
 # The pack's folders (README "Models: which files go where")
 QWEN3VL = "Qwen3-VL-2B-Instruct"          # models/qwen3_vl/Qwen3-VL-2B-Instruct/ (hub Qwen/Qwen3-VL-2B-Instruct)
-HEAD = "linear_head.safetensors"          # models/identity_heads/ (written by `qwen-identity train`)
+HEAD = "v1_head.safetensors"              # models/identity_heads/ (`qwen-identity train --out-dir runs/v1`)
 DIFFUSERS = "Qwen-Image"                  # models/diffusers/Qwen-Image/ (hub Qwen/Qwen-Image)
 # The example photos the pack ships (examples/photos/, copied into ComfyUI/input/ when the pack loads;
 # three crops of ONE public-domain NASA photograph: examples/photos/SOURCES.md). Replace them with yours.
