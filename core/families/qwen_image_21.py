@@ -234,7 +234,12 @@ class QwenImage21(ModelFamily):
         embeds, mask, slots = text_pipe._get_qwen_prompt_embeds(prompts, shown, device)
         if bool((slots != slots[:1]).any()):
             raise UserInputError("prompts read with reference images must share one layout: encode them one at a time.")
-        cond = make_conditioning(PromptEmbeds(embeds.cpu(), mask.long().cpu()))
+        # The transformer replaces the text positions of the image slots by the reference latents and reads the
+        # mask only at text positions; the CONDITIONING's mask leaves the slots out, so InjectResidual spreads the
+        # head's residual over the prompt's own tokens (the sampler puts the slots back: stock attention).
+        text_mask = mask.long().clone()
+        text_mask[:, slots[0].bool()] = 0
+        cond = make_conditioning(PromptEmbeds(embeds.cpu(), text_mask.cpu()))
         cond[0][1][REFERENCES_KEY] = {"slots": slots[0].bool().cpu(), "tokens": torch.cat(tokens, dim=1),
                                       "shapes": shapes}
         return cond

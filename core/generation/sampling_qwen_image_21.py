@@ -144,7 +144,10 @@ def sample_qwen_image_21(bundle, positive: list, negative: list | None, seeds: s
     def forward(entry, refs, chunk, latents, timestep, cache, first):
         rows = [entry.row(item) for item, _ in chunk]
         text = torch.stack([e for e, _ in rows])
-        mask = attention_mask_or_none(torch.stack([m for _, m in rows]))
+        mask = torch.stack([m for _, m in rows])
+        if refs is not None:
+            mask = mask | refs["slots"]   # the slots count as valid, as in the stock pipeline's mask
+        mask = attention_mask_or_none(mask)
         b = len(chunk)
         img_mask = target_slot_mask(b, text.shape[1], tokens, latents.device)
         hidden, shapes = latents, img_shapes[0]
