@@ -22,7 +22,7 @@ from ..core.pipeline.defaults import DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT
 from ..core.pipeline.run import RunSettings
 from ..core.residual.injection import parse_alphas
 from ..tiny_models.build import FAMILIES as TINY_FAMILIES
-from .sweep import HEAD_RELPATH, SweepConfig, run_sweep, train_first
+from .sweep import SweepConfig, run_head, run_sweep, train_first
 
 DEFAULT_OUT = "demo_output"
 TINY = dict(width=64, height=64, steps=4, epochs=3, lr=1e-2, max_batch=16)
@@ -88,7 +88,7 @@ def _demo(args, out: Path, alphas, seeds) -> int:
         dirs = make_seed_dirs(out / "data", identities=args.identities, views=2, captions=captions)
         ran.append(f"wrote {len(dirs)} synthetic identities (seed_*/photo_view_*.png + caption.txt) in {out / 'data'}")
     cfg = SweepConfig(dirs, out, RunSettings(
-        head=out / HEAD_RELPATH, alphas=alphas, seeds=seeds, steps=sizes["steps"], height=sizes["height"],
+        head=run_head(out, train=True), alphas=alphas, seeds=seeds, steps=sizes["steps"], height=sizes["height"],
         width=sizes["width"], max_batch=sizes["max_batch"], base_prompt=args.base_prompt, qwen3_vl_model=vl_model,
         qwen_image_model=qi_model, device=args.device, extra_meta={"demo": True, "stand_in_models": stand_in}))
     t = time.time()
@@ -97,7 +97,7 @@ def _demo(args, out: Path, alphas, seeds) -> int:
                           overwrite=True, feature_settings=None if args.seed_dirs else {"crop": "center"})
     ran.append(f"trained a residual head ({sizes['epochs']} epochs, lr {sizes['lr']:g}, caption target, "
                f"train loss {metrics.get('train_loss', float('nan')):.4g}) in {time.time() - t:.1f}s -> "
-               f"{out / 'checkpoints' / 'linear_head.safetensors'}")
+               f"{run_head(out, train=True)}")
     t = time.time()
     with OutDirLock(out):
         written = run_sweep(cfg)

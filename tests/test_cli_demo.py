@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from PIL import Image
+from qwen_identity.core.residual.model_card import head_path
 
 
 def test_demo_runs_end_to_end_offline(cli_env, tmp_path):
@@ -16,7 +17,7 @@ def test_demo_runs_end_to_end_offline(cli_env, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "RANDOM-WEIGHT STAND-INS" in r.stdout and "--qwen-image-model" in r.stdout
     assert "noise" in r.stdout.lower()
-    assert (out / "checkpoints" / "linear_head.safetensors").is_file()
+    assert head_path(out).is_file()
     grids = sorted((out / "generations").glob("*_alpha_grid.png"))
     assert [g.name for g in grids] == ["seed_100_alpha_grid.png"]
     meta = json.loads((out / "generations" / "seed_100_meta.json").read_text())

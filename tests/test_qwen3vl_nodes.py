@@ -146,22 +146,25 @@ def test_requeue_with_the_same_photos_model_and_settings_does_not_run_the_model(
     photos = torch.rand(2, 40, 40, 3, generator=torch.Generator().manual_seed(7))
     calls, handle = _count_forwards(loaded)
     try:
-        first, view = ExtractIdentityFeatures().extract(loaded, photos, resolution="pixel_budget")
+        first, view = ExtractIdentityFeatures().extract(loaded, photos, resolution="pixel_budget", crop="center")
         assert len(calls) > 0
         n = len(calls)
         # a re-queue: a new tensor with the same pixels (LoadImage reads the file again)
-        again, view2 = ExtractIdentityFeatures().extract(loaded, photos.clone(), resolution="pixel_budget")
+        again, view2 = ExtractIdentityFeatures().extract(loaded, photos.clone(), resolution="pixel_budget", crop="center")
         assert len(calls) == n and torch.equal(again.combined, first.combined) and torch.equal(view2, view)
         # anything that changes the features runs the model again: settings, weights, pixels
-        ExtractIdentityFeatures().extract(loaded, photos, resolution="center_crop_448")
+        ExtractIdentityFeatures().extract(loaded, photos, resolution="center_crop_448", crop="center")
         assert len(calls) > n
         n = len(calls)
-        ExtractIdentityFeatures().extract(loaded, photos, resolution="pixel_budget", weights="1,0.5")
+        ExtractIdentityFeatures().extract(loaded, photos, resolution="pixel_budget", weights="1,0.5", crop="center")
+        assert len(calls) > n
+        n = len(calls)
+        ExtractIdentityFeatures().extract(loaded, photos, resolution="pixel_budget", crop="full")
         assert len(calls) > n
         n = len(calls)
         changed = photos.clone()
         changed[0, 0, 0, 0] = 1.0 - changed[0, 0, 0, 0]
-        ExtractIdentityFeatures().extract(loaded, changed, resolution="pixel_budget")
+        ExtractIdentityFeatures().extract(loaded, changed, resolution="pixel_budget", crop="center")
         assert len(calls) > n
     finally:
         handle.remove()

@@ -61,6 +61,7 @@ class HeadMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     pack_version: str = ""
     family: str = ""                      # the model family (core/families/), e.g. "qwen-image"; "" = from H
+    card: dict[str, Any] = field(default_factory=dict)  # the model card's fields (core/residual/model_card.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, default=str)
