@@ -5,7 +5,7 @@ With no models given it builds TINY RANDOM-WEIGHT STAND-INS of Qwen3-VL and Qwen
 writes a few synthetic identities (with captions), trains a head for a moment (3 epochs, lr 1e-2)
 and runs the POC's α × seed sweep at 64x64 px with 4 steps, so it finishes in seconds on a CPU; the
 images are noise. Give both --qwen3-vl-model and --qwen-image-model (folders or hub ids) to run for
-real with the POC's defaults (768x512, 28 steps, true CFG 4.5); add --seed-dirs for your own photos.
+real with the POC's defaults (512x768 width x height, 28 steps, true CFG 4.5); add --seed-dirs for your own photos.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..core.identity.seed_dirs import parse_seed_dir_args
 from ..core.pipeline.defaults import DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT
 from ..core.pipeline.run import RunSettings
 from ..core.residual.injection import parse_alphas
+from ..tiny_models.build import FAMILIES as TINY_FAMILIES
 from .sweep import SweepConfig, run_head, run_sweep, train_first
 
 DEFAULT_OUT = "demo_output"
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f'default: "{DEFAULT_ALPHAS}"')
     p.add_argument("--gen-seeds", default="1234,5678,9999", help='default: "1234,5678,9999"')
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"), help="default: auto")
+    p.add_argument("--family", default="qwen-image", choices=TINY_FAMILIES,
+                   help="which Qwen-Image the tiny stand-ins are (default: qwen-image, i.e. 1.x); with real models "
+                        "the family is read from --qwen-image-model")
 
 
 def run(args) -> int:
@@ -69,9 +73,9 @@ def _demo(args, out: Path, alphas, seeds) -> int:
               "Their images are NOISE; this run only shows that every stage works. For real results pass\n"
               "  --qwen3-vl-model Qwen/Qwen3-VL-2B-Instruct --qwen-image-model Qwen/Qwen-Image\n"
               "(hub ids or local folders), and --seed-dirs with your own photos.")
-        tiny = build_tiny_models(out / "tiny_models")
+        tiny = build_tiny_models(out / "tiny_models", family=args.family)
         vl_model, qi_model, sizes = str(tiny.qwen3vl), str(tiny.qwen_image), TINY
-        ran.append(f"built tiny Qwen3-VL and Qwen-Image checkpoints in {out / 'tiny_models'}")
+        ran.append(f"built tiny Qwen3-VL and Qwen-Image ({args.family}) checkpoints in {out / 'tiny_models'}")
     else:
         vl_model, qi_model, sizes = args.qwen3_vl_model, args.qwen_image_model, REAL
     if args.seed_dirs:

@@ -262,8 +262,11 @@ def test_cancel_in_the_middle_of_a_node_leaves_models_usable(bundles, monkeypatc
         QwenImageSampleFromEmbeds().sample(pos, neg, seeds="5,6", steps=3, width=32, height=32, max_batch=1,
                                            pipeline=pipe)
 
-    # the next prompt runs and equals the undisturbed one
+    # the next prompt runs (the model itself, not features kept from the first run) and equals the undisturbed one
     fake_comfy(monkeypatch)
+    from qwen_identity.nodes.feature_cache import FEATURE_CACHE
+
+    FEATURE_CACHE.clear()
     feats, _ = ExtractIdentityFeatures().extract(vl, photos, resolution="pixel_budget", crop="full")
     images, _ = QwenImageSampleFromEmbeds().sample(pos, neg, seeds="5,6", steps=3, width=32, height=32, max_batch=1,
                                                    pipeline=pipe)
