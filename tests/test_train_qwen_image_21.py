@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qwen_identity.cli import main
+from qwen_identity.core.residual.model_card import head_path
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +23,8 @@ def one_thread():
 def train(tiny_models, tiny_qwenimage21_dir, capsys):
     def run(*args, out, epochs=2):
         argv = ["train", "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model",
-                str(tiny_qwenimage21_dir), "--epochs", str(epochs), "--device", "cpu", "--out-dir", str(out), *args]
+                str(tiny_qwenimage21_dir), "--epochs", str(epochs), "--device", "cpu", "--out-dir", str(out),
+                "--crop", "center", *args]   # the synthetic photos have no face
         code = main(argv)
         captured = capsys.readouterr()
         return code, captured.out, captured.err
@@ -38,7 +40,7 @@ def test_denoise_objective_on_21(train, make_dataset, tmp_path, tiny_qwenimage21
                          "--batch-size", "2", "--lr", "1e-2", "--val-fraction", "0.34", "--gain-pairs", "2",
                          out=tmp_path / "d")
     assert code == 0, err
-    head = load_head(tmp_path / "d" / "checkpoints" / "linear_head.safetensors")
+    head = load_head(head_path(tmp_path / "d"))
     h = json.loads((tiny_qwenimage21_dir / "transformer" / "config.json").read_text())["context_in_dim"]
     assert head.meta.family == "qwen-image-2.1" and head.meta.hidden_size == h == 48
     assert head.meta.target == "denoise" and float(head.proj.weight.detach().abs().sum()) > 0
@@ -60,12 +62,12 @@ def test_caption_objective_on_21(train, make_dataset, tmp_path):
     code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), "--target", "caption", "--tokens", "2",
                          out=tmp_path / "c")
     assert code == 0, err
-    head = load_head(tmp_path / "c" / "checkpoints" / "linear_head.safetensors")
+    head = load_head(head_path(tmp_path / "c"))
     assert head.meta.family == "qwen-image-2.1" and head.meta.hidden_size == 48 and head.meta.tokens == 2
     assert head.meta.text_encoder_model.endswith("/text_encoder")
 
     # eval --denoise-gain: the 2.1 head on the 2.1 model is measured; on the 1.x model it is refused naming both
-    head_file = tmp_path / "d" / "checkpoints" / "linear_head.safetensors"
+    head_file = head_path(tmp_path / "d")
     others = ",".join(str(d) for d in make_dataset(identities=2, views=2, size=(40, 36), first_seed=300))
 
     def evaluate(model, out):
