@@ -10,8 +10,9 @@
 # Installs: torch/torchvision pinned by constraints.txt and torchaudio (below), ComfyUI's requirements.txt
 # minus torch/torchvision/torchaudio, the pack's runtime deps, pytest, the Playwright *Python package*
 # (the browser is the system chromium: `apt-get install -y chromium`; never `playwright install`),
-# comfy-cli, and the `gguf` package (city96's ComfyUI-GGUF loader needs it; the GGUF test links that pack
-# in only when its vendored copy is beside the checkout). Then the integration suite runs with
+# comfy-cli, matplotlib (its sample Grace Hopper photo is the real face the workflows crop), and the `gguf`
+# package (city96's ComfyUI-GGUF loader needs it; the GGUF tests link that pack in only when its vendored
+# copy is beside the checkout). Then the integration suite runs with
 #   COMFYUI_DIR=... VENV/bin/python -m pytest tests/test_comfyui_integration.py
 set -euo pipefail
 if [ $# -ne 2 ]; then
@@ -40,7 +41,7 @@ echo "[setup_comfyui] torch/torchvision (pinned by constraints.txt), $TORCHAUDIO
 echo "[setup_comfyui] ComfyUI requirements (without torch/torchvision/torchaudio)" >&2
 "${PIP[@]}" -r "$req"
 echo "[setup_comfyui] the pack's runtime deps + test tools" >&2
-"${PIP[@]}" -r "$PACK/requirements.txt" pytest hypothesis playwright comfy-cli "gguf==0.19.0"
+"${PIP[@]}" -r "$PACK/requirements.txt" pytest hypothesis playwright comfy-cli matplotlib "gguf==0.19.0"  # matplotlib: a real face photo
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   echo "[setup_comfyui] note: no system chromium found; browser tests will skip." \
        "Install it with: apt-get install -y chromium   (do not run 'playwright install')" >&2

@@ -144,7 +144,7 @@ def test_runner_path_in_process_equals_a_local_sweep_train(tiny_models, tmp_path
     from test_fanout import tree
 
     dirs = make_seed_dirs(tmp_path / "data", identities=3, views=2, captions={0: "a red-haired woman"})
-    args = ["--seed-dirs", ",".join(map(str, dirs)), "--train", "--epochs", "1", "--alphas", "0,1.5",
+    args = ["--seed-dirs", ",".join(map(str, dirs)), "--train", "--crop", "center", "--epochs", "1", "--alphas", "0,1.5",
             "--gen-seeds", "5", "--qwen3-vl-model", str(tiny_models.qwen3vl),
             "--qwen-image-model", str(tiny_models.qwen_image), *SMALL]
     local = tmp_path / "local"
@@ -155,12 +155,15 @@ def test_runner_path_in_process_equals_a_local_sweep_train(tiny_models, tmp_path
                           map_calls=lambda many: [body(a) for a in many], merge_call=body)
     assert code == 0
     want, got = tree(local), tree(remote)
-    for rel in ("checkpoints/linear_head.safetensors",) + tuple(f"generations/{d.name}_alpha_grid.png" for d in dirs):
+    assert got["checkpoints/remote_head.safetensors"] == want["checkpoints/local_head.safetensors"]
+    for rel in tuple(f"generations/{d.name}_alpha_grid.png" for d in dirs):
         assert got[rel] == want[rel], rel
     for d in dirs:
         meta = f"generations/{d.name}_meta.json"
         assert {k: v for k, v in got[meta].items() if k != "head"} == {k: v for k, v in want[meta].items() if k != "head"}
-    assert sorted(want) == sorted(got)   # the same files: checkpoints/, generations/, training outputs
+    run_named = lambda files, run: sorted(f.replace(f"checkpoints/{run}_head.", "checkpoints/RUN_head.")  # noqa: E731
+                                          for f in files)   # the head and its card carry the out-dir's name
+    assert run_named(want, "local") == run_named(got, "remote")   # the same files: checkpoints/, generations/, ...
 
 
 def test_several_gpus_in_a_container_go_through_accelerate_launch(monkeypatch):
