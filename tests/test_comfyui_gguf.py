@@ -157,7 +157,8 @@ def test_gguf_model_from_comfyui_gguf_runs_inject_residual_and_sample_from_embed
     photo = p.add("LoadImage", image="person.png")
     vl = p.add("LoadQwen3VL", model=QWEN3VL, device="cpu")
     # the test photo is a random pattern, not a face: crop the centre where the node has the face crop
-    crop = {"crop": "center"} if "crop" in server.object_info["ExtractIdentityFeatures"]["input"]["required"] else {}
+    inputs = server.object_info["ExtractIdentityFeatures"]["input"]
+    crop = {"crop": "center"} if any("crop" in inputs.get(sec, {}) for sec in ("required", "optional")) else {}
     ident = p.add("ExtractIdentityFeatures", qwen3vl=_out(vl), images=_out(photo), **crop)
     head = p.add("LoadResidualHead", head_name=HEAD)
     gguf = p.add("ModelSamplingAuraFlow", shift=3.1, model=_out(p.add("UnetLoaderGGUF", unet_name=GGUF_FILE)))
