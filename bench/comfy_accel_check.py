@@ -349,7 +349,7 @@ def mode_card24(b: Bench, cs, node_classes) -> None:
         mm.soft_empty_cache()
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(b.device).total_memory / GIB
-        torch.cuda.set_per_process_memory_fraction((CARD_GIB - CUDA_CONTEXT_GIB) / total, b.device)
+        torch.cuda.set_per_process_memory_fraction((CARD_GIB - CUDA_CONTEXT_GIB) / total, b.device.index or 0)
     res["allocated_before_gib"] = round(b.reset_peak(), 2)
     head = ResidualHead(dim, 4, 3584)
     torch.nn.init.normal_(head.proj.weight, std=0.02)
@@ -404,10 +404,45 @@ def mode_card24(b: Bench, cs, node_classes) -> None:
             where["ratio_first_call_accelerated_over_eager"] = round(a["first_call_s"] / e["first_call_s"], 3)
         b.save()
 
+# ------------------------------------------------------------------------- speed=fast vs KSampler, fp8 only
+def mode_fastdiag(b: Bench, cs, node_classes) -> None:
+    """Where QwenImageSampleFromEmbeds speed=fast loses against QwenImageAccelerate -> KSampler (fp8): the same
+    accelerated MODEL through each sampler, and each sampler with the other's MODEL."""
+    from qwen_identity.nodes.sampling_nodes import native_model_options
+
+    backend = "inductor" if b.cuda else "aot_eager"
+    wd = b.args.dtypes.split(",")[-1]
+    where = b.results.setdefault(wd, {})
+    model, vae, n = cs.build_models(b, 1 if b.tiny else 60, wd)
+    x = cs.inputs(b)
+    seed, steps = b.seeds[0], b.steps
+    measure(b, where, "warmup_ksampler_2_steps", lambda: cs.ksampler(b, model, vae, x["pos"], x["neg"], 1, seed, 2),
+            repeat=0)
+    acc = cs.run_node(node_classes["QwenImageAccelerate"], model=model, backend=backend, mode="default",
+                      dynamic="auto")[0]
+    node_model = native_model_options(model, fast=True, true_cfg=False)   # what speed=fast samples with
+    runs = [
+        ("ksampler_accelerated", lambda: cs.ksampler(b, acc, vae, x["pos"], x["neg"], 1, seed, steps)),
+        ("node_fast_on_plain_model", lambda: cs.pack_node(b, node_classes, model, vae, x["pos"], x["neg"], [seed],
+                                                          steps, 1, speed="fast")),
+        ("node_standard_on_accelerated_model", lambda: cs.pack_node(b, node_classes, acc, vae, x["pos"], x["neg"],
+                                                                    [seed], steps, 1)),
+        ("ksampler_on_node_fast_model", lambda: cs.ksampler(b, node_model, vae, x["pos"], x["neg"], 1, seed, steps)),
+        ("ksampler_accelerated_again", lambda: cs.ksampler(b, acc, vae, x["pos"], x["neg"], 1, seed, steps)),
+        ("node_fast_on_plain_model_again", lambda: cs.pack_node(b, node_classes, model, vae, x["pos"], x["neg"],
+                                                                [seed], steps, 1, speed="fast")),
+    ]
+    for name, fn in runs:
+        measure(b, where, name, fn, repeat=2, state_of=acc, need_s=15)
+        r = where.get(name)
+        if isinstance(r, dict) and isinstance(r.get("accelerator"), dict):
+            r["model_calls_so_far"] = r["accelerator"]["calls"]
+
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("full", "card24"), required=True)
+    p.add_argument("--mode", choices=("full", "card24", "fastdiag"), required=True)
     p.add_argument("--comfyui-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true")
@@ -441,7 +476,7 @@ def main(argv=None) -> int:
     b.save()
     try:
         with torch.inference_mode():   # as ComfyUI's executor runs every node
-            (mode_full if args.mode == "full" else mode_card24)(b, cs, node_classes)
+            {"full": mode_full, "card24": mode_card24, "fastdiag": mode_fastdiag}[args.mode](b, cs, node_classes)
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         b.results["error"] = f"{type(e).__name__}: {str(e)[:400]}"
