@@ -9,7 +9,7 @@ under the committed workflows' real file names:
   text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors  1-layer full-width Qwen2.5-VL text tower
   qwen3_vl/Qwen3-VL-2B-Instruct/                       the pack's tiny Qwen3-VL
   diffusers/Qwen-Image/                                the pack's tiny diffusers pipeline
-  identity_heads/linear_head.safetensors               random head (tiny Qwen3-VL D -> H 3584)
+  identity_heads/v1_head.safetensors                   random head (tiny Qwen3-VL D -> H 3584)
   identity_heads/tiny_diffusers_head.safetensors       random head (tiny Qwen3-VL D -> tiny pipeline H)
 Substitutions made in copies of the API workflows (the committed files keep the real names):
 CLIPLoader -> TinyQwenImageCLIPLoader (CLIPLoader always builds the full 7B encoder), the diffusers
@@ -100,13 +100,19 @@ def models_dir(tmp_path_factory):
 
 
 def _photos(input_dir: Path):
-    from qwen_identity.tiny_models.dataset import identity_photo
+    """Real face photos (the workflows crop the face, the default): Grace Hopper, as shipped by matplotlib,
+    at 256x300 (face box about 107 px), flipped and shifted for the other views."""
+    from PIL import Image
+
+    from real_faces import grace_hopper
 
     input_dir.mkdir(parents=True, exist_ok=True)
-    for v, name in enumerate(bw.PHOTOS):
-        identity_photo(0, v, (64, 80)).save(input_dir / name)
-    for person, name in enumerate(bw.PEOPLE_PHOTOS, start=1):
-        identity_photo(person, 0, (64, 80)).save(input_dir / name)
+    face = grace_hopper().resize((256, 300), Image.Resampling.LANCZOS)
+    views = [face, face.transpose(Image.Transpose.FLIP_LEFT_RIGHT), face.crop((16, 0, 256, 300))]
+    for view, name in zip(views, bw.PHOTOS):
+        view.save(input_dir / name)
+    for view, name in zip(views, bw.PEOPLE_PHOTOS):
+        view.save(input_dir / name)
 
 
 def _server_env(base: Path) -> dict:

@@ -43,6 +43,7 @@ def _photos(seed_dir):
 
 def test_one_loaded_bundle_serves_prompts_back_to_back(bundles, make_dataset):
     from qwen_identity.nodes.inject_nodes import InjectResidual, QwenImageTextEncodeDiffusers
+    from qwen_identity.nodes.feature_cache import FEATURE_CACHE
     from qwen_identity.nodes.qwen3vl_nodes import ExtractIdentityFeatures
     from qwen_identity.nodes.sampling_nodes import QwenImageSampleFromEmbeds
 
@@ -57,7 +58,8 @@ def test_one_loaded_bundle_serves_prompts_back_to_back(bundles, make_dataset):
 
     def prompt(photos, text, seed):
         snapshot = photos.clone()
-        feats, _ = ExtractIdentityFeatures().extract(vl, photos)
+        FEATURE_CACHE.clear()   # the model runs every time (a re-queue would reuse the features)
+        feats, _ = ExtractIdentityFeatures().extract(vl, photos, crop="center")
         (pos,) = QwenImageTextEncodeDiffusers().encode(pipe, text)
         (neg,) = QwenImageTextEncodeDiffusers().encode(pipe, "blurry")
         pos_before = pos[0][0].clone()
@@ -142,7 +144,7 @@ def test_two_real_extract_runs_racing_for_one_output(tiny_qwen3vl_dir, inputs, t
 
     out = tmp_path / "race" / "features.safetensors"
     args = ["extract", "--seed-dirs", str(inputs / "data" / "seed_*"), "--qwen3-vl-model", str(tiny_qwen3vl_dir),
-            "--out", str(out), "--device", "cpu"]
+            "--out", str(out), "--device", "cpu", "--crop", "center"]
     procs = [subprocess.Popen([sys.executable, "-m", "qwen_identity.cli", *args], env=cli_env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]

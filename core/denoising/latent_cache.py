@@ -58,8 +58,12 @@ def crop_to(image: Image.Image, res: Resolution, name: str = "photo", allow_upsc
     """Scale to cover res, centre-crop. Smaller photos are refused unless allow_upscale."""
     w, h = image.size
     if not allow_upscale and (w < res.width or h < res.height):
-        raise UserInputError(f"{name} is {w}x{h}, smaller than the training resolution {res}: use photos at least "
-                             f"that large, lower --train-resolution, or pass --allow-upscale (blurrier targets).")
+        fit = f"{max(16, w // 16 * 16)}x{max(16, h // 16 * 16)}"
+        raise UserInputError(f"{name} is {w}x{h}, smaller than the training resolution {res}. Either lower the "
+                             f"resolution to fit the photos (--train-resolution {fit}: sharp targets, fewer tokens per "
+                             "face, farther from the sizes Qwen-Image generates at) or pass --allow-upscale (the photo "
+                             "is enlarged: blurry targets the head may learn to ask for, full cost per step); or use "
+                             "larger photos. See 'Data for a universal head' in docs/training.md.")
     return ImageOps.fit(image.convert("RGB"), (res.width, res.height), method=Image.BICUBIC, centering=(0.5, 0.5))
 
 
@@ -100,14 +104,11 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latent(vae, image: Image.Image) -> torch.Tensor:
-    """Normalised latent [C, H/8, W/8] (float32, CPU) of one cropped image."""
-    p = next(vae.parameters())
-    x = image_tensor(image).to(device=p.device, dtype=p.dtype)
-    z = vae.encode(x).latent_dist.mode()  # [1, C, 1, h, w]
-    c = z.shape[1]
-    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1)
-    return ((z.float().cpu() - mean) / std)[0, :, 0].contiguous()
+    """Normalised latent [C, h, w] (float32, CPU) of one cropped image, as the VAE's model family
+    encodes it (core/families/: the distribution's mode, normalised the way the transformer expects)."""
+    from ..families import detect_family
+
+    return detect_family(vae, "VAE").encode_vae_input(vae, image_tensor(image))[0]
 
 
 def face_box(embedder, image: Image.Image) -> tuple[float, float, float, float]:
