@@ -47,6 +47,16 @@ LORA_RANK_FULL = 16        # as the earlier runs
 LORA_RANK_CARD24 = 64      # Lightning LoRAs are rank 64
 CARD_GIB = 23.99           # an RTX 4090 / 3090: 24564 MiB
 CUDA_CONTEXT_GIB = 0.5     # what the CUDA context takes outside PyTorch's allocator on such a card
+# The pack is used only through the node classes ComfyUI registered (bench/ never imports nodes/): the
+# accelerator's state is read from the MODEL's options under this key.
+ACCELERATION_KEY = "qwen_identity_acceleration"
+
+
+def dynamo_compiles() -> int:
+    """Graphs dynamo has compiled in this process so far (its own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class Bench:
@@ -135,9 +145,7 @@ def transformer_state(model) -> dict:
 
 
 def accel_state(model) -> dict | None:
-    from qwen_identity.nodes.native_acceleration import acceleration_state
-
-    s = acceleration_state(model)
+    s = getattr(model, "model_options", {}).get(ACCELERATION_KEY)
     if s is None:
         return None
     return dict(calls=s.calls, eager_calls=s.eager_calls, compiles=s.compiles,
@@ -148,8 +156,6 @@ def accel_state(model) -> dict | None:
 def measure(b: Bench, where: dict, name: str, fn, repeat: int = 1, first: bool = True, need_s: float = 20.0,
             state_of=None):
     """fn() once as the first call (when `first`), then `repeat` more times; everything into where[name]."""
-    from qwen_identity.nodes.native_acceleration import dynamo_compiles
-
     if b.out_of_time(need_s):
         where[name] = "skipped: time budget"
         b.save()
@@ -408,7 +414,7 @@ def mode_card24(b: Bench, cs, node_classes) -> None:
 def mode_fastdiag(b: Bench, cs, node_classes) -> None:
     """Where QwenImageSampleFromEmbeds speed=fast loses against QwenImageAccelerate -> KSampler (fp8): the same
     accelerated MODEL through each sampler, and each sampler with the other's MODEL."""
-    from qwen_identity.nodes.sampling_nodes import native_model_options
+    native_model_options = sys.modules[node_classes["QwenImageSampleFromEmbeds"].__module__].native_model_options
 
     backend = "inductor" if b.cuda else "aot_eager"
     wd = b.args.dtypes.split(",")[-1]

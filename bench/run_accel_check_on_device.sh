@@ -4,6 +4,12 @@
 # git-ignored carry folder: .device_carry/accel/ = whl/ (diffusers 0.42.1, transformers 5.24.0, regex, torchsde,
 # trampoline, av: cp312 manylinux wheels the GPU image lacks), comfyui_src.tar.xz (ComfyUI 0.3.64 without .git
 # and tests) and pack/ (this checkout).
+# Made in the session's checkout (58 MiB; remove it afterwards, other runs carry .device_carry/ too):
+#   mkdir -p .device_carry/accel/pack && git -C <this worktree> archive HEAD | tar -x -C .device_carry/accel/pack
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .device_carry/accel/whl diffusers==0.42.1 transformers==5.24.0 regex torchsde trampoline av
+#   (ComfyUI's tarball, minus tests/ and .git, repacked as .device_carry/accel/comfyui_src.tar.xz)
 #   run(command="bash .device_carry/accel/pack/bench/run_accel_check_on_device.sh", carry=[".device_carry/accel"])
 # Env: FULL_S (seconds for --mode full, default 300), CARD24_S (default 250).
 set -uo pipefail

@@ -23,8 +23,8 @@ What keeps working, and why:
   use, the stored dtypes) and the input shapes. Each layout is compiled at most once (at most MAX_LAYOUTS of
   them), and dynamo's own compile counter is read around every call: a compile on inputs and a layout that
   were compiled before means something the compiled code guards on changes between steps; after
-  MAX_UNEXPECTED_RECOMPILES of those the MODEL runs eager for good (one log line) instead of recompiling up
-  to dynamo's limit and then running slower than eager.
+  MAX_UNEXPECTED_RECOMPILES of those the MODEL runs eager until it is loaded again (one log line) instead
+  of recompiling up to dynamo's limit and then running slower than eager.
 - One set of compiled blocks per loaded transformer and settings: running QwenImageAccelerate again, or
   QwenImageSampleFromEmbeds with speed "fast" on every queue, reuses them.
 - Resolution / batch changes: `dynamic="auto"` lets PyTorch recompile once with dynamic sizes after the
