@@ -115,6 +115,7 @@ def same_head(a: torch.Tensor, b: torch.Tensor) -> bool:
     and Adam's normalisation amplifies those last-bit differences in small gradients (measured at most
     1.2e-5 of the largest weight after 10 steps). Any other difference in the step (a photo missing, another
     photo's noise) moves the weights by the order of the learning rate, 3e-2: a thousand times the bound."""
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
 
 

@@ -70,6 +70,14 @@ def _gain(metrics: dict[str, Any]) -> dict[str, Any] | None:
             "relative": g.get("identity_gain_relative"), "persons": g.get("persons"), "photos": g.get("photos")}
 
 
+def _personal_gain(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """A personal head's held-out photo figures (core/tuning), when it had one."""
+    if (metrics or {}).get("own_gain_relative") is None:
+        return None
+    return {k: metrics.get(k) for k in ("own_gain_relative", "impostor_gain_relative", "held_out_photos",
+                                        "best_step", "impostor_photos")}
+
+
 def card_fields(head: ResidualHead, *, steps: int | None = None, persons: int | None = None,
                 licence: str | None = None) -> dict[str, Any]:
     """The model card's fields, from the head's metadata (and the run's step and person counts)."""
@@ -94,6 +102,7 @@ def card_fields(head: ResidualHead, *, steps: int | None = None, persons: int | 
         "data_fingerprint": m.dataset_fingerprint or "not recorded",
         "persons": persons,
         "held_out_gain": _gain(metrics),
+        "held_out_photo_gain": _personal_gain(metrics),
         "training_steps": steps if steps is not None else metrics.get("step"),
         "epochs": metrics.get("epochs"),
         "licence": licence or previous.get("licence") or LICENCE_TO_FILL,
@@ -119,6 +128,12 @@ def card_markdown(fields: dict[str, Any], head_name: str) -> str:
         gain = (f"identity gain {_fmt(g['identity_gain'])} (95 % CI {_fmt(lo)} .. {_fmt(hi)}, resampling people), "
                 f"own gain {_fmt(g['own_gain'])}, impostor gain {_fmt(g['impostor_gain'])}; on "
                 f"{_fmt(g.get('persons'))} held-out people, {_fmt(g.get('photos'))} photos")
+    elif fields.get("held_out_photo_gain"):
+        p = fields["held_out_photo_gain"]
+        gain = (f"personal head, one held-out photo ({', '.join(p.get('held_out_photos') or [])}): own gain "
+                f"{_fmt(100 * p['own_gain_relative'], 3)} % of the prompt-alone loss at step {_fmt(p.get('best_step'))}"
+                + (f"; impostor gain {_fmt(100 * p['impostor_gain_relative'], 3)} % on {p.get('impostor_photos')} "
+                   "photos of other people" if p.get("impostor_gain_relative") is not None else ""))
     else:
         gain = ("not measured (only the denoise objective measures it while training; measure it with "
                 "`qwen-identity eval --denoise-gain` on people the head was not trained on)")
