@@ -126,9 +126,11 @@ def _photos(input_dir: Path):
     views = [face, face.transpose(Image.Transpose.FLIP_LEFT_RIGHT), face.crop((16, 0, 256, 300))]
     for view, name in zip(views, bw.PHOTOS):
         view.save(input_dir / name)
-    for view, name in zip(views, bw.PEOPLE_PHOTOS):
-        if name not in bw.PHOTOS:   # person A is the example person, written above
-            view.save(input_dir / name)
+    # person A is written above (Grace Hopper); person B is another real person: the shipped example photo
+    other = Image.open(ROOT / "examples" / "photos" / bw.PHOTOS[1]).convert("RGB")
+    for name in bw.PEOPLE_PHOTOS:
+        if name not in bw.PHOTOS:
+            other.save(input_dir / name)
 
 
 def _server_env(base: Path) -> dict:
