@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "seed directories (seed_*/photo_view_*.png + caption.txt) from photos grouped per person; "
                 "photos without a usable face are skipped and counted"),
     "extract": ("extract", "Qwen3-VL identity features of seed directories into one .safetensors feature cache"),
+    "tune": ("tune", "a personal identity head from a folder of one person's photos, in minutes"),
     "train": ("train", "train a residual head from seed directories (objective caption, zero or denoise)"),
     "sweep": ("sweep", "the POC's alpha x seed sweep: (train,) inject, sample, grid + meta per seed directory"),
     "demo": ("demo", "the main job on a fresh machine: tiny offline models (or real ones) end to end"),

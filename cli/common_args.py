@@ -80,3 +80,28 @@ def add_qwen_image_runtime_arguments(group: argparse._ArgumentGroup) -> None:
 
 def qwen_image_load_kwargs(args) -> dict:
     return {"offload": args.offload, "fp8_storage": args.fp8_storage}
+
+
+def add_crop_arguments(group: argparse._ArgumentGroup, head_default: bool = False) -> None:
+    """--crop and --crop-fallback: which part of each photo Qwen3-VL sees (core/identity/face_crop.py).
+    `head_default`: commands that use a trained head (eval) default to the crop the head was trained with."""
+    from ..core.identity.face_crop import CROP_FALLBACKS, CROPS, DEFAULT_CROP, DEFAULT_CROP_FALLBACK
+
+    if head_default:
+        group.add_argument("--crop", choices=CROPS, default=None,
+                           help="which part of each photo Qwen3-VL sees (default: the crop the head was trained with; "
+                                "another one is warned about): face, center or full")
+    else:
+        group.add_argument("--crop", choices=CROPS, default=DEFAULT_CROP,
+                           help=f"which part of each photo Qwen3-VL sees (default: {DEFAULT_CROP}): face = the face found "
+                                "by dlib's detector, turned so the eyes are level, a square twice the face box; "
+                                "center = the centre square; full = the whole photo (letterboxed). The head records it")
+    default = "the head's" if head_default else DEFAULT_CROP_FALLBACK
+    group.add_argument("--crop-fallback", choices=CROP_FALLBACKS, default=None if head_default else DEFAULT_CROP_FALLBACK,
+                       help=f"crop face only: a photo without a face (default: {default}; error = stop and name "
+                            "it; center or full = crop that photo that way, with a note)")
+
+
+def crop_settings(args) -> dict:
+    """The crop fields of FeatureSettings from --crop / --crop-fallback."""
+    return {"crop": args.crop, "crop_fallback": args.crop_fallback}

@@ -88,8 +88,9 @@ def _demo(args, out: Path, alphas, seeds) -> int:
         width=sizes["width"], max_batch=sizes["max_batch"], base_prompt=args.base_prompt, qwen3_vl_model=vl_model,
         qwen_image_model=qi_model, device=args.device, extra_meta={"demo": True, "stand_in_models": stand_in}))
     t = time.time()
+    # the synthetic identities are colour patterns without faces: their features use the centre crop
     metrics = train_first(cfg, epochs=sizes["epochs"], batch_size=2, lr=sizes["lr"], target="caption", tokens=1,
-                          overwrite=True)
+                          overwrite=True, feature_settings=None if args.seed_dirs else {"crop": "center"})
     ran.append(f"trained a residual head ({sizes['epochs']} epochs, lr {sizes['lr']:g}, caption target, "
                f"train loss {metrics.get('train_loss', float('nan')):.4g}) in {time.time() - t:.1f}s -> "
                f"{out / 'checkpoints' / 'linear_head.safetensors'}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -39,10 +40,12 @@ from ..core.measurement.face_similarity import DETECTORS, THRESHOLD, FaceEmbedde
 from ..core.pipeline.defaults import (DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_QWEN3_VL,
                                       DEFAULT_QWEN_IMAGE)
 from ..core.pipeline.run import Models, check_unique_names, identity_features, release_memory
-from ..core.residual.head import load_head
+from ..core.families import find_family
+from ..core.residual.head import check_head_family, load_head
 from ..core.residual.injection import parse_alphas
 from ..core.runtime.progress import offset_progress, tqdm_progress
-from .common_args import add_generation_arguments, add_system_arguments, finite_float, qwen_image_load_kwargs
+from .common_args import (add_crop_arguments, add_generation_arguments, add_system_arguments, finite_float,
+                          qwen_image_load_kwargs)
 from .fanout import add_fanout_arguments
 
 DEFAULT_OUT = "eval_output"
@@ -60,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"the one recorded in the head, else {DEFAULT_QWEN3_VL})")
     g.add_argument("--qwen-image-model", default=DEFAULT_QWEN_IMAGE,
                    help=f"diffusers Qwen-Image folder, models-folder name or hub id (default: {DEFAULT_QWEN_IMAGE})")
+    add_crop_arguments(g, head_default=True)
     g = p.add_argument_group("sweep")
     add_generation_arguments(g, DEFAULT_ALPHAS, alphas_note="; 0 is always added as the baseline")
     g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT,
@@ -97,6 +101,17 @@ def _warn(message: str) -> None:
     print(f"qwen-identity eval: warning: {message}", file=sys.stderr)
 
 
+def eval_feature_settings(args, head):
+    """The head's feature settings, with --crop / --crop-fallback when given (another crop than the head's
+    is warned about: the head then sees other features than it learned from)."""
+    settings = settings_from_meta(head.meta.feature_settings or {})
+    crop = getattr(args, "crop", None) or settings.crop
+    if crop != settings.crop:
+        _warn(f"--crop {crop}: the head was trained on crop {settings.crop}; its residuals may not carry the identity.")
+    return dataclasses.replace(settings, crop=crop, crop_fallback=getattr(args, "crop_fallback", None)
+                               or settings.crop_fallback)
+
+
 def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "identity"
 
@@ -129,7 +144,7 @@ def _denoise_gain(args, head_path, out: Path) -> dict:
 
     head = load_head(head_path)
     trained = head.meta.training_args or {}
-    settings = settings_from_meta(head.meta.feature_settings or {})
+    settings = eval_feature_settings(args, head)
     prompt = args.gain_prompt or (head.meta.base_prompt if head.meta.target == "denoise" and head.meta.base_prompt
                                   else args.base_prompt)
     alpha = args.gain_alpha if args.gain_alpha is not None else float(trained.get("alpha_train") or 1.0)
@@ -138,8 +153,7 @@ def _denoise_gain(args, head_path, out: Path) -> dict:
     cfg = TrainConfig(seed_dirs=parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file), out_dir=out,
                       qwen3_vl_model=args.qwen3_vl_model or head.meta.qwen3_vl_model or DEFAULT_QWEN3_VL,
                       qwen_image_model=args.qwen_image_model,
-                      feature_settings={"source": settings.source, "layer": settings.layer,
-                                        "resolution": settings.resolution, "max_pixels": settings.max_pixels},
+                      feature_settings=dataclasses.asdict(settings),
                       device=args.device, dtype=args.dtype,
                       hf_token=args.hf_token or os.environ.get("HUGGINGFACE_TOKEN") or os.environ.get("HF_TOKEN"),
                       cache_dir=args.cache_dir or os.environ.get("HF_HUB_CACHE"))
@@ -232,7 +246,7 @@ def _evaluate(args, seed_dir_paths, alphas, seeds, out: Path, write_dir: Path, t
     names = [d.name for d in seed_dirs]
     photos = {d.name: [load_image(p) for p in d.photos] for d in seed_dirs}   # fail fast, before models load
     head = load_head(args.head)
-    settings = settings_from_meta(head.meta.feature_settings or {})
+    settings = eval_feature_settings(args, head)
     take_lock()  # one writer per output folder (as train, sweep and extract)
     face = FaceEmbedder(detector=args.detector)
     models = Models(args.qwen3_vl_model or head.meta.qwen3_vl_model or DEFAULT_QWEN3_VL, args.qwen_image_model,
@@ -246,6 +260,9 @@ def _evaluate(args, seed_dir_paths, alphas, seeds, out: Path, write_dir: Path, t
 
     # 2. Qwen-Image: every α × seed image of every identity; the α = 0 baseline once for all
     qi = models.qwen_image()
+    family = find_family(getattr(qi, "pipeline", qi))
+    if family is not None:
+        check_head_family(head, family)
     positive = encode_text(qi, args.base_prompt)
     negative = encode_text(qi, args.negative_prompt) if args.guidance > 1 else None
     print(f"Qwen3-VL {vl.model_id} and Qwen-Image {qi.model_id} on {qi.device}; {len(names)} identities, "

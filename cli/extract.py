@@ -2,7 +2,7 @@
 
 For each seed directory (one identity: its photo_view_*.png, natural-sorted) the file holds the
 per-image features [N, D], the combined identity vector [D] and the metadata (model, D, feature
-source, layer, resolution, seed dir, photos used). Entries are keyed like every feature cache of the
+source, layer, resolution, crop, seed dir, photos used). Entries are keyed like every feature cache of the
 pack (`core.pipeline.cache_keys.feature_key`: the photos' sha256, model, settings, dtype), so
 `qwen-identity train --features FILE` reuses exactly the entries that match its own run.
 An unreadable photo is skipped with a warning naming it; a directory with no readable photo is an
@@ -28,6 +28,7 @@ from ..core.pipeline.cache_keys import feature_key, photo_hashes
 from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES, resolve_device, resolve_dtype
 from ..core.runtime.model_folders import model_dirs
 from ..core.runtime.progress import offset_progress, tqdm_progress
+from .common_args import add_crop_arguments, crop_settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", default=DEFAULT_RESOLUTION, choices=RESOLUTIONS, help=f"default: {DEFAULT_RESOLUTION}")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"pixel_budget only: most pixels per photo (default: {DEFAULT_MAX_PIXELS} = 448x448)")
+    add_crop_arguments(p)
     p.add_argument("--batch-size", type=int, default=8, help="photos per forward pass (default: 8)")
     p.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"),
                    help="default: sdpa")
@@ -83,7 +85,7 @@ def _run(args, stack) -> int:
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
     settings = FeatureSettings(source=args.feature_source, layer=args.layer, resolution=args.resolution,
-                               max_pixels=args.max_pixels)
+                               max_pixels=args.max_pixels, **crop_settings(args))
     seed_dirs = load_seed_dirs(parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file))
     plan = [(d, *readable_photos(d)) for d in seed_dirs]  # fail fast, before the model loads
     dtype = resolve_dtype(args.dtype, resolve_device(args.device))
@@ -95,7 +97,7 @@ def _run(args, stack) -> int:
                           token=args.hf_token, cache_dir=args.cache_dir, device=args.device, dtype=args.dtype,
                           attn_implementation=args.attn_implementation)
     print(f"Qwen3-VL {bundle.model_id} (D={bundle.feature_dim}) on {bundle.device}; {len(plan)} identities; "
-          f"source {settings.source}, resolution {settings.resolution}", file=sys.stderr)
+          f"source {settings.source}, resolution {settings.resolution}, crop {settings.crop}", file=sys.stderr)
     total = sum(len(good) for _, good, _ in plan)
     items = {}
     done = 0
@@ -104,6 +106,7 @@ def _run(args, stack) -> int:
             images = [load_image(p) for p in good]
             items[key] = extract_features(
                 bundle, images, settings, batch_size=args.batch_size, progress=offset_progress(bar, done, total),
+                names=[str(p) for p in good],
                 extra_meta={"seed_dir": str(seed_dir.path), "name": seed_dir.name,
                             "photos": [p.name for p in good], "skipped": [p.name for p in skipped]})
             done += len(good)

@@ -28,8 +28,8 @@ from ..core.residual.injection import parse_alphas
 from ..core.runtime.progress import tqdm_progress
 from ..training.loop import LoopConfig
 from ..training.pipeline import TrainConfig, run_training
-from .common_args import (add_generation_arguments, add_head_training_arguments, add_system_arguments,
-                          finite_float)
+from .common_args import (add_crop_arguments, add_generation_arguments, add_head_training_arguments,
+                          add_system_arguments, crop_settings, finite_float)
 from .fanout import add_fanout_arguments
 
 DEFAULT_OUT = "outputs"
@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-fraction", type=finite_float, default=0.0,
                    help="with --train: share of identities held out of training for validation (default: 0 = train "
                         "on every identity the sweep draws)")
+    add_crop_arguments(g)
     g = p.add_argument_group("inference")
     add_generation_arguments(g, DEFAULT_ALPHAS)
     g = p.add_argument_group("prompts")
@@ -105,10 +106,11 @@ def config_from_args(args) -> SweepConfig:
 
 
 def train_first(cfg: SweepConfig, epochs: int, batch_size: int, lr: float, target: str, tokens: int,
-                overwrite: bool, say: Callable[[str], None] = print, val_fraction: float = 0.0) -> dict:
+                overwrite: bool, say: Callable[[str], None] = print, val_fraction: float = 0.0,
+                feature_settings: dict | None = None) -> dict:
     """--train: the training pipeline of `qwen-identity train`, writing OUT/checkpoints/linear_head.safetensors.
     By default on every identity the sweep draws (`val_fraction` 0): the head's metadata and every grid's
-    meta.json name the identities it was trained on."""
+    meta.json name the identities it was trained on. `feature_settings`: FeatureSettings fields (the crop)."""
     s = cfg.settings
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, as `train` sets it
     loop = LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr)
@@ -116,7 +118,7 @@ def train_first(cfg: SweepConfig, epochs: int, batch_size: int, lr: float, targe
                        qwen_image_model=s.qwen_image_model, base_prompt=s.base_prompt, target=target,
                        tokens=tokens, single_view=s.single_view, val_fraction=val_fraction, device=s.device,
                        dtype=s.dtype, hf_token=s.hf_token, cache_dir=s.cache_dir, overwrite=overwrite,
-                       distributed="off")
+                       distributed="off", feature_settings=dict(feature_settings or {}))
     metrics = run_training(tcfg, say=say,
                            progress=lambda name: tqdm_progress(name, unit="step" if name == "training" else "item"))
     release_memory()
@@ -173,7 +175,7 @@ def run(args) -> int:
         if args.train:   # chunk 0 trains into OUT (as one process would), then runs its chunk
             with OutDirLock(cfg.out_dir, allow_nested=True):
                 train_first(cfg, args.epochs, args.batch_size, args.lr, args.target, args.tokens, args.overwrite,
-                            val_fraction=args.val_fraction)
+                            val_fraction=args.val_fraction, feature_settings=crop_settings(args))
         return run_fanned(args, "sweep", cfg.seed_dirs, cfg.out_dir,
                           lambda subset, stage: run_sweep(SweepConfig(subset, cfg.out_dir, cfg.settings),
                                                           write_dir=stage),
@@ -181,7 +183,7 @@ def run(args) -> int:
     with OutDirLock(cfg.out_dir, allow_nested=True):  # training and sampling are one writer: nobody slips in between
         if args.train:
             train_first(cfg, args.epochs, args.batch_size, args.lr, args.target, args.tokens, args.overwrite,
-                        val_fraction=args.val_fraction)
+                        val_fraction=args.val_fraction, feature_settings=crop_settings(args))
         written = run_sweep(cfg)
     print(f"done in {time.perf_counter() - t0:.1f}s: {len(written)} grid(s) in {cfg.out_dir / 'generations'}")
     return 0

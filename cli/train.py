@@ -20,7 +20,8 @@ from ..core.pipeline.defaults import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFA
 from ..core.runtime.progress import tqdm_progress
 from ..training.loop import LoopConfig
 from ..training.pipeline import TrainConfig, run_training
-from .common_args import add_head_training_arguments, add_system_arguments, finite_float
+from .common_args import (add_crop_arguments, add_head_training_arguments, add_system_arguments, crop_settings,
+                          finite_float)
 
 DEFAULT_OUT = "train_output"
 
@@ -57,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"how photos are sized for Qwen3-VL (default: {DEFAULT_RESOLUTION})")
     g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"pixel_budget only: most pixels per photo (default: {DEFAULT_MAX_PIXELS} = 448x448)")
+    add_crop_arguments(g)
     g = p.add_argument_group("system")
     add_system_arguments(g, dtype_note="; the head trains in fp32")
 
@@ -175,7 +177,8 @@ def config_from_args(args):
                        target=objective_of(args) if objective_of(args) != "denoise" else "caption", tokens=args.tokens,
                        single_view=args.single_view, val_fraction=args.val_fraction,
                        feature_settings={"source": args.feature_source, "layer": args.layer,
-                                         "resolution": args.resolution, "max_pixels": args.max_pixels},
+                                         "resolution": args.resolution, "max_pixels": args.max_pixels,
+                                         **crop_settings(args)},
                        features_file=Path(args.features) if args.features else None,
                        device=args.device, dtype=args.dtype,
                        hf_token=args.hf_token or os.environ.get("HUGGINGFACE_TOKEN"),

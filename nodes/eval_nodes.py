@@ -48,7 +48,8 @@ class ScoreIdentity:
             },
             "optional": {
                 "qwen3vl": ("QWEN3VL", {"tooltip": "Optional: a model from LoadQwen3VL adds the Qwen3-VL feature "
-                            "cosine to the references (default features: merger_pooled, 448 centre crop)."}),
+                            "cosine to the references (features: merger_pooled of the face crop; an image without a "
+                            "face: its centre crop)."}),
             },
         }
 

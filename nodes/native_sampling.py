@@ -36,8 +36,6 @@ from ..core.generation.regions import mask_notes
 from ..core.generation.sampling import MAX_SEED
 from ..core.errors import ModelMismatchError, UserInputError
 
-LATENT_CHANNELS = 16          # Qwen-Image's Wan-2.1 VAE latent (ComfyUI's EmptySD3LatentImage layout)
-SPATIAL_FACTOR = 8            # VAE downscale
 SIZE_MULTIPLE = 16            # VAE /8 times the transformer's 2x2 patches
 log = logging.getLogger(__name__)
 AUTO_MAX_BATCH = 16           # a 4x4 α×seed grid in one sampler call when memory allows
@@ -124,27 +122,34 @@ def _text_width(model) -> Optional[int]:
         return None
 
 
-def _check_model(model, vae, positive) -> None:
+def _check_model(model, vae, positive):
+    """The MODEL's model family (core/families/, from its ComfyUI latent format), after checking that the
+    MODEL, the VAE and the conditioning belong together."""
+    from ..core.families import QWEN_IMAGE_1, find_family
+
     try:
-        channels = model.get_model_object("latent_format").latent_channels
+        latent_format = model.get_model_object("latent_format")
+        channels = latent_format.latent_channels
     except Exception:  # noqa: BLE001
         raise UserInputError("the MODEL input is not a ComfyUI diffusion model; connect the MODEL output of "
                              "UNETLoader (Load Diffusion Model) with a Qwen-Image file") from None
-    if channels != LATENT_CHANNELS:
+    family = find_family(type(latent_format).__name__)
+    if family is None or channels != family.latent_channels:
         raise ModelMismatchError(
-            f"the MODEL has {channels} latent channels, Qwen-Image has {LATENT_CHANNELS}; load a Qwen-Image "
-            f"diffusion model (e.g. qwen_image_fp8_e4m3fn.safetensors) with UNETLoader")
-    vae_channels = getattr(vae, "latent_channels", LATENT_CHANNELS)
-    if vae_channels != LATENT_CHANNELS:
+            f"the MODEL has {channels} latent channels, Qwen-Image has {QWEN_IMAGE_1.latent_channels}; load a "
+            f"Qwen-Image diffusion model (e.g. qwen_image_fp8_e4m3fn.safetensors) with UNETLoader")
+    vae_channels = getattr(vae, "latent_channels", family.latent_channels)
+    if vae_channels != family.latent_channels:
         raise ModelMismatchError(
-            f"the VAE has {vae_channels} latent channels, Qwen-Image's has {LATENT_CHANNELS}; load "
-            f"qwen_image_vae.safetensors with VAELoader")
+            f"the VAE has {vae_channels} latent channels, the MODEL's ({family.title}) has {family.latent_channels}; "
+            f"load the VAE that belongs to it (qwen_image_vae.safetensors for Qwen-Image) with VAELoader")
     width = _text_width(model)
     hidden = int(positive[0][0].shape[-1])
     if width is not None and hidden != width:
         raise ModelMismatchError(
             f"the conditioning is {hidden} wide but the MODEL's text input is {width} wide; encode the prompt "
             f"with the text encoder of the same Qwen-Image generation (CLIPLoader type qwen_image)")
+    return family
 
 
 def _auto_max_batch(model, latent_shape, cells: int) -> int:
@@ -190,14 +195,14 @@ def sample_native(model, vae, positive, negative, seeds, steps, cfg, width, heig
         raise UserInputError(f"unknown scheduler {scheduler!r}; use one of ComfyUI's: "
                              f"{', '.join(comfy.samplers.KSampler.SCHEDULERS)}")
     n_items = conditioning_batch(positive, negative)
-    _check_model(model, vae, positive)
-    lat_h, lat_w = int(height) // SPATIAL_FACTOR, int(width) // SPATIAL_FACTOR
+    family = _check_model(model, vae, positive)
+    lat_h, lat_w = family.latent_size(int(width), int(height))
     for what, cond in (("positive", positive), ("negative", negative)):
         for note in mask_notes(cond, lat_h, lat_w, what):
             log.warning("QwenImageSampleFromEmbeds: %s", note)
 
     cells = [(item, seed) for item in range(n_items) for seed in seeds]
-    one = torch.zeros([1, LATENT_CHANNELS, int(height) // SPATIAL_FACTOR, int(width) // SPATIAL_FACTOR],
+    one = torch.zeros([1, family.latent_channels, lat_h, lat_w],
                       device=comfy.model_management.intermediate_device())
     one = comfy.sample.fix_empty_latent_channels(model, one)  # -> [1, 16, 1, h, w] for Qwen-Image
     if is_stochastic_sampler(sampler_name):

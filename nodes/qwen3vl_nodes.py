@@ -24,7 +24,9 @@ from ..core.files.safe_paths import expand_user
 from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES, resolve_device, resolve_dtype
 from ..core.runtime.model_sources import resolve_model_dir
 from ..core.identity.features import (DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEFAULT_SOURCE, FEATURE_SOURCES, RESOLUTIONS,
-                             FeatureSettings, extract_features, prepare_images)
+                             FeatureSettings, extract_features, prepare_photos)
+from ..core.identity.face_crop import (CROP_FALLBACKS, CROP_HELP, CROPS, DEFAULT_CROP, DEFAULT_CROP_FALLBACK,
+                                       FALLBACK_HELP)
 from ..core.files.images import comfy_to_pil, pil_to_comfy
 from ..core.identity.qwen3vl import Qwen3VLBundle, attention_choices, load_qwen3vl
 from .comfy_runtime import comfy_progress, ensure_on_device, make_room, model_management, release, weights_bytes
@@ -123,7 +125,8 @@ class ExtractIdentityFeatures:
     RETURN_TYPES = ("IDENTITY_FEATURES", "IMAGE")
     RETURN_NAMES = ("identity_features", "model_view")
     OUTPUT_TOOLTIPS = ("Per-image features [N, D], the combined identity vector [D] and their metadata.",
-                       "The images exactly as the model saw them (crops), padded with grey to one size.")
+                       "The images exactly as the model saw them (with crop face: the aligned face squares), "
+                       "padded with grey to one size.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -148,20 +151,24 @@ class ExtractIdentityFeatures:
             "optional": {
                 "weights": ("STRING", {"default": "", "tooltip": "Optional per-photo weights in batch order, e.g. "
                             "'1,1,0.5'. Empty = equal weights."}),
+                "crop": (list(CROPS), {"default": DEFAULT_CROP, "tooltip": "Which part of each photo the model "
+                         "sees. " + CROP_HELP + " model_view shows the result."}),
+                "crop_fallback": (list(CROP_FALLBACKS), {"default": DEFAULT_CROP_FALLBACK, "tooltip": FALLBACK_HELP}),
             },
         }
 
     def extract(self, qwen3vl, images, feature_source=DEFAULT_SOURCE, layer=-1, resolution=DEFAULT_RESOLUTION,
-                max_pixels=DEFAULT_MAX_PIXELS, weights=""):
+                max_pixels=DEFAULT_MAX_PIXELS, weights="", crop=DEFAULT_CROP, crop_fallback=DEFAULT_CROP_FALLBACK):
         if not isinstance(qwen3vl, Qwen3VLBundle):
             raise UserInputError("the qwen3vl input must come from LoadQwen3VL.")
         settings = FeatureSettings(source=feature_source, layer=int(layer), resolution=resolution,
-                                   max_pixels=int(max_pixels))
+                                   max_pixels=int(max_pixels), crop=crop, crop_fallback=crop_fallback)
         pil = comfy_to_pil(images)
-        seen = prepare_images(pil, settings, qwen3vl.patch_multiple)
+        seen, crops = prepare_photos(pil, settings, qwen3vl.patch_multiple,
+                                     names=[f"image {i} of the batch" for i in range(len(pil))])
         ensure_on_device(qwen3vl)
         try:
-            feats = extract_features(qwen3vl, pil, settings, weights=weights, prepared=seen,
+            feats = extract_features(qwen3vl, pil, settings, weights=weights, prepared=seen, crops=crops,
                                      progress=comfy_progress(len(seen)))
         finally:
             release(qwen3vl)

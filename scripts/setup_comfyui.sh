@@ -11,7 +11,8 @@
 # torch/torchvision/torchaudio (torchaudio only feeds ComfyUI's audio nodes, which then log an import
 # failure and are otherwise harmless), the pack's runtime deps, pytest, the Playwright *Python package*
 # (the browser is the system chromium: `apt-get install -y chromium`; never `playwright install`),
-# and comfy-cli. Then the integration suite runs with
+# comfy-cli, and matplotlib (its sample Grace Hopper photo is the real face the workflows crop). Then the
+# integration suite runs with
 #   COMFYUI_DIR=... VENV/bin/python -m pytest tests/test_comfyui_integration.py
 set -euo pipefail
 if [ $# -ne 2 ]; then
@@ -36,7 +37,7 @@ echo "[setup_comfyui] torch/torchvision (pinned by constraints.txt)" >&2
 echo "[setup_comfyui] ComfyUI requirements (without torch/torchvision/torchaudio)" >&2
 "${PIP[@]}" -r "$req"
 echo "[setup_comfyui] the pack's runtime deps + test tools" >&2
-"${PIP[@]}" -r "$PACK/requirements.txt" pytest hypothesis playwright comfy-cli
+"${PIP[@]}" -r "$PACK/requirements.txt" pytest hypothesis playwright comfy-cli matplotlib  # matplotlib: a real face photo
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   echo "[setup_comfyui] note: no system chromium found; browser tests will skip." \
        "Install it with: apt-get install -y chromium   (do not run 'playwright install')" >&2

@@ -11,7 +11,7 @@ from qwen_identity.cli import main
 from qwen_identity.core.identity.features import FeatureSettings, extract_features, load_feature_cache
 from qwen_identity.core.files.images import load_image
 
-FAST = ["--device", "cpu", "--resolution", "pixel_budget", "--max-pixels", "4096"]
+FAST = ["--device", "cpu", "--resolution", "pixel_budget", "--max-pixels", "4096", "--crop", "full"]
 
 
 def hashes(dirs):
@@ -37,7 +37,7 @@ def test_extract_writes_one_entry_per_seed_dir(make_dataset, tiny_qwen3vl_dir, t
         assert item.meta["photos"] == ["photo_view_0.png", "photo_view_1.png", "photo_view_2.png"]
         assert item.meta["resolution"] == "pixel_budget" and item.meta["max_pixels"] == 4096
         direct = extract_features(bundle, [load_image(d / f"photo_view_{i}.png") for i in range(3)],
-                                  FeatureSettings(resolution="pixel_budget", max_pixels=4096), batch_size=2)
+                                  FeatureSettings(resolution="pixel_budget", crop="full", max_pixels=4096), batch_size=2)
         assert torch.equal(item.per_image, direct.per_image) and torch.equal(item.combined, direct.combined)
     assert "wrote" in capsys.readouterr().out
 
@@ -125,7 +125,7 @@ def test_extract_keys_entries_by_content_model_settings_and_dtype(make_dataset, 
     out = tmp_path / "f.safetensors"
     assert main(["extract", "--seed-dirs", str(d), "--qwen3-vl-model", str(tiny_qwen3vl_dir), "--out", str(out),
                  "--dtype", "fp32", *FAST]) == 0
-    settings = FeatureSettings(resolution="pixel_budget", max_pixels=4096)
+    settings = FeatureSettings(resolution="pixel_budget", crop="full", max_pixels=4096)
     hashes_ = photo_hashes(load_seed_dir(d).photos)
     key = feature_key(str(tiny_qwen3vl_dir), settings, hashes_, torch.float32)
     assert list(load_feature_cache(out)) == [key]

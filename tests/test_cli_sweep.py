@@ -27,7 +27,7 @@ def trained(tiny_models, tmp_path_factory):
     dirs = make_seed_dirs(root / "data", identities=2, views=2, captions={0: "a red-haired woman", 1: "a bald man"})
     before = hashes(dirs)
     out = root / "out"
-    rc = main(["sweep", "--seed-dirs", ",".join(map(str, dirs)), "--out-dir", str(out), "--train", "--epochs", "2",
+    rc = main(["sweep", "--seed-dirs", ",".join(map(str, dirs)), "--out-dir", str(out), "--train", "--crop", "center", "--epochs", "2",
                "--lr", "1e-2", "--alphas", "0,1.5", "--gen-seeds", "1234,7", "--qwen3-vl-model", str(tiny_models.qwen3vl),
                "--qwen-image-model", str(tiny_models.qwen_image), *SMALL])
     assert rc == 0

@@ -17,7 +17,8 @@ from qwen_identity.cli import main
 def train(tiny_models, capsys):
     def run(*args, out=None, epochs=2, target="zero", extra=()):
         argv = ["train", "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model", str(tiny_models.qwen_image),
-                "--epochs", str(epochs), "--target", target, "--device", "cpu", *args, *extra]
+                "--epochs", str(epochs), "--target", target, "--device", "cpu",
+                "--crop", "center", *args, *extra]   # the synthetic photos have no face
         if out is not None:
             argv += ["--out-dir", str(out)]
         code = main(argv)
@@ -192,7 +193,7 @@ def test_features_from_qwen_identity_extract_are_reused(train, make_dataset, tin
     dirs = make_dataset(identities=2, views=2, size=(64, 64))
     feats = tmp_path / "features.safetensors"
     assert main(["extract", "--seed-dirs", ",".join(map(str, dirs)), "--qwen3-vl-model", str(tiny_models.qwen3vl),
-                 "--out", str(feats), "--device", "cpu"]) == 0
+                 "--out", str(feats), "--device", "cpu", "--crop", "center"]) == 0
 
     def no_load(*a, **k):
         raise AssertionError("Qwen3-VL was loaded although the extract file had every identity")

@@ -104,13 +104,19 @@ def models_dir(tmp_path_factory):
 
 
 def _photos(input_dir: Path):
-    from qwen_identity.tiny_models.dataset import identity_photo
+    """Real face photos (the workflows crop the face, the default): Grace Hopper, as shipped by matplotlib,
+    at 256x300 (face box about 107 px), flipped and shifted for the other views."""
+    from PIL import Image
+
+    from real_faces import grace_hopper
 
     input_dir.mkdir(parents=True, exist_ok=True)
-    for v, name in enumerate(bw.PHOTOS):
-        identity_photo(0, v, (64, 80)).save(input_dir / name)
-    for person, name in enumerate(bw.PEOPLE_PHOTOS, start=1):
-        identity_photo(person, 0, (64, 80)).save(input_dir / name)
+    face = grace_hopper().resize((256, 300), Image.Resampling.LANCZOS)
+    views = [face, face.transpose(Image.Transpose.FLIP_LEFT_RIGHT), face.crop((16, 0, 256, 300))]
+    for view, name in zip(views, bw.PHOTOS):
+        view.save(input_dir / name)
+    for view, name in zip(views, bw.PEOPLE_PHOTOS):
+        view.save(input_dir / name)
 
 
 def _server_env(base: Path) -> dict:

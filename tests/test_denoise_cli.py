@@ -13,7 +13,7 @@ import torch
 from qwen_identity.cli import main
 
 BASE = ["--objective", "denoise", "--train-resolution", "32x32", "--batch-size", "2", "--lr", "1e-2",
-        "--device", "cpu", "--val-fraction", "0.34", "--gain-pairs", "2"]
+        "--device", "cpu", "--val-fraction", "0.34", "--gain-pairs", "2", "--crop", "center"]  # synthetic: no faces
 
 
 @pytest.fixture(autouse=True)
@@ -247,7 +247,7 @@ def test_out_of_gpu_memory_names_the_flags_that_reduce_memory(train, people, tmp
 
 def test_denoise_flags_without_the_denoise_objective_are_refused(train, people, tmp_path, tiny_models, capsys):
     code = main(["train", "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model",
-                 str(tiny_models.qwen_image), "--seed-dirs", people, "--face-weight", "2", "--device", "cpu",
+                 str(tiny_models.qwen_image), "--seed-dirs", people, "--face-weight", "2", "--device", "cpu", "--crop", "center",
                  "--out-dir", str(tmp_path / "a")])
     err = capsys.readouterr().err
     assert code == 2 and "--face-weight applies to --objective denoise only" in err

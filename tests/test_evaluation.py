@@ -16,7 +16,7 @@ from qwen_identity.core.errors import UserInputError
 from qwen_identity.core.identity.features import FeatureSettings
 from real_faces import astronaut, astronaut_variants, cat, grace_hopper
 
-SMALL = FeatureSettings(resolution="pixel_budget", max_pixels=64 * 64)
+SMALL = FeatureSettings(resolution="pixel_budget", crop="full", max_pixels=64 * 64)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from qwen_identity.core.identity.features import (FeatureSettings, IdentityFeatu
                                          load_feature_cache, parse_weights, prepare_images, save_feature_cache,
                                          settings_from_meta)
 
-BUDGET = FeatureSettings(resolution="pixel_budget", max_pixels=96 * 96)  # small images keep the suite fast
+BUDGET = FeatureSettings(resolution="pixel_budget", crop="full", max_pixels=96 * 96)  # small images keep the suite fast
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def photos():
 
 @pytest.mark.parametrize("source", ["merger_pooled", "llm_hidden"])
 def test_shapes_unit_norm_and_meta(bundle, photos, source):
-    s = FeatureSettings(source=source, resolution="pixel_budget", max_pixels=96 * 96)
+    s = FeatureSettings(source=source, resolution="pixel_budget", crop="full", max_pixels=96 * 96)
     f = extract_features(bundle, photos, s, batch_size=2)
     assert f.per_image.shape == (3, bundle.feature_dim) and f.combined.shape == (bundle.feature_dim,)
     assert f.per_image.dtype == f.combined.dtype == torch.float32
@@ -49,9 +49,10 @@ def test_shapes_unit_norm_and_meta(bundle, photos, source):
 
 
 def test_center_crop_default_sees_448(bundle):
-    f = extract_features(bundle, [photo(7, (64, 80))])
+    f = extract_features(bundle, [photo(7, (64, 80))], FeatureSettings(crop="center"))
     assert f.meta["resolution"] == "center_crop_448" and f.meta["max_pixels"] == 448 * 448
     assert f.meta["source"] == "merger_pooled"
+    assert FeatureSettings().crop == "face"  # the default crop (tests/test_face_crop.py)
 
 
 def test_combined_is_normalised_mean_and_weights_are_honoured(bundle, photos):
@@ -79,7 +80,7 @@ def test_views_of_one_identity_are_closer_than_other_identities(bundle, make_dat
 
 @pytest.mark.parametrize("source", ["merger_pooled", "llm_hidden"])
 def test_deterministic_bitwise_on_cpu(bundle, photos, source):
-    s = FeatureSettings(source=source, resolution="pixel_budget", max_pixels=96 * 96)
+    s = FeatureSettings(source=source, resolution="pixel_budget", crop="full", max_pixels=96 * 96)
     a = extract_features(bundle, photos, s, batch_size=2)
     b = extract_features(bundle, photos, s, batch_size=2)
     assert torch.equal(a.per_image, b.per_image) and torch.equal(a.combined, b.combined)
@@ -87,7 +88,7 @@ def test_deterministic_bitwise_on_cpu(bundle, photos, source):
 
 @pytest.mark.parametrize("source", ["merger_pooled", "llm_hidden"])
 def test_batch_size_does_not_change_features(bundle, photos, source):
-    s = FeatureSettings(source=source, resolution="pixel_budget", max_pixels=96 * 96)
+    s = FeatureSettings(source=source, resolution="pixel_budget", crop="full", max_pixels=96 * 96)
     one = extract_features(bundle, photos, s, batch_size=1)
     three = extract_features(bundle, photos, s, batch_size=3)
     assert torch.allclose(one.per_image, three.per_image, atol=1e-5)
@@ -97,9 +98,9 @@ def test_llm_layer_zero_is_the_merger_output(bundle, photos):
     """Layer 0 of the LLM is its input embeddings, where the image tokens ARE the merger output:
     this pins down that the LLM source reads exactly the image-token positions."""
     pooled = extract_features(bundle, photos, BUDGET)
-    layer0 = extract_features(bundle, photos, FeatureSettings(source="llm_hidden", layer=0, resolution="pixel_budget",
+    layer0 = extract_features(bundle, photos, FeatureSettings(source="llm_hidden", layer=0, resolution="pixel_budget", crop="full",
                                                               max_pixels=96 * 96))
-    last = extract_features(bundle, photos, FeatureSettings(source="llm_hidden", resolution="pixel_budget",
+    last = extract_features(bundle, photos, FeatureSettings(source="llm_hidden", resolution="pixel_budget", crop="full",
                                                             max_pixels=96 * 96))
     assert torch.allclose(pooled.per_image, layer0.per_image, atol=1e-5)
     assert not torch.allclose(pooled.per_image, last.per_image, atol=1e-3)
@@ -107,7 +108,7 @@ def test_llm_layer_zero_is_the_merger_output(bundle, photos):
 
 def test_layer_out_of_range(bundle, photos):
     with pytest.raises(UserInputError, match=r"layer 99 does not exist.*3 hidden states"):
-        extract_features(bundle, photos[:1], FeatureSettings(source="llm_hidden", layer=99, resolution="pixel_budget",
+        extract_features(bundle, photos[:1], FeatureSettings(source="llm_hidden", layer=99, resolution="pixel_budget", crop="full",
                                                              max_pixels=64 * 64))
 
 
@@ -120,11 +121,11 @@ def test_progress_is_reported_per_batch(bundle, photos):
 # --- what the model sees -----------------------------------------------------------------------
 def test_pixel_budget_bounds_a_huge_photo():
     big = Image.new("RGB", (4000, 3000), (120, 30, 200))
-    (out,) = prepare_images([big], FeatureSettings(resolution="pixel_budget"))
+    (out,) = prepare_images([big], FeatureSettings(resolution="pixel_budget", crop="full"))
     w, h = out.size
     assert w * h <= 448 * 448 and w % 32 == 0 and h % 32 == 0
     assert abs(w / h - 4 / 3) < 0.1
-    (crop,) = prepare_images([big])
+    (crop,) = prepare_images([big], FeatureSettings(crop="center"))
     assert crop.size == (448, 448)
 
 
@@ -142,16 +143,16 @@ def test_pixel_budget_property(w, h, budget):
 
 def test_one_pixel_image_works(bundle):
     tiny = Image.new("RGB", (1, 1), (200, 10, 10))
-    assert prepare_images([tiny], FeatureSettings(resolution="pixel_budget"))[0].size == (32, 32)
-    assert prepare_images([tiny])[0].size == (448, 448)
-    f = extract_features(bundle, [tiny], FeatureSettings(resolution="pixel_budget"))
+    assert prepare_images([tiny], FeatureSettings(resolution="pixel_budget", crop="full"))[0].size == (32, 32)
+    assert prepare_images([tiny], FeatureSettings(crop="center"))[0].size == (448, 448)
+    f = extract_features(bundle, [tiny], FeatureSettings(resolution="pixel_budget", crop="full"))
     assert torch.isfinite(f.combined).all() and math.isclose(float(f.combined.norm()), 1.0, abs_tol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
 def test_other_modes_are_converted(mode):
     im = Image.new("RGB", (40, 50), (10, 200, 30)).convert(mode)
-    (out,) = prepare_images([im], FeatureSettings(resolution="pixel_budget", max_pixels=64 * 64))
+    (out,) = prepare_images([im], FeatureSettings(resolution="pixel_budget", crop="full", max_pixels=64 * 64))
     assert out.mode == "RGB" and out.size[0] % 32 == 0 and out.size[1] % 32 == 0
 
 

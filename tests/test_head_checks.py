@@ -43,8 +43,11 @@ def test_feature_source_or_layer_mismatch_is_an_error():
 
 
 def test_resolution_policy_mismatch_is_only_a_warning():
-    warnings = check_head_features(_head(), _features_meta(resolution="pixel_budget", max_pixels=500000))
+    warnings = check_head_features(_head(), _features_meta(resolution="pixel_budget", max_pixels=500000, crop="center"))
     assert len(warnings) == 2 and "resolution='pixel_budget'" in warnings[0] and "center_crop_448" in warnings[0]
+    # recorded before the crop setting, pixel_budget features saw the whole photo: another crop, warned about too
+    warnings = check_head_features(_head(), _features_meta(resolution="pixel_budget", max_pixels=500000))
+    assert len(warnings) == 3 and "crop 'full'" in warnings[0] and "trained on crop 'center'" in warnings[0]
 
 
 def test_features_object_with_meta_attribute_is_accepted():

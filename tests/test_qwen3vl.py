@@ -46,7 +46,7 @@ def test_name_in_a_models_folder_and_bf16(tiny_qwen3vl_dir):
 
     for source in ("merger_pooled", "llm_hidden"):  # bf16 weights still give float32 unit-norm features
         f = extract_features(bundle, [Image.new("RGB", (50, 70), (30, 40, 50))],
-                             FeatureSettings(source=source, resolution="pixel_budget", max_pixels=64 * 64))
+                             FeatureSettings(source=source, resolution="pixel_budget", crop="full", max_pixels=64 * 64))
         assert f.combined.dtype == torch.float32 and abs(float(f.combined.norm()) - 1) < 1e-5
 
 

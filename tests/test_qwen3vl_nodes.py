@@ -66,9 +66,11 @@ def test_image_input_equals_png_file(loaded, tmp_path):
         paths.append(p)
     batch = torch.cat([comfy_load_image(p) for p in paths])
     for resolution in ("center_crop_448", "pixel_budget"):
-        feats, preview = ExtractIdentityFeatures().extract(loaded, batch, "merger_pooled", -1, resolution, 64 * 64)
+        crop = "full" if resolution == "pixel_budget" else "center"   # random pixels: no face to crop
+        feats, preview = ExtractIdentityFeatures().extract(loaded, batch, "merger_pooled", -1, resolution, 64 * 64,
+                                                           crop=crop)
         direct = extract_features(loaded, [load_image(p) for p in paths],
-                                  FeatureSettings(resolution=resolution, max_pixels=64 * 64))
+                                  FeatureSettings(resolution=resolution, max_pixels=64 * 64, crop=crop))
         assert torch.equal(feats.per_image, direct.per_image) and torch.equal(feats.combined, direct.combined)
         assert preview.ndim == 4 and preview.shape[0] == 2 and preview.shape[-1] == 3
     assert tuple(preview.shape[1:3]) == (64, 64)  # 70x90 under a 64*64 budget -> 64x64 (what the model saw)
@@ -77,7 +79,7 @@ def test_image_input_equals_png_file(loaded, tmp_path):
 def test_llm_source_weights_and_preview_padding(loaded):
     images = torch.rand(3, 40, 56, 3, generator=torch.Generator().manual_seed(0))
     feats, preview = ExtractIdentityFeatures().extract(loaded, images, "llm_hidden", -2, "pixel_budget", 4096,
-                                                       weights="1,0,0")
+                                                       weights="1,0,0", crop="full")
     assert feats.meta["source"] == "llm_hidden" and feats.meta["layer"] == -2
     assert torch.allclose(feats.combined, feats.per_image[0], atol=1e-6)
     assert preview.shape == (3, 32, 64, 3)
@@ -98,7 +100,8 @@ def test_bad_image_inputs(loaded, images, match):
 
 
 def test_one_pixel_image(loaded):
-    feats, preview = ExtractIdentityFeatures().extract(loaded, torch.full((1, 1, 1, 3), 0.5), resolution="pixel_budget")
+    feats, preview = ExtractIdentityFeatures().extract(loaded, torch.full((1, 1, 1, 3), 0.5), resolution="pixel_budget",
+                                                       crop="full")
     assert preview.shape == (1, 32, 32, 3) and torch.isfinite(feats.combined).all()
 
 
@@ -112,7 +115,7 @@ def test_comfyui_memory_cooperation(loaded, monkeypatch):
     from fake_comfy import install_fake_comfy
 
     calls = install_fake_comfy(monkeypatch)
-    ExtractIdentityFeatures().extract(loaded, torch.rand(2, 32, 32, 3), resolution="pixel_budget")
+    ExtractIdentityFeatures().extract(loaded, torch.rand(2, 32, 32, 3), resolution="pixel_budget", crop="full")
     assert ("bar", 2) in calls and ("update", 2, 2) in calls and ("interrupt_check",) in calls
 
     # keep_loaded=False on a (pretend) GPU: moved back to the CPU afterwards and the cache emptied.
@@ -120,6 +123,7 @@ def test_comfyui_memory_cooperation(loaded, monkeypatch):
     monkeypatch.setattr(loaded, "device", torch.device("meta"))  # stands in for a GPU: not the CPU
     monkeypatch.setattr(loaded, "keep_loaded", False)
     monkeypatch.setattr(loaded.model, "to", lambda dev, *a, **k: moves.append(str(dev)) or loaded.model)
-    feats, _ = ExtractIdentityFeatures().extract(loaded, torch.rand(1, 32, 32, 3), resolution="pixel_budget")
+    feats, _ = ExtractIdentityFeatures().extract(loaded, torch.rand(1, 32, 32, 3), resolution="pixel_budget",
+                                                 crop="full")
     assert feats.n_images == 1
     assert moves == ["meta", "cpu"] and ("free_memory", "meta") in calls and ("soft_empty_cache",) in calls

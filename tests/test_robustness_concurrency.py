@@ -57,7 +57,7 @@ def test_one_loaded_bundle_serves_prompts_back_to_back(bundles, make_dataset):
 
     def prompt(photos, text, seed):
         snapshot = photos.clone()
-        feats, _ = ExtractIdentityFeatures().extract(vl, photos)
+        feats, _ = ExtractIdentityFeatures().extract(vl, photos, crop="center")
         (pos,) = QwenImageTextEncodeDiffusers().encode(pipe, text)
         (neg,) = QwenImageTextEncodeDiffusers().encode(pipe, "blurry")
         pos_before = pos[0][0].clone()
@@ -142,7 +142,7 @@ def test_two_real_extract_runs_racing_for_one_output(tiny_qwen3vl_dir, inputs, t
 
     out = tmp_path / "race" / "features.safetensors"
     args = ["extract", "--seed-dirs", str(inputs / "data" / "seed_*"), "--qwen3-vl-model", str(tiny_qwen3vl_dir),
-            "--out", str(out), "--device", "cpu"]
+            "--out", str(out), "--device", "cpu", "--crop", "center"]
     procs = [subprocess.Popen([sys.executable, "-m", "qwen_identity.cli", *args], env=cli_env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]

@@ -98,7 +98,7 @@ def test_train_interrupted_mid_epoch_keeps_the_last_checkpoint_and_resumes(tiny_
     dirs = ",".join(map(str, make_dataset(identities=3, views=2, size=(48, 48))))
     out = tmp_path / "o"
     base = ["train", "--seed-dirs", dirs, "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model",
-            str(tiny_models.qwen_image), "--target", "zero", "--device", "cpu", "--out-dir", str(out)]
+            str(tiny_models.qwen_image), "--target", "zero", "--device", "cpu", "--out-dir", str(out), "--crop", "center"]
     code, err = run_cli(*base, "--epochs", "1")
     assert code == 0, err
     ckpt = out / "checkpoints"
@@ -238,7 +238,7 @@ def test_cancel_in_the_middle_of_a_node_leaves_models_usable(bundles, monkeypatc
     photos = torch.rand(3, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     (pos,) = QwenImageTextEncodeDiffusers().encode(pipe, "a portrait photo of a person")
     (neg,) = QwenImageTextEncodeDiffusers().encode(pipe, "blurry")
-    ref_feats, _ = ExtractIdentityFeatures().extract(vl, photos, resolution="pixel_budget")
+    ref_feats, _ = ExtractIdentityFeatures().extract(vl, photos, resolution="pixel_budget", crop="full")
     ref_images, _ = QwenImageSampleFromEmbeds().sample(pos, neg, seeds="5,6", steps=3, width=32, height=32,
                                                        max_batch=1, pipeline=pipe)
 
@@ -250,7 +250,7 @@ def test_cancel_in_the_middle_of_a_node_leaves_models_usable(bundles, monkeypatc
     monkeypatch.setattr(vl, "keep_loaded", False)
     monkeypatch.setattr(vl.model, "to", lambda dev, *a, **k: moves.append(str(dev)) or vl.model)
     with pytest.raises(InterruptProcessingException):
-        ExtractIdentityFeatures().extract(vl, photos, resolution="pixel_budget")
+        ExtractIdentityFeatures().extract(vl, photos, resolution="pixel_budget", crop="full")
     assert moves == ["meta", "cpu"] and log["soft_empty_cache"] == 1
     monkeypatch.setattr(vl.model, "to", real_to)
     monkeypatch.setattr(vl, "device", torch.device("cpu"))
@@ -264,7 +264,7 @@ def test_cancel_in_the_middle_of_a_node_leaves_models_usable(bundles, monkeypatc
 
     # the next prompt runs and equals the undisturbed one
     fake_comfy(monkeypatch)
-    feats, _ = ExtractIdentityFeatures().extract(vl, photos, resolution="pixel_budget")
+    feats, _ = ExtractIdentityFeatures().extract(vl, photos, resolution="pixel_budget", crop="full")
     images, _ = QwenImageSampleFromEmbeds().sample(pos, neg, seeds="5,6", steps=3, width=32, height=32, max_batch=1,
                                                    pipeline=pipe)
     assert torch.equal(feats.combined, ref_feats.combined) and torch.equal(images, ref_images)
@@ -278,7 +278,7 @@ def test_every_pack_error_leaves_the_next_prompt_working(bundles, tmp_path, monk
     monkeypatch.setenv("QWEN_IDENTITY_MODELS_DIR", str(tmp_path / "models"))
     photos = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(1))
     (pos,) = N["QwenImageTextEncodeDiffusers"]().encode(pipe, "a portrait")
-    feats, _ = N["ExtractIdentityFeatures"]().extract(vl, photos)
+    feats, _ = N["ExtractIdentityFeatures"]().extract(vl, photos, crop="center")
     d, h = feats.combined.shape[-1], pos[0][0].shape[-1]
     head = ResidualHead(d, 1, h, meta=HeadMeta(feature_dim=d, tokens=1, hidden_size=h))
     save_head(head, tmp_path / "head.safetensors")
@@ -290,7 +290,7 @@ def test_every_pack_error_leaves_the_next_prompt_working(bundles, tmp_path, monk
         (lambda: N["LoadResidualHead"]().load("", str(tmp_path / "missing.safetensors")),
          lambda: N["LoadResidualHead"]().load("", str(tmp_path / "head.safetensors"))),
         (lambda: N["ExtractIdentityFeatures"]().extract(vl, nan_photos),
-         lambda: N["ExtractIdentityFeatures"]().extract(vl, photos)),
+         lambda: N["ExtractIdentityFeatures"]().extract(vl, photos, crop="center")),
         (lambda: N["InjectResidual"]().inject(pos, head, feats, alphas="1,,x"),
          lambda: N["InjectResidual"]().inject(pos, head, feats, alphas="0,1")),
         (lambda: N["InjectResidual"]().inject([[torch.zeros(1, 3, h + 1), {}]], head, feats),

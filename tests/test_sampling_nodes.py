@@ -65,7 +65,7 @@ def test_node_chain(pipeline, tiny_qwen3vl_dir, make_dataset, tmp_path):
     (vl,) = LoadQwen3VL().load(NO_VL, str(tiny_qwen3vl_dir), dtype="fp32", device="cpu")
     seed_dir = make_dataset(identities=1, views=2)[0]
     photos = pil_to_comfy([load_image(p) for p in sorted(seed_dir.glob("photo_view_*.png"))])
-    features, _preview = ExtractIdentityFeatures().extract(vl, photos)
+    features, _preview = ExtractIdentityFeatures().extract(vl, photos, crop="center")
     d = features.combined.shape[-1]
     torch.manual_seed(0)
     head = ResidualHead(d, 2, 32, meta=HeadMeta(feature_dim=d, tokens=2, hidden_size=32))

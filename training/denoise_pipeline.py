@@ -30,11 +30,12 @@ import torch
 
 from ..core.denoising.latent_cache import PhotoView, Resolution, cache_path, face_token_weights, latents_for, vae_key
 from ..core.denoising.compiled_training import check_compile, compile_for_training, training_rope
-from ..core.denoising.flow_matching import freeze_transformer, pack_latents
+from ..core.denoising.flow_matching import freeze_transformer
+from ..core.families import detect_family
 from ..core.denoising.prompt_cache import prompt_embeddings, prompt_key
 from ..core.errors import ModelMismatchError, NotEnoughMemoryError, UserInputError
 from ..core.files.atomic import atomic_write_json
-from ..core.residual.head import HeadMeta, ResidualHead, describe_text_width, save_head
+from ..core.residual.head import HeadMeta, ResidualHead, check_head_family, describe_text_width, save_head
 from ..core.residual.injection import REFERENCE_RMS_KEY
 from ..core.residual.length_policy import POLICY_NAME
 from ..version import __version__
@@ -185,10 +186,7 @@ def _prepare(cfg, opts: DenoiseOptions, identities, views, device, dist, progres
     state: dict[str, Any] = {}
 
     def load_vae():
-        from diffusers import AutoencoderKLQwenImage
-
-        state["vae"] = AutoencoderKLQwenImage.from_pretrained(qi_dir / "vae", torch_dtype=dtype,
-                                                              use_safetensors=True).to(device).eval()
+        state["vae"] = detect_family(qi_dir, "Qwen-Image model").load_vae(qi_dir, device, dtype)
         return state["vae"]
 
     def face_embedder():
@@ -227,20 +225,18 @@ def _prepare(cfg, opts: DenoiseOptions, identities, views, device, dist, progres
 
 def _load_transformer(qi_dir: Path, device, dtype, hidden: int, gradient_checkpointing: bool,
                       fp8_storage: bool = False, compile_backend: str | None = None):
-    from diffusers import QwenImageTransformer2DModel
-
     from ..core.runtime.model_sources import read_config
 
+    family = detect_family(qi_dir, "Qwen-Image model")
     cfg = read_config(qi_dir / "transformer")
-    width = int(cfg.get("joint_attention_dim", -1))
+    width = family.transformer_text_width(cfg)
     if width != hidden:
         raise ModelMismatchError(
             f"{qi_dir}: its transformer takes text of width {width} ({describe_text_width(width)}) but its text "
             f"encoder (and the head) has H={hidden} ({describe_text_width(hidden)}): the folder mixes two Qwen-Image "
             "generations. Use a complete Qwen-Image folder.")
     try:
-        tr = QwenImageTransformer2DModel.from_pretrained(qi_dir / "transformer", torch_dtype=dtype,
-                                                         use_safetensors=True).to(device)
+        tr = family.load_transformer(qi_dir, device, dtype)
     except RuntimeError as e:
         _check_memory_error(e)
         raise
@@ -269,7 +265,7 @@ def _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_s
     train_ids, val_ids = split_identities(len(identities), cfg.val_fraction, loop.seed)
     person = [p for p, vs in enumerate(views) for _ in vs]
     view = [j for vs in views for j in range(len(vs))]
-    packed, shapes = pack_latents(latents)
+    packed, shapes = detect_family(qi_dir, "Qwen-Image model").pack_latents(latents)
     tw = None
     if faces is not None:
         tw = torch.stack([face_token_weights(b.tolist(), res, opts.face_weight) for b in faces])
@@ -288,7 +284,7 @@ def _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_s
                     qwen3_vl_model=str(feature_meta.get("model_id") or cfg.qwen3_vl_model),
                     text_encoder_model=f"{Path(str(cfg.qwen_image_model)).name}/text_encoder",
                     base_prompt=opts.template if opts.caption_source == "template" else "",
-                    target="denoise", length_policy=POLICY_NAME, training_args=training_args,
+                    target="denoise", length_policy=POLICY_NAME, family=detect_family(qi_dir).name, training_args=training_args,
                     dataset_fingerprint=fingerprint, pack_version=__version__)
     run_identity = json.loads(json.dumps({"dataset_fingerprint": fingerprint, "D": d, "K": k, "H": h,
                                           "split": [train_ids, val_ids], "qwen3_vl_model": meta.qwen3_vl_model,
@@ -403,6 +399,7 @@ def measure_head_gain(head, cfg, opts: DenoiseOptions, alpha: float, say: Callab
         raise ModelMismatchError(f"the Qwen3-VL features have D={int(feats[0].shape[-1])} but the head expects "
                                  f"D={head.feature_dim}: use the Qwen3-VL model the head was trained on "
                                  f"({head.meta.qwen3_vl_model or 'not recorded'}).")
+    check_head_family(head, detect_family(qi_dir, "Qwen-Image model"))
     if int(embeds.shape[-1]) != head.hidden_size:
         raise ModelMismatchError(f"{qi_dir} has text width H={int(embeds.shape[-1])} "
                                  f"({describe_text_width(int(embeds.shape[-1]))}) but the head outputs "
@@ -410,7 +407,7 @@ def measure_head_gain(head, cfg, opts: DenoiseOptions, alpha: float, say: Callab
                                  "generation the head was trained for.")
     person = [p for p, vs in enumerate(views) for _ in vs]
     view = [j for vs in views for j in range(len(vs))]
-    packed, shapes = pack_latents(latents)
+    packed, shapes = detect_family(qi_dir, "Qwen-Image model").pack_latents(latents)
     tw = None if faces is None else torch.stack([face_token_weights(b.tolist(), res, opts.face_weight) for b in faces])
     data = DenoiseData(packed, shapes[0], person, view, feats, embeds, mask, tw, [i.name for i in identities])
     transformer = _load_transformer(qi_dir, device, dtype, int(embeds.shape[-1]), False)

@@ -148,6 +148,16 @@ class _Models:
                                          dtype=resolve_dtype(self.cfg.dtype, self.device))
         return self._te
 
+    def family_name(self, hidden_size: int) -> str:
+        """The model family the head is for (core/families/): read off the Qwen-Image folder when it is at
+        hand (resolved already, or a local folder), else from the text width (nothing is downloaded for it)."""
+        from ..core.families import family_of_width, find_family
+
+        folder = self._qi_dir or (Path(str(self.cfg.qwen_image_model)) if self.cfg.qwen_image_model else None)
+        known = find_family(Path(folder)) if folder is not None and Path(folder).is_dir() else None
+        known = known or family_of_width(hidden_size)
+        return known.name if known else ""
+
     def release(self):
         self._vl = self._te = None
 
@@ -223,7 +233,8 @@ def _features(cfg: TrainConfig, identities: list[Identity], models: _Models, dis
         done = [0]
 
         def one(_, i):
-            feats = extract_features(bundle, identities[i].load_images(), settings)
+            feats = extract_features(bundle, identities[i].load_images(), settings,
+                                     names=[str(p) for p in identities[i].photos])
             feats.per_image, feats.combined = feats.per_image.cpu(), feats.combined.cpu()
             done[0] += 1
             bar(done[0], len(todo))
@@ -359,7 +370,7 @@ def _train(cfg: TrainConfig, identities: list[Identity], train_ids: list[int], v
                     qwen3_vl_model=str(feature_meta.get("model_id") or cfg.qwen3_vl_model),
                     text_encoder_model=f"{Path(str(cfg.qwen_image_model)).name}/text_encoder",
                     base_prompt=cfg.base_prompt, target=cfg.target, length_policy=POLICY_NAME,
-                    training_args=cfg.training_args(), dataset_fingerprint=fingerprint, pack_version=__version__)
+                    family=models.family_name(int(h)), training_args=cfg.training_args(), dataset_fingerprint=fingerprint, pack_version=__version__)
     run_identity = {"dataset_fingerprint": fingerprint, "D": d, "K": int(k), "H": int(h), "target": cfg.target,
                     "base_prompt": cfg.base_prompt, "qwen3_vl_model": meta.qwen3_vl_model,
                     "split": [train_ids, val_ids],

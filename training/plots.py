@@ -19,7 +19,7 @@ def _finite(values: Sequence[float | None]) -> list[tuple[int, float]]:
     return [(i + 1, float(v)) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
 
 
-def _matplotlib_png(series: dict[str, Sequence[float | None]], title: str) -> bytes | None:
+def _matplotlib_png(series: dict[str, Sequence[float | None]], title: str, xlabel: str = "epoch") -> bytes | None:
     try:
         import matplotlib
 
@@ -32,7 +32,7 @@ def _matplotlib_png(series: dict[str, Sequence[float | None]], title: str) -> by
         pts = _finite(values)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()
@@ -42,7 +42,7 @@ def _matplotlib_png(series: dict[str, Sequence[float | None]], title: str) -> by
     return buf.getvalue()
 
 
-def _pil_png(series: dict[str, Sequence[float | None]], title: str, size=(640, 400)) -> bytes:
+def _pil_png(series: dict[str, Sequence[float | None]], title: str, size=(640, 400), xlabel: str = "epoch") -> bytes:
     w, h = size
     left, right, top, bottom = 70, 20, 40, 50
     img = Image.new("RGB", size, (255, 255, 255))
@@ -75,7 +75,7 @@ def _pil_png(series: dict[str, Sequence[float | None]], title: str, size=(640, 4
             px, _ = to_px(x, y0)
             d.line([px, h - bottom, px, h - bottom + 4], fill=(0, 0, 0))
             d.text((px - 3, h - bottom + 8), str(x), fill=(0, 0, 0), font=font)
-        d.text(((w - left - right) // 2 + left - 15, h - 20), "epoch", fill=(0, 0, 0), font=font)
+        d.text(((w - left - right) // 2 + left - 15, h - 20), xlabel, fill=(0, 0, 0), font=font)
         for j, (name, values) in enumerate(series.items()):
             color = COLORS.get(name, (80, 80, 80))
             pts = [to_px(x, y) for x, y in _finite(values)]
@@ -91,7 +91,7 @@ def _pil_png(series: dict[str, Sequence[float | None]], title: str, size=(640, 4
 
 
 def write_loss_curve(path: Path, train_loss: Sequence[float | None], val_loss: Sequence[float | None],
-                     title: str = "residual head training loss") -> Path:
+                     title: str = "residual head training loss", xlabel: str = "epoch") -> Path:
     series = {"train": train_loss, "validation": val_loss}
-    png = _matplotlib_png(series, title) or _pil_png(series, title)
+    png = _matplotlib_png(series, title, xlabel) or _pil_png(series, title, xlabel=xlabel)
     return atomic_write_bytes(path, png)

@@ -7,7 +7,8 @@ The recipe is diffusers' `examples/dreambooth/train_dreambooth_lora_qwen_image.p
   inference), optionally shifted (`shift` > 1 moves σ towards noise, as SD3's static shift does);
 - x_t = (1 - σ)·x0 + σ·ε, target velocity v = ε - x0, the transformer is called with timestep σ
   (the pipeline passes t / 1000 = σ; the model scales by 1000 itself) on packed latents
-  (2x2 patches -> tokens, `QwenImagePipeline._pack_latents`) with `img_shapes`;
+  (2x2 patches -> tokens, `QwenImagePipeline._pack_latents`) with `img_shapes` (how a model family packs
+  and calls its transformer is its adapter's business: core/families/);
 - loss = mean over the latent of (prediction - v)², times the SD3 loss weighting of σ
   (`compute_loss_weighting_for_sd3`: "none", "sigma_sqrt" or "cosmap"; 1 for the densities).
 
@@ -21,11 +22,13 @@ masked loss); the loss is their weighted mean, so the weights' scale does not ch
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Sequence
 
 import torch
+
+# Qwen-Image 1.x's 2x2 packing, importable here as before (the 1.x family adapter owns it)
+from ..families.qwen_image_1 import pack_latents, unpack_latents  # noqa: F401
 
 WEIGHTINGS = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none")
 NUM_TRAIN_TIMESTEPS = 1000
@@ -92,29 +95,6 @@ def loss_weighting(sigmas: torch.Tensor, weighting: str = "logit_normal") -> tor
     return torch.ones_like(sigmas, dtype=torch.float32)
 
 
-def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """latents [B, C, H, W] or [B, C, 1, H, W] (the VAE's layout) -> packed [B, (H/2)(W/2), 4C] and
-    img_shapes [(1, H/2, W/2)] * B, exactly as QwenImagePipeline._pack_latents."""
-    if latents.ndim == 5:
-        if latents.shape[2] != 1:
-            raise ValueError(f"expected one frame, got latents of shape {tuple(latents.shape)}")
-        latents = latents[:, :, 0]
-    b, c, h, w = latents.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"latent height and width must be even (got {h}x{w})")
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4), [(1, h // 2, w // 2)] * b
-
-
-def unpack_latents(packed: torch.Tensor, img_shape: tuple[int, int, int]) -> torch.Tensor:
-    """The inverse of pack_latents for one shape: [B, N, 4C] -> [B, C, H, W]."""
-    _, gh, gw = img_shape
-    b, n, c4 = packed.shape
-    c = c4 // 4
-    x = packed.view(b, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, gh * 2, gw * 2)
-
-
 def freeze_transformer(transformer: torch.nn.Module, gradient_checkpointing: bool = False) -> torch.nn.Module:
     """No weight gradients, eval mode (no dropout), optional per-block gradient checkpointing."""
     transformer.requires_grad_(False)
@@ -125,14 +105,6 @@ def freeze_transformer(transformer: torch.nn.Module, gradient_checkpointing: boo
     elif getattr(transformer, "gradient_checkpointing", False) and hasattr(transformer, "disable_gradient_checkpointing"):
         transformer.disable_gradient_checkpointing()
     return transformer
-
-
-def _accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
 
 
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -168,20 +140,12 @@ def attention_mask_or_none(mask: torch.Tensor | None) -> torch.Tensor | None:
 def predict_velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
                      prompt_embeds_mask: torch.Tensor | None, img_shapes: Sequence[tuple[int, int, int]],
                      compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The transformer's velocity [B, N, 4C] in its compute dtype (`compute_dtype`, default
-    `compute_dtype_of(transformer)`). An all-ones mask is dropped (attention_mask_or_none). Passes
-    `txt_seq_lens` to diffusers versions whose forward still takes it (before 0.36); 0.42 derives the
-    text length from the mask."""
-    dtype = compute_dtype or compute_dtype_of(transformer)
-    kwargs = dict(hidden_states=x_t.to(dtype), timestep=sigmas.to(device=x_t.device, dtype=dtype),
-                  encoder_hidden_states=prompt_embeds.to(dtype), img_shapes=list(img_shapes), return_dict=False)
-    mask = attention_mask_or_none(prompt_embeds_mask)
-    if mask is not None:
-        kwargs["encoder_hidden_states_mask"] = mask.to(device=x_t.device)
-    if _accepts(transformer.forward, "txt_seq_lens"):
-        lens = (mask.sum(1).tolist() if mask is not None else [prompt_embeds.shape[1]] * prompt_embeds.shape[0])
-        kwargs["txt_seq_lens"] = [int(v) for v in lens]
-    return transformer(**kwargs)[0]
+    """The transformer's velocity on packed tokens, called the way its model family calls it
+    (`core.families`: the family is read off the transformer; `ModelFamily.predict_velocity`)."""
+    from ..families import detect_family
+
+    return detect_family(transformer, "transformer").predict_velocity(
+        transformer, x_t, sigmas, prompt_embeds, prompt_embeds_mask, img_shapes, compute_dtype)
 
 
 def flow_matching_loss(transformer, x0_packed: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,

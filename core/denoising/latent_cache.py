@@ -100,14 +100,11 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latent(vae, image: Image.Image) -> torch.Tensor:
-    """Normalised latent [C, H/8, W/8] (float32, CPU) of one cropped image."""
-    p = next(vae.parameters())
-    x = image_tensor(image).to(device=p.device, dtype=p.dtype)
-    z = vae.encode(x).latent_dist.mode()  # [1, C, 1, h, w]
-    c = z.shape[1]
-    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1)
-    return ((z.float().cpu() - mean) / std)[0, :, 0].contiguous()
+    """Normalised latent [C, h, w] (float32, CPU) of one cropped image, as the VAE's model family
+    encodes it (core/families/: the distribution's mode, normalised the way the transformer expects)."""
+    from ..families import detect_family
+
+    return detect_family(vae, "VAE").encode_vae_input(vae, image_tensor(image))[0]
 
 
 def face_box(embedder, image: Image.Image) -> tuple[float, float, float, float]:

@@ -1,8 +1,9 @@
 """Qwen-Image prompt encoding with a diffusers text encoder, in the layout ComfyUI uses.
 
-The real work is diffusers' own `QwenImagePipeline.encode_prompt` (Qwen-Image's chat template, the
-34-token prefix dropped, the last hidden state, right padding), so embeddings equal what the stock
-pipeline and ComfyUI's `CLIPTextEncode` produce. Unlike diffusers, a mask is always returned.
+The real work is the model family's (core/families/): for Qwen-Image 1.x diffusers' own
+`QwenImagePipeline.encode_prompt` (Qwen-Image's chat template, the 34-token prefix dropped, the last
+hidden state, right padding), so embeddings equal what the stock pipeline and ComfyUI's
+`CLIPTextEncode` produce. Unlike diffusers, a mask is always returned.
 
 Long prompts are cut to `MAX_PROMPT_TOKENS` = 512 text tokens, as the stock `QwenImagePipeline.__call__`
 does by default (its `encode_prompt` alone would keep 1024), so the diffusers path, the training
@@ -33,47 +34,29 @@ class PromptEmbeds:
         return int(self.embeds.shape[-1])
 
 
-def _encoder_pipeline(text_encoder, tokenizer):
-    from diffusers import QwenImagePipeline
-
-    return QwenImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer, transformer=None)
-
-
 @torch.no_grad()
 def encode_prompts(text_encoder, tokenizer, prompts: str | list[str], device: torch.device | str | None = None,
                    max_sequence_length: int = MAX_PROMPT_TOKENS) -> PromptEmbeds:
-    """Encode prompts exactly as diffusers' QwenImagePipeline.__call__ does; always return a mask."""
+    """Encode prompts exactly as the stock pipeline of the text encoder's model family does (for
+    Qwen-Image 1.x diffusers' QwenImagePipeline.__call__; core/families/); always return a mask."""
+    from ..families import detect_family
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise UserInputError("no prompt to encode")
     device = torch.device(device) if device is not None else next(text_encoder.parameters()).device
-    pipe = _encoder_pipeline(text_encoder, tokenizer)
-    embeds, mask = pipe._get_qwen_prompt_embeds(prompts, device)
-    embeds, mask = embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
-    return PromptEmbeds(embeds=embeds, mask=mask.to(torch.long))
+    family = detect_family(text_encoder, "text encoder")
+    return family.encode_prompts(text_encoder, tokenizer, prompts, device, max_sequence_length)
 
 
 def load_text_encoder(pipeline_dir: str | os.PathLike, device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32):
-    """(text_encoder, tokenizer) from a diffusers Qwen-Image folder, by the classes model_index.json names."""
-    import transformers
-
-    from ..runtime.model_sources import read_config
+    """(text_encoder, tokenizer or processor) from a diffusers folder, as its model family loads it."""
+    from ..families import QWEN_IMAGE_1, detect_family
 
     root = Path(pipeline_dir)
-    index = read_config(root)
     try:
-        te_cls = getattr(transformers, index["text_encoder"][1])
-        tok_cls = getattr(transformers, index["tokenizer"][1])
-    except (KeyError, TypeError, AttributeError, IndexError):
-        raise UserInputError(f"{root} is not a Qwen-Image diffusers folder: model_index.json names no usable "
-                             "text_encoder/tokenizer (expected Qwen2_5_VLForConditionalGeneration / Qwen2Tokenizer).") from None
-    try:
-        text_encoder = te_cls.from_pretrained(root / "text_encoder", dtype=dtype,
-                                              use_safetensors=True).to(device).eval()  # no pickles
-        tokenizer = tok_cls.from_pretrained(root / "tokenizer")
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserInputError(f"cannot load the Qwen-Image text encoder from {root} ({type(e).__name__}: {first[:300]}); "
-                             "the folder is incomplete or damaged (its weights must be safetensors).") from None
-    return text_encoder, tokenizer
+        family = detect_family(root, "Qwen-Image folder")
+    except UserInputError:
+        family = QWEN_IMAGE_1   # its loader says what the folder lacks
+    return family.load_text_encoder(root, device, dtype)

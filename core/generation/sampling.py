@@ -55,6 +55,7 @@ from .regions import entry_region, packed_weights
 from .true_cfg import true_cfg_tokens
 from ..residual.conditioning import entry_mask
 from ..errors import NotEnoughMemoryError, UserInputError
+from ..families import DEFAULT_FAMILY, find_family
 from ..pipeline.defaults import DEFAULT_NEGATIVE_PROMPT  # noqa: F401  (re-exported for the nodes)
 from ..residual.injection import parse_number_list
 
@@ -126,13 +127,12 @@ def load_qwen_image_pipeline(source: str, device: str | torch.device = "auto", d
                                what="Qwen-Image diffusers pipeline")
     index = read_config(folder)
     cls = index.get("_class_name", "")
-    if cls != "QwenImagePipeline":
+    family = find_family(folder)
+    if family is None or not family.matches_index(index):
         raise UserInputError(f"{folder} holds a {cls or 'non-pipeline'} folder, not a QwenImagePipeline "
                              "(its model_index.json must name QwenImagePipeline): point at Qwen/Qwen-Image's folder.")
-    from diffusers import QwenImagePipeline
-
     try:
-        pipe = QwenImagePipeline.from_pretrained(str(folder), dtype=dt, use_safetensors=True)  # no pickles
+        pipe = family.load_pipeline(folder, dt)  # safetensors only: no pickles
     except (OSError, ValueError, KeyError) as e:
         raise UserInputError(f"cannot load the Qwen-Image pipeline from {folder} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); the folder is incomplete or damaged.") from None
@@ -271,7 +271,22 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
            progress: Callable[[int, int], None] | None = None, interrupt: Callable[[], None] | None = None,
            return_latents: bool = False, decode: bool = True, compile: bool = False,
            cuda_graphs: bool = False) -> SampleResult:
-    """Images for every (positive item, seed) cell, item-major; see the module docstring."""
+    """Images for every (positive item, seed) cell, item-major, by the sampling loop of the pipeline's
+    model family (core/families/; Qwen-Image 1.x: `sample_qwen_image_1`, the module docstring)."""
+    pipe, _ = _pipe_and_device(bundle)
+    family = find_family(pipe) or DEFAULT_FAMILY
+    return family.sample(bundle, positive, negative, seeds=seeds, steps=steps, cfg=cfg, width=width, height=height,
+                         max_batch=max_batch, progress=progress, interrupt=interrupt, return_latents=return_latents,
+                         decode=decode, compile=compile, cuda_graphs=cuda_graphs)
+
+
+def sample_qwen_image_1(bundle, positive: list, negative: list | None, seeds: str | Sequence[int] = DEFAULT_SEEDS,
+                        steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG, width: int = DEFAULT_WIDTH,
+                        height: int = DEFAULT_HEIGHT, max_batch: int = DEFAULT_MAX_BATCH,
+                        progress: Callable[[int, int], None] | None = None,
+                        interrupt: Callable[[], None] | None = None, return_latents: bool = False,
+                        decode: bool = True, compile: bool = False, cuda_graphs: bool = False) -> SampleResult:
+    """Qwen-Image 1.x's loop (the MMDiT on 2x2-packed latents): see the module docstring."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import QwenImagePipeline, calculate_shift
 
     t_start = time.perf_counter()
@@ -402,7 +417,7 @@ def sample(bundle, positive: list, negative: list | None, seeds: str | Sequence[
                         cells=cells, seconds=time.perf_counter() - t_start)
 
 
-sample = torch.no_grad()(sample)
+sample_qwen_image_1 = torch.no_grad()(sample_qwen_image_1)
 
 
 def _raise_out_of_memory(batch: int, max_batch: int, width: int, height: int, device) -> None:

@@ -12,12 +12,16 @@ Feature sources (both mean-pooled over the image's tokens, then L2-normalised):
   fixed chat prefix `<|im_start|>user\\n<|vision_start|>` before them (causal attention), so they do not
   depend on any prompt wording. It costs a full LLM forward and carries the LLM's contextual mixing.
 
+The crop (core/identity/face_crop.py) chooses the region first: `face` (default: the aligned face
+square), `center` (the centre square, the behaviour before the setting) or `full` (the whole photo).
+
 Resolution policies (`prepare_images` returns exactly the pixels the model sees; the processor is run
 with `do_resize=False`, so its own min/max-pixel resize never changes them):
 - `center_crop_448` (default, the POC's): shortest side resized to 448 (bicubic), centre crop 448x448
-  -> 14x14 = 196 image tokens.
+  -> 14x14 = 196 image tokens. A face square is simply resized to 448x448; `full` is letterboxed.
 - `pixel_budget`: aspect ratio kept, total pixels <= `max_pixels` (default 448*448), both sides rounded to
-  the model's patch multiple (patch_size * merge_size = 32), never below one 32x32 cell. Huge photos
+  the model's patch multiple (patch_size * merge_size = 32), never below one 32x32 cell. `center` first
+  cuts the centre square, `face` the face square; `full` keeps the whole photo. Huge photos
   are downscaled before the model sees them, so they cannot exhaust memory; a 1x1 image becomes 32x32.
 
 The combined identity vector is normalise(sum_i w_i f_i / sum_i w_i) over the per-image features f_i
@@ -27,6 +31,7 @@ The combined identity vector is normalise(sum_i w_i f_i / sum_i w_i) over the pe
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -39,6 +44,8 @@ from PIL import Image
 from ..files.atomic import atomic_write
 from ..errors import UserInputError
 from ..files.images import to_rgb
+from .face_crop import (CROP_FALLBACKS, CROPS, DEFAULT_CROP, DEFAULT_CROP_FALLBACK, CropInfo, NoFaceError, check_crop,
+                        crop_region, legacy_crop, letterbox)
 
 FEATURE_SOURCES = ("merger_pooled", "llm_hidden")
 DEFAULT_SOURCE = "merger_pooled"
@@ -54,6 +61,7 @@ CACHE_FORMAT_VERSION = 1
 CACHE_METADATA_KEY = "qwen_identity_features"
 
 Progress = Callable[[int, int], None]
+_log = logging.getLogger("qwen_identity")
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,11 @@ class FeatureSettings:
     layer: int = -1                     # llm_hidden only: index into hidden_states (0 = embeddings, -1 = last)
     resolution: str = DEFAULT_RESOLUTION
     max_pixels: int = DEFAULT_MAX_PIXELS  # pixel_budget only
+    crop: str = DEFAULT_CROP              # face | center | full (core/identity/face_crop.py)
+    crop_fallback: str = DEFAULT_CROP_FALLBACK  # face only: error | center | full for a photo without a face
 
     def __post_init__(self):
+        check_crop(self.crop, self.crop_fallback)
         if self.source not in FEATURE_SOURCES:
             raise UserInputError(f"unknown feature source {self.source!r}: use one of {', '.join(FEATURE_SOURCES)}.")
         if self.resolution not in RESOLUTIONS:
@@ -80,10 +91,12 @@ class FeatureSettings:
                                  f"{DEFAULT_MAX_PIXELS} (448x448).")
 
     def to_meta(self) -> dict[str, Any]:
-        """The settings that change the features (layer only for llm_hidden, max_pixels only for the budget)."""
+        """The settings that change the features (layer only for llm_hidden, max_pixels only for the budget,
+        the fallback only for the face crop)."""
         return {"source": self.source, "layer": self.layer if self.source == "llm_hidden" else None,
                 "resolution": self.resolution,
-                "max_pixels": self.max_pixels if self.resolution == "pixel_budget" else CROP_SIZE * CROP_SIZE}
+                "max_pixels": self.max_pixels if self.resolution == "pixel_budget" else CROP_SIZE * CROP_SIZE,
+                "crop": self.crop, "crop_fallback": self.crop_fallback if self.crop == "face" else None}
 
 
 @dataclass
@@ -94,6 +107,7 @@ class IdentityFeatures:
     combined: torch.Tensor             # [D] float32, unit norm
     weights: torch.Tensor | None       # [N] float32 or None (equal weights)
     meta: dict[str, Any] = field(default_factory=dict)
+    crops: list[CropInfo] = field(default_factory=list)  # per photo, when extracted in this process (not cached)
 
     @property
     def feature_dim(self) -> int:
@@ -105,7 +119,8 @@ class IdentityFeatures:
 
     def __repr__(self) -> str:  # ComfyUI shows this in some previews; keep it short
         return (f"IdentityFeatures(N={self.n_images}, D={self.feature_dim}, model={self.meta.get('model_id')!r}, "
-                f"source={self.meta.get('source')!r}, resolution={self.meta.get('resolution')!r})")
+                f"source={self.meta.get('source')!r}, resolution={self.meta.get('resolution')!r}, "
+                f"crop={legacy_crop(self.meta)!r})")
 
 
 def l2_normalize(x: torch.Tensor, what: str = "feature") -> torch.Tensor:
@@ -172,28 +187,50 @@ def _budget_size(width: int, height: int, max_pixels: int, multiple: int) -> tup
     return w, h
 
 
-def prepare_image(image: Image.Image, settings: FeatureSettings, multiple: int = PATCH_MULTIPLE) -> Image.Image:
-    """One photo -> the RGB image the model sees under `settings`."""
-    image = to_rgb(image)
+def _size(image: Image.Image, settings: FeatureSettings, crop: str, multiple: int) -> Image.Image:
+    """Size a cropped region under the resolution policy (the region is the photo for center/full)."""
     width, height = image.size
-    if width < 1 or height < 1:
-        raise UserInputError(f"an image of size {width}x{height} has no pixels.")
     if settings.resolution == "center_crop_448":
         if CROP_SIZE % multiple:
             raise UserInputError(f"the 448x448 centre crop does not fit this model's patch multiple {multiple}: "
                                  "use resolution 'pixel_budget'.")
+        if crop == "full":
+            return letterbox(image, CROP_SIZE)
         scale = CROP_SIZE / min(width, height)
         new_w, new_h = max(CROP_SIZE, round(width * scale)), max(CROP_SIZE, round(height * scale))
         resized = image.resize((new_w, new_h), Image.BICUBIC) if (new_w, new_h) != (width, height) else image
         left, top = (new_w - CROP_SIZE) // 2, (new_h - CROP_SIZE) // 2
         return resized.crop((left, top, left + CROP_SIZE, top + CROP_SIZE))
+    if crop == "center" and width != height:
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        width = height = side
     w, h = _budget_size(width, height, settings.max_pixels, multiple)
     return image.resize((w, h), Image.BICUBIC) if (w, h) != (width, height) else image.copy()
 
 
-def prepare_images(pil_images: Sequence[Image.Image], settings: FeatureSettings | None = None,
-                   multiple: int = PATCH_MULTIPLE) -> list[Image.Image]:
-    """The images exactly as the model sees them (see the module docstring for the two policies)."""
+def prepare_photo(image: Image.Image, settings: FeatureSettings, multiple: int = PATCH_MULTIPLE,
+                  name: str = "the photo") -> tuple[Image.Image, CropInfo]:
+    """One photo -> (the RGB image the model sees under `settings`, what the crop did)."""
+    image = to_rgb(image)
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise UserInputError(f"an image of size {width}x{height} has no pixels.")
+    region, info = crop_region(image, settings.crop, settings.crop_fallback, name=name)
+    return _size(region, settings, info.crop, multiple), info
+
+
+def prepare_image(image: Image.Image, settings: FeatureSettings, multiple: int = PATCH_MULTIPLE) -> Image.Image:
+    """One photo -> the RGB image the model sees under `settings`."""
+    return prepare_photo(image, settings, multiple)[0]
+
+
+def prepare_photos(pil_images: Sequence[Image.Image], settings: FeatureSettings | None = None,
+                   multiple: int = PATCH_MULTIPLE, names: Sequence[str] | None = None,
+                   ) -> tuple[list[Image.Image], list[CropInfo]]:
+    """The images exactly as the model sees them and what the crop did to each. Every photo without a face
+    (crop `face`, no fallback) is named in one NoFaceError; notes (fallbacks, several faces) are logged."""
     settings = settings or FeatureSettings()
     images = list(pil_images)
     if not images:
@@ -201,7 +238,34 @@ def prepare_images(pil_images: Sequence[Image.Image], settings: FeatureSettings 
     for i, im in enumerate(images):
         if not isinstance(im, Image.Image):
             raise UserInputError(f"image {i} is a {type(im).__name__}, not a PIL image.")
-    return [prepare_image(im, settings, multiple) for im in images]
+    names = [str(n) for n in names] if names is not None else [f"image {i} of {len(images)}" for i in range(len(images))]
+    if len(names) != len(images):
+        raise ValueError(f"{len(names)} names for {len(images)} images")
+    seen, infos, missing = [], [], []
+    for im, name in zip(images, names):
+        try:
+            out, info = prepare_photo(im, settings, multiple, name=name)
+        except NoFaceError:
+            missing.append(name)
+            continue
+        seen.append(out)
+        infos.append(info)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise NoFaceError(f"no face found in {len(missing)} of {len(images)} photos ({shown}); crop is 'face'. Use "
+                          "photos where the face is visible and at least about 80 pixels wide, or choose "
+                          "crop_fallback 'center' or 'full' (those photos are then cropped that way), or crop "
+                          "'center' / 'full' for all photos.")
+    for info in infos:
+        if info.note:
+            _log.warning("%s", info.note)
+    return seen, infos
+
+
+def prepare_images(pil_images: Sequence[Image.Image], settings: FeatureSettings | None = None,
+                   multiple: int = PATCH_MULTIPLE, names: Sequence[str] | None = None) -> list[Image.Image]:
+    """The images exactly as the model sees them (see the module docstring for the crops and policies)."""
+    return prepare_photos(pil_images, settings, multiple, names)[0]
 
 
 # --- extraction --------------------------------------------------------------------------------
@@ -273,18 +337,23 @@ def _features_llm(bundle, images: list[Image.Image], layer: int) -> torch.Tensor
 
 def extract_features(bundle, pil_images: Sequence[Image.Image], settings: FeatureSettings | None = None,
                      weights=None, batch_size: int = 8, progress: Progress | None = None,
-                     prepared: list[Image.Image] | None = None, extra_meta: dict | None = None) -> IdentityFeatures:
+                     prepared: list[Image.Image] | None = None, extra_meta: dict | None = None,
+                     names: Sequence[str] | None = None, crops: list[CropInfo] | None = None) -> IdentityFeatures:
     """Features of several photos of one person: per-image [N, D], combined [D], weights and metadata.
 
     `prepared` may pass the output of `prepare_images` (to avoid resizing twice when the caller also
-    shows what the model saw). `progress(done, total)` is called after each batch.
+    shows what the model saw; `crops` then passes what `prepare_photos` said about them). `names` name the
+    photos in errors and notes (a photo without a face). `progress(done, total)` is called after each batch.
     """
     from ...version import __version__
 
     settings = settings or FeatureSettings()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    images = prepared if prepared is not None else prepare_images(pil_images, settings, bundle.patch_multiple)
+    if prepared is not None:
+        images, crops = prepared, list(crops or [])
+    else:
+        images, crops = prepare_photos(pil_images, settings, bundle.patch_multiple, names)
     if not images:
         raise UserInputError("no images given: connect at least one photo of the person.")
     w = parse_weights(weights, len(images))
@@ -304,7 +373,8 @@ def extract_features(bundle, pil_images: Sequence[Image.Image], settings: Featur
     combined = combine_features(per_image, w)
     meta = {"model_id": bundle.model_id, "feature_dim": int(per_image.shape[-1]), **settings.to_meta(),
             "n_images": total, "pack_version": __version__, **(extra_meta or {})}
-    return IdentityFeatures(per_image=per_image.contiguous(), combined=combined.contiguous(), weights=w, meta=meta)
+    return IdentityFeatures(per_image=per_image.contiguous(), combined=combined.contiguous(), weights=w, meta=meta,
+                            crops=crops)
 
 
 # --- the feature cache (what `qwen-identity extract --out` writes and training reuses) ------------
@@ -367,13 +437,16 @@ def load_feature_cache(path: str | os.PathLike) -> dict[str, IdentityFeatures]:
 
 
 def settings_from_meta(meta: dict) -> FeatureSettings:
-    """The FeatureSettings recorded in a features' (or head's) metadata."""
+    """The FeatureSettings recorded in a features' (or head's) metadata. Recorded before the crop setting
+    existed: the crop they were made with (`face_crop.legacy_crop`)."""
     layer = meta.get("layer")
     return FeatureSettings(source=meta.get("source", DEFAULT_SOURCE), layer=-1 if layer is None else int(layer),
                            resolution=meta.get("resolution", DEFAULT_RESOLUTION),
-                           max_pixels=int(meta.get("max_pixels") or DEFAULT_MAX_PIXELS))
+                           max_pixels=int(meta.get("max_pixels") or DEFAULT_MAX_PIXELS), crop=legacy_crop(meta),
+                           crop_fallback=meta.get("crop_fallback") or DEFAULT_CROP_FALLBACK)
 
 
-__all__ = ["FeatureSettings", "IdentityFeatures", "prepare_images", "extract_features", "combine_features",
+__all__ = ["FeatureSettings", "IdentityFeatures", "prepare_images", "prepare_photos", "extract_features", "combine_features",
            "parse_weights", "save_feature_cache", "load_feature_cache", "settings_from_meta",
-           "FEATURE_SOURCES", "RESOLUTIONS", "DEFAULT_SOURCE", "DEFAULT_RESOLUTION", "DEFAULT_MAX_PIXELS"]
+           "FEATURE_SOURCES", "RESOLUTIONS", "DEFAULT_SOURCE", "DEFAULT_RESOLUTION", "DEFAULT_MAX_PIXELS",
+           "CROPS", "DEFAULT_CROP", "CROP_FALLBACKS", "DEFAULT_CROP_FALLBACK"]

@@ -61,8 +61,15 @@ def _round(v, nd: int = 4):
 
 # --- Qwen3-VL measures ---------------------------------------------------------------------------
 def qwen3vl_embedder(bundle, settings=None) -> ImageEmbedder:
-    """images -> their unit-norm Qwen3-VL features [N, D] (`extract_features(...).per_image`)."""
-    from ..identity.features import extract_features
+    """images -> their unit-norm Qwen3-VL features [N, D] (`extract_features(...).per_image`). A generated
+    image without a face is scored on its centre crop (with a logged note) instead of failing the sweep."""
+    import dataclasses
+
+    from ..identity.features import FeatureSettings, extract_features
+
+    settings = settings or FeatureSettings()
+    if settings.crop == "face" and settings.crop_fallback == "error":
+        settings = dataclasses.replace(settings, crop_fallback="center")
 
     def embed(images: Sequence[Image.Image]) -> torch.Tensor:
         return extract_features(bundle, list(images), settings).per_image
@@ -121,7 +128,7 @@ def qwen3vl_prompt_scores(bundle, images: Sequence[Image.Image], prompt: str,
     prefix = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if prefix.rstrip().endswith("<think>"):  # Thinking variants: answer right away, with an empty thought
         prefix = prefix.rstrip() + "\n\n</think>\n\n"
-    seen = prepare_images(images, FeatureSettings(resolution="pixel_budget", max_pixels=max_pixels),
+    seen = prepare_images(images, FeatureSettings(resolution="pixel_budget", max_pixels=max_pixels, crop="full"),
                           bundle.patch_multiple)
     scores = []
     for im in seen:

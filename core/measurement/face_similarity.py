@@ -171,9 +171,8 @@ class FaceEmbedder:
         found = _load("cnn")(arr, upsample)
         return [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), float(d.confidence)) for d in found]
 
-    def analyze(self, image: Image.Image) -> FaceResult:
-        """All faces in `image` (largest, then most confident, first) and the embedding of the first."""
-        dlib = _import_dlib()
+    def _detect_all(self, image: Image.Image):
+        """(RGB image, detection array, its scale, faces ordered so the one to use comes first)."""
         image = to_rgb(image)
         w, h = image.size
         scale = min(1.0, self.max_side / max(w, h))
@@ -183,9 +182,15 @@ class FaceEmbedder:
         found = self._detect(arr, 0)
         if not found and self.retry_upsampled and max(work.size) <= 1200:
             found = self._detect(arr, 1)
+        return image, arr, scale, order_faces(found)
+
+    def analyze(self, image: Image.Image) -> FaceResult:
+        """All faces in `image` (largest, then most confident, first) and the embedding of the first."""
+        dlib = _import_dlib()
+        image, arr, scale, found = self._detect_all(image)
+        w, h = image.size
         if not found:
             return FaceResult(size=(w, h))
-        found = order_faces(found)
         (left, top, right, bottom), _ = found[0]
         rect = dlib.rectangle(left, top, right, bottom)
         shape = _load("landmarks5")(arr, rect)
@@ -196,6 +201,24 @@ class FaceEmbedder:
 
         faces = [FaceBox(to_original(box), score) for box, score in found]
         return FaceResult(size=(w, h), faces=faces, embedding=embedding)
+
+    def locate(self, image: Image.Image) -> tuple[list[FaceBox], np.ndarray | None]:
+        """All faces (the one to use first, boxes in the original pixels) and the 5 landmarks of the first
+        ([5, 2] float x, y in the original pixels: two corners of one eye, two of the other, the nose base),
+        or ([], None). No embedding is computed (the face crop of the features needs only this)."""
+        dlib = _import_dlib()
+        image, arr, scale, found = self._detect_all(image)
+        w, h = image.size
+        if not found:
+            return [], None
+        (left, top, right, bottom), _ = found[0]
+        shape = _load("landmarks5")(arr, dlib.rectangle(left, top, right, bottom))
+        points = np.array([[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)], dtype=np.float64)
+
+        def to_original(box):
+            return tuple(int(round(min(max(v / scale, 0), lim))) for v, lim in zip(box, (w, h, w, h)))
+
+        return [FaceBox(to_original(box), score) for box, score in found], points / scale
 
     def analyze_many(self, images: Iterable[Image.Image],
                      progress: Callable[[int, int], None] | None = None) -> list[FaceResult]:

@@ -38,7 +38,8 @@ from ..identity import qwen3vl as qwen3vl_loader
 from ..identity.features import FeatureSettings, IdentityFeatures, extract_features, load_feature_cache, \
     save_feature_cache, settings_from_meta
 from ..identity.seed_dirs import SeedDir
-from ..residual.head import ResidualHead, load_head
+from ..families import find_family
+from ..residual.head import ResidualHead, check_head_family, load_head
 from ..residual.injection import inject_identity
 from ..runtime.devices import resolve_device, resolve_dtype
 from ..runtime.model_folders import model_dirs
@@ -200,6 +201,7 @@ def identity_features(seed_dirs: Sequence[SeedDir], settings: FeatureSettings, m
             for n, i in enumerate(todo):
                 sd = seed_dirs[i]
                 feats = extract_features(vl, [load_image(p) for p in sd.photos], settings,
+                                         names=[str(p) for p in sd.photos],
                                          extra_meta={"seed_dir": str(sd.path), "name": sd.name,
                                                      "photos": [p.name for p in sd.photos]})
                 feats.combined, feats.per_image = feats.combined.cpu(), feats.per_image.cpu()
@@ -244,6 +246,9 @@ def run_identities(identities: Sequence[SeedDir], settings: RunSettings, out_dir
     timings = {"features_s": time.perf_counter() - t}
     bundle = models.qwen_image()
     timings.update(models.timings)
+    family = find_family(getattr(bundle, "pipeline", bundle))
+    if family is not None:
+        check_head_family(head, family)
     positive = sampling.encode_text(bundle, settings.base_prompt)
     negative = sampling.encode_text(bundle, settings.negative_prompt)
     gen_dir = Path(write_dir or out_dir) / GENERATIONS

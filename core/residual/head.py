@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "qwen_identity"
 MAX_ELEMENTS = 2_000_000_000  # a head larger than this is not a head (absurd-shape guard)
 
-# Known text widths: which Qwen-Image generation a hidden size belongs to.
+# Known text widths: which Qwen-Image generation a hidden size belongs to (one per model family).
 TEXT_WIDTHS = {3584: "Qwen-Image / Qwen-Image-Edit (Qwen2.5-VL-7B text encoder, H=3584)",
                4096: "Qwen-Image 2.1 (Qwen3-VL-8B text encoder, H=4096)"}
 FEATURE_WIDTHS = {2048: "Qwen3-VL-2B", 2560: "Qwen3-VL-4B", 4096: "Qwen3-VL-8B"}
@@ -60,6 +60,7 @@ class HeadMeta:
     dataset_fingerprint: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     pack_version: str = ""
+    family: str = ""                      # the model family (core/families/), e.g. "qwen-image"; "" = from H
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, default=str)
@@ -225,6 +226,9 @@ def check_head_features(head: ResidualHead, features_meta: Any) -> list[str]:
                 f"{key}={trained[key]!r}: extract the features with {key}={trained[key]!r} (or pick a head "
                 f"trained on {key}={flat[key]!r}).")
     warnings_: list[str] = []
+    crop_warning = _crop_mismatch(trained, flat)
+    if crop_warning:
+        warnings_.append(crop_warning)
     for key in SOFT_FEATURE_SETTINGS:
         if key in trained and key in flat and trained[key] != flat[key]:
             warnings_.append(f"features use {key}={flat[key]!r} but the head was trained on {key}={trained[key]!r}; "
@@ -235,6 +239,21 @@ def check_head_features(head: ResidualHead, features_meta: Any) -> list[str]:
                          f"{head.meta.qwen3_vl_model!r} (same width D={head.feature_dim}); a fine-tune of the same "
                          "model works, a different model gives meaningless residuals.")
     return warnings_
+
+
+def _crop_mismatch(trained: dict[str, Any], features: dict[str, Any]) -> str | None:
+    """A warning when the features were cropped otherwise than the head's training photos (a head or features
+    made before the crop setting existed count as what they were made with: `face_crop.legacy_crop`)."""
+    from ..identity.face_crop import legacy_crop
+
+    if not trained or not features or "resolution" not in features and "crop" not in features:
+        return None
+    head_crop, feature_crop = legacy_crop(trained), legacy_crop(features)
+    if head_crop == feature_crop:
+        return None
+    return (f"the identity features use crop {feature_crop!r} but the head was trained on crop {head_crop!r}: the "
+            f"head then sees other features than it learned from. Set crop {head_crop!r} on ExtractIdentityFeatures "
+            f"(or --crop {head_crop} on the command line).")
 
 
 def check_head_hidden(head: ResidualHead, hidden_size: int) -> None:
@@ -249,16 +268,45 @@ def check_head_hidden(head: ResidualHead, hidden_size: int) -> None:
             f"({head.meta.text_encoder_model or 'not recorded'}).")
 
 
+def head_family(head: ResidualHead):
+    """The model family a head is for (core/families/): its recorded `family`, else (heads from before
+    the field) the family whose text width is the head's H; None when neither says."""
+    from ..families import family_named, family_of_width
+
+    if head.meta.family:
+        return family_named(head.meta.family)
+    return family_of_width(head.hidden_size)
+
+
+def check_head_family(head: ResidualHead, family) -> None:
+    """A head is used only with a model of its own family: otherwise a ModelMismatchError naming both."""
+    from ..errors import ModelMismatchError
+
+    mine = head_family(head)
+    if mine is not None and mine.name != family.name:
+        raise ModelMismatchError(
+            f"the head was trained for {mine.title} (family {mine.name!r}, H={head.hidden_size}) but the model is "
+            f"{family.title} (family {family.name!r}): use a head trained for {family.title}, or the "
+            f"{mine.title} model the head was trained with.")
+
+
 def head_summary(head: ResidualHead) -> str:
     """A few human-readable lines about a head (the LoadResidualHead node's STRING output)."""
     m = head.meta
     lines = [f"Qwen identity head: D={m.feature_dim} ({describe_feature_width(m.feature_dim)}) -> "
-             f"K={m.tokens} slot(s) x H={m.hidden_size} ({describe_text_width(m.hidden_size)})",
+             f"K={m.tokens} slot(s) x H={m.hidden_size} ({describe_text_width(m.hidden_size)})"
+             + (f", model family {m.family}" if m.family else ""),
              f"scale={float(head.scale.detach().float().item()):.4g}, target={m.target or '?'}, "
              f"length policy={m.length_policy or '?'}, format v{m.format_version}, pack {m.pack_version or '?'}"]
     if m.qwen3_vl_model or m.text_encoder_model:
         lines.append(f"Qwen3-VL: {m.qwen3_vl_model or '?'}; text encoder: {m.text_encoder_model or '?'}")
     if m.feature_settings:
+        from ..identity.face_crop import legacy_crop
+
+        recorded = "crop" in m.feature_settings
+        lines.append(f"photo crop: {legacy_crop(m.feature_settings)}"
+                     + ("" if recorded else " (not recorded: made before the crop setting)")
+                     + " - extract features with the same crop")
         lines.append("feature settings: " + json.dumps(m.feature_settings, sort_keys=True, default=str))
     if m.base_prompt:
         lines.append(f"base prompt: {m.base_prompt!r}")

@@ -32,6 +32,11 @@ class TqdmProgress:
         self._bar.n = done
         self._bar.refresh()
 
+    def set_postfix(self, **values) -> None:
+        """Show values (e.g. the loss) after the bar."""
+        if self._bar is not None:
+            self._bar.set_postfix(values, refresh=True)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -1,0 +1,174 @@
+"""What every model family (Qwen-Image 1.x, Qwen-Image 2.1, ...) provides: one adapter per family.
+
+Training, tuning, sampling, evaluation and the nodes never branch on a family's name: they ask the
+family of the model in hand (`core.families.detect_family` and friends) for its prompt encoding, VAE,
+latent layout, transformer call and defaults. Adding a family is adding a subclass of `ModelFamily`
+in its own module and listing it in `core.families.FAMILIES`.
+
+The Denoiser is the one transformer call everyone shares (the denoise objective, personal tuning,
+the ComfyUI training node): `denoiser(x_t, sigma, embeds, mask) -> v` on the family's own latents
+[B, C, h, w] (normalised the way the transformer expects), σ [B] in (0, 1], prompt embeddings
+[B, S, H] (already E + α·R) and their mask [B, S] (or None); v is the flow-matching velocity
+(target ε - x0 for x_t = (1 - σ)·x0 + σ·ε). Packing into tokens, img_shapes and timestep scaling
+happen inside; the weights stay frozen, gradients flow into `embeds` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What a user gets when they set nothing (the stock pipeline's defaults for this family)."""
+
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    negative_prompt: str = " "
+
+
+class Denoiser:
+    """The family's transformer as a flow-matching velocity predictor on unpacked latents (see the
+    module docstring). Built by `ModelFamily.denoiser`; `dtype` is the compute dtype, `device` where the
+    transformer's weights are."""
+
+    def __init__(self, family: "ModelFamily", transformer: torch.nn.Module):
+        from ..denoising.flow_matching import compute_dtype_of
+
+        self.family = family
+        self.transformer = transformer
+        self.dtype = compute_dtype_of(transformer)
+        try:
+            self.device = next(transformer.parameters()).device
+        except StopIteration:
+            self.device = torch.device("cpu")
+
+    def __call__(self, x_t: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        if x_t.ndim != 4:
+            raise ValueError(f"the denoiser takes latents [B, C, h, w]; got shape {tuple(x_t.shape)}")
+        packed, shapes = self.family.pack_latents(x_t)
+        v = self.family.predict_velocity(self.transformer, packed, sigma, embeds, mask, shapes, self.dtype)
+        return self.family.unpack_latents(v.float(), shapes[0])
+
+
+class ModelFamily:
+    """One image-model family. Subclasses set the class attributes and implement the methods."""
+
+    # identity and recognition
+    name: str = ""                       # as written into head metadata, e.g. "qwen-image"
+    title: str = ""                      # for messages, e.g. "Qwen-Image (1.x, 2512, Edit)"
+    text_width: int = 0                  # H of the prompt embeddings (the real model's)
+    text_encoder_id: str = ""            # the hub id of the real text encoder
+    text_encoder_classes: tuple[str, ...] = ()   # transformers classes of the text encoder
+    pipeline_classes: tuple[str, ...] = ()       # diffusers model_index.json `_class_name`s
+    transformer_classes: tuple[str, ...] = ()    # diffusers transformer classes (config `_class_name`)
+    vae_classes: tuple[str, ...] = ()            # diffusers VAE classes
+    comfy_latent_formats: tuple[str, ...] = ()   # ComfyUI latent_format class names
+    state_dict_markers: tuple[str, ...] = ()     # keys (suffixes) only this family's transformer has
+
+    # latents
+    latent_channels: int = 0
+    vae_scale_factor: int = 0            # pixels per latent pixel
+    patch_size: int = 1                  # latent pixels per token side
+    defaults: FamilyDefaults = FamilyDefaults(1024, 1024, 50, 4.0)
+
+    # ------------------------------------------------------------------ recognition
+    def describe_width(self) -> str:
+        return f"{self.title} ({self.text_encoder_id.split('/')[-1]} text encoder, H={self.text_width})"
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE factor × patch)."""
+        return self.vae_scale_factor * self.patch_size
+
+    def matches_index(self, index: dict[str, Any]) -> bool:
+        return index.get("_class_name") in self.pipeline_classes
+
+    def matches_transformer_config(self, config: dict[str, Any]) -> bool:
+        return config.get("_class_name") in self.transformer_classes
+
+    def matches_state_dict(self, keys: Iterable[str]) -> bool:
+        keys = list(keys)
+        return bool(self.state_dict_markers) and all(any(k.endswith(m) for k in keys) for m in self.state_dict_markers)
+
+    def matches_module(self, module: Any) -> bool:
+        """A loaded model object (transformer, VAE, text encoder or pipeline) of this family."""
+        module = getattr(module, "_orig_mod", module)  # torch.compile wrapper
+        names = {c.__name__ for c in type(module).__mro__}
+        return bool(names & set(self.transformer_classes + self.vae_classes + self.text_encoder_classes
+                                + self.pipeline_classes))
+
+    # ------------------------------------------------------------------ prompts
+    def load_text_encoder(self, folder: Path, device, dtype):
+        """(text_encoder, tokenizer-or-processor) from a diffusers folder of this family."""
+        raise NotImplementedError
+
+    def encode_prompts(self, text_encoder, tokenizer, prompts: list[str], device,
+                       max_sequence_length: int):
+        """PromptEmbeds (embeds [B, S, H], mask [B, S] long, right-padded), equal to the stock pipeline's."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ VAE and latents
+    def load_vae(self, folder: Path, device, dtype):
+        raise NotImplementedError
+
+    def encode_vae_input(self, vae, x: torch.Tensor) -> torch.Tensor:
+        """x [B, 3, 1, H, W] in [-1, 1] (the VAE's input layout) -> normalised latents [B, C, h, w] float32 (CPU)."""
+        raise NotImplementedError
+
+    def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] in 0..1 -> latents [B, C, h, w] float32, normalised as the transformer expects
+        (the distribution's mode: deterministic)."""
+        raise NotImplementedError
+
+    def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, C, h, w] (normalised) -> pixels [B, 3, H, W] in 0..1."""
+        raise NotImplementedError
+
+    def pack_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        """[B, C, h, w] (or the VAE's [B, C, 1, h, w]) -> (tokens [B, N, F], img_shapes per sample)."""
+        raise NotImplementedError
+
+    def unpack_latents(self, packed: torch.Tensor, img_shape: tuple[int, int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def latent_size(self, width: int, height: int) -> tuple[int, int]:
+        """(h, w) of the latent of an image of width x height pixels."""
+        return height // self.vae_scale_factor, width // self.vae_scale_factor
+
+    # ------------------------------------------------------------------ transformer
+    def load_transformer(self, folder: Path, device, dtype):
+        raise NotImplementedError
+
+    def transformer_text_width(self, config: dict[str, Any]) -> int:
+        """The text width H a transformer config takes."""
+        raise NotImplementedError
+
+    def predict_velocity(self, transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
+                         prompt_embeds_mask: torch.Tensor | None, img_shapes: Sequence[tuple[int, int, int]],
+                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The training-step call on packed tokens: velocity [B, N, F] in the compute dtype."""
+        raise NotImplementedError
+
+    def denoiser(self, transformer) -> Denoiser:
+        return Denoiser(self, transformer)
+
+    # ------------------------------------------------------------------ pipeline
+    def load_pipeline(self, folder: Path, dtype):
+        """The stock diffusers pipeline of this family from a folder (safetensors only)."""
+        raise NotImplementedError
+
+    def sample(self, bundle, positive: list, negative: list | None, **options):
+        """Images from CONDITIONING on the diffusers path (core/generation/sampling.sample's arguments):
+        equal to the stock pipeline at the same seeds."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<model family {self.name}>"
