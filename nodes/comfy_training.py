@@ -74,6 +74,13 @@ def check_qwen_image_model(model) -> int:
     return width
 
 
+def comfy_model_family(model):
+    """The model family (core/families/) of a ComfyUI MODEL, from its latent format's class name."""
+    from ..core.families import detect_family
+
+    return detect_family(type(model.get_model_object("latent_format")).__name__, "the model input")
+
+
 def conditioning_embeds(conditioning) -> tuple[torch.Tensor, torch.Tensor]:
     """A ComfyUI CONDITIONING of one prompt -> (embeds [S, H] float32, mask [S] long) on the CPU."""
     if not isinstance(conditioning, (list, tuple)) or not conditioning:

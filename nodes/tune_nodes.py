@@ -21,41 +21,87 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..core.denoising.aspect_buckets import bucket_list, nearest_bucket
+from ..core.denoising.latent_cache import NO_FACE, Resolution, crop_to, face_box
 from ..core.errors import ModelMismatchError, UserInputError
 from ..core.files.images import comfy_to_pil
-from ..core.identity.features import FeatureSettings, extract_features, prepare_images, settings_from_meta
+from ..core.identity.face_crop import CROP_FALLBACKS, CROP_HELP, CROPS, DEFAULT_CROP, DEFAULT_CROP_FALLBACK, FALLBACK_HELP
+from ..core.identity.features import FeatureSettings, extract_features, prepare_photos, settings_from_meta
 from ..core.identity.qwen3vl import Qwen3VLBundle
-from ..core.residual.head import ResidualHead, describe_feature_width, save_head
+from ..core.residual.head import ResidualHead, check_head_family, describe_feature_width, save_head
 from ..core.runtime.model_folders import model_dirs
 from .comfy_runtime import ensure_on_device, model_management
-from .comfy_training import check_qwen_image_model, conditioning_embeds, encode_photos, training_denoiser
+from .comfy_training import (check_qwen_image_model, comfy_model_family, conditioning_embeds, encode_photos,
+                             training_denoiser)
 
 log = logging.getLogger(__name__)
 CATEGORY = "Qwen Identity"
-SIZE_MULTIPLE = 16                # VAE /8 times the transformer's 2x2 patches
 HEAD_SUFFIX = ".safetensors"
+# The recipe of `qwen-identity tune` (training/personal.py), so the node and the CLI make the same head:
 DEFAULT_STEPS = 200
 DEFAULT_LR = 1e-3
-DEFAULT_RESOLUTION = 512
+DEFAULT_RESOLUTION = "768x512"    # WxH: the pixel budget of the aspect buckets
+FACE_WEIGHT = 2.0                 # loss weight inside the face box (1 outside); unweighted where no face is found
 
 
-def photo_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(w, h) with about resolution² pixels, the photo's aspect kept, both sides multiples of 16."""
-    scale = math.sqrt(resolution * resolution / float(width * height))
-    w = max(SIZE_MULTIPLE, int(round(width * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
-    h = max(SIZE_MULTIPLE, int(round(height * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
-    return w, h
+def parse_resolution(text: str) -> Resolution:
+    try:
+        return Resolution.parse(text)
+    except UserInputError:
+        raise UserInputError(f"resolution {text!r}: give WIDTHxHEIGHT with both sides multiples of 16, e.g. "
+                             "768x512 or 512x512") from None
 
 
-def photos_at_resolution(photos: list[Image.Image], resolution: int) -> torch.Tensor:
-    """PIL photos -> pixels [B, 3, h, w] in 0..1 at `photo_size` (Lanczos)."""
+def photos_in_buckets(photos: list[Image.Image], res: Resolution) -> list[Image.Image]:
+    """Each photo scaled to cover the aspect bucket nearest its shape (about res's pixel count) and
+    centre-cropped, as `qwen-identity tune` does; a photo smaller than its bucket is upscaled."""
+    buckets = bucket_list(res.width, res.height)
     out = []
-    for im in photos:
-        w, h = photo_size(im.width, im.height, resolution)
-        arr = torch.frombuffer(bytearray(im.convert("RGB").resize((w, h), Image.LANCZOS).tobytes()),
-                               dtype=torch.uint8)
-        out.append(arr.view(h, w, 3).permute(2, 0, 1).float() / 255.0)
-    return torch.stack(out)
+    for i, im in enumerate(photos):
+        size = Resolution(*nearest_bucket(im.width, im.height, buckets))
+        if im.width < size.width or im.height < size.height:
+            log.warning("TrainIdentityHead: photo %d is %dx%d, smaller than its training size %s: upscaled "
+                        "(a lower resolution gives sharper targets)", i + 1, im.width, im.height, size)
+        out.append(crop_to(im, size, f"photo {i + 1}", allow_upscale=True))
+    return out
+
+
+def pixels_of(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [1, 3, H, W] float in 0..1."""
+    arr = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+    return (arr.view(image.height, image.width, 3).permute(2, 0, 1).float() / 255.0)[None]
+
+
+def face_map(box, image_size: tuple[int, int], latent_hw: tuple[int, int]) -> torch.Tensor | None:
+    """A [1, h, w] map at the latent's size, 1 inside the face box (photo pixels), or None without a face."""
+    if box is None or tuple(box) == NO_FACE:
+        return None
+    (w_img, h_img), (h, w) = image_size, latent_hw
+    left, top, right, bottom = (float(b) for b in box)
+    sy, sx = h / h_img, w / w_img
+    r0, r1 = max(0, int(math.floor(top * sy))), min(h, int(math.ceil(bottom * sy)))
+    c0, c1 = max(0, int(math.floor(left * sx))), min(w, int(math.ceil(right * sx)))
+    if r1 <= r0 or c1 <= c0:
+        return None
+    m = torch.zeros(1, h, w)
+    m[:, r0:r1, c0:c1] = 1.0
+    return m
+
+
+def face_maps_of(images: list[Image.Image], latents: list[torch.Tensor]) -> list[torch.Tensor | None] | None:
+    """Face maps of the training crops (dlib, as `qwen-identity tune`); None when dlib is not installed."""
+    try:
+        from ..core.measurement.face_similarity import FaceEmbedder
+
+        embedder = FaceEmbedder(detector="hog")
+    except UserInputError as e:
+        log.warning("TrainIdentityHead: no face weighting (%s)", e)
+        return None
+    maps = [face_map(face_box(embedder, im), im.size, tuple(lat.shape[-2:])) for im, lat in zip(images, latents)]
+    for i, m in enumerate(maps):
+        if m is None:
+            log.warning("TrainIdentityHead: no face found in photo %d: its loss is not face-weighted", i + 1)
+    return maps
 
 
 def head_file_for(save_name: str) -> Path | None:
@@ -137,14 +183,16 @@ def leave_gpu(bundle: Qwen3VLBundle) -> None:
         torch.cuda.empty_cache()
 
 
-def photo_features(bundle: Qwen3VLBundle, photos: list[Image.Image], settings: FeatureSettings) -> torch.Tensor:
-    """Per-photo Qwen3-VL features [N, D] (unit norm); the model leaves the GPU afterwards."""
-    seen = prepare_images(photos, settings, bundle.patch_multiple)
+def photo_features(bundle: Qwen3VLBundle, photos: list[Image.Image], settings: FeatureSettings,
+                   names: list[str]):
+    """Per-photo Qwen3-VL features [N, D] (unit norm) and their metadata; the model leaves the GPU afterwards."""
+    seen, crops = prepare_photos(photos, settings, bundle.patch_multiple, names=names)
     ensure_on_device(bundle)
     try:
-        return extract_features(bundle, photos, settings, prepared=seen).per_image.float().cpu()
+        feats = extract_features(bundle, photos, settings, prepared=seen, crops=crops, names=names)
     finally:
         leave_gpu(bundle)
+    return feats.per_image.float().cpu(), feats.meta
 
 
 def check_init_head(init_head, feature_dim: int, text_width: int) -> None:
@@ -202,10 +250,10 @@ class TrainIdentityHead:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Seed for the "
                          "held-out choice, the photo order and the noise: the same seed and inputs give the same "
                          "head."}),
-                "resolution": ("INT", {"default": DEFAULT_RESOLUTION, "min": 64, "max": 2048, "step": SIZE_MULTIPLE,
-                               "tooltip": "Photos are resized to about resolution x resolution pixels (aspect "
-                               "kept, sides multiples of 16) before encoding. 512 is fast; 768-1024 shows more "
-                               "detail and needs more memory."}),
+                "resolution": ("STRING", {"default": DEFAULT_RESOLUTION, "tooltip": "WIDTHxHEIGHT, multiples of "
+                               "16: the pixel count photos are trained at. Each photo keeps its aspect (the "
+                               "nearest of 9 shapes from 2:1 to 1:2 at about this many pixels, centre-cropped). "
+                               "512x512 is fast; 1024x1024 shows more detail and needs more memory."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each block in "
                                            "the backward pass instead of keeping its activations: much less memory "
                                            "(turn on for 24 GB cards or fp8 weights loaded partially), about a "
@@ -219,12 +267,15 @@ class TrainIdentityHead:
                               "head as in models/identity_heads/, e.g. 'anna'. It then appears in "
                               "LoadResidualHead's list after a refresh. An existing file of that name is replaced. "
                               "Empty = not saved."}),
+                "crop": (list(CROPS), {"default": DEFAULT_CROP, "tooltip": "Which part of each photo Qwen3-VL sees. "
+                         + CROP_HELP + " Ignored when init_head is connected: its crop is used."}),
+                "crop_fallback": (list(CROP_FALLBACKS), {"default": DEFAULT_CROP_FALLBACK, "tooltip": FALLBACK_HELP}),
             },
         }
 
     def train(self, model, vae, conditioning, photos, qwen3vl, steps=DEFAULT_STEPS, learning_rate=DEFAULT_LR,
               tokens=0, seed=0, resolution=DEFAULT_RESOLUTION, gradient_checkpointing=False, init_head=None,
-              save_name=""):
+              save_name="", crop=DEFAULT_CROP, crop_fallback=DEFAULT_CROP_FALLBACK):
         from ..core.tuning import PersonalData, TuneOptions, tune_head
 
         if isinstance(steps, bool) or int(steps) < 1:
@@ -233,6 +284,7 @@ class TrainIdentityHead:
             raise UserInputError("the qwen3vl input must come from LoadQwen3VL.")
         target = head_file_for(save_name)
         width = check_qwen_image_model(model)
+        family = comfy_model_family(model)
         embeds, mask = conditioning_embeds(conditioning)
         if embeds.shape[-1] != width:
             raise ModelMismatchError(
@@ -240,7 +292,9 @@ class TrainIdentityHead:
                 f"prompt with this Qwen-Image's text encoder (CLIPLoader type qwen_image)")
         if init_head is not None and not isinstance(init_head, ResidualHead):
             raise UserInputError("the init_head input must come from LoadResidualHead (or another TrainIdentityHead).")
-        options = TuneOptions(steps=int(steps), lr=float(learning_rate), tokens=int(tokens) or None, seed=int(seed))
+        res = parse_resolution(resolution)
+        options = TuneOptions(steps=int(steps), lr=float(learning_rate), tokens=int(tokens) or None, seed=int(seed),
+                              face_weight=FACE_WEIGHT)
         options.validate()
 
         pil = comfy_to_pil(photos)
@@ -249,14 +303,18 @@ class TrainIdentityHead:
         if len(pil) == 1:   # one photo: its mirror image is the "other view" the head is conditioned on
             pil = [pil[0], pil[0].transpose(Image.FLIP_LEFT_RIGHT)]
             names, sources = ["photo 1", "photo 1 (mirrored)"], [0, 0]
-        settings = FeatureSettings()
+        settings = FeatureSettings(crop=crop, crop_fallback=crop_fallback)
         if init_head is not None and init_head.meta.feature_settings:
             settings = settings_from_meta(init_head.meta.feature_settings)
-        features = photo_features(qwen3vl, pil, settings)
+        features, feature_meta = photo_features(qwen3vl, pil, settings, names)
         check_init_head(init_head, int(features.shape[-1]), width)
-        latents = encode_photos(vae, model, photos_at_resolution(pil, int(resolution)))
-        data = PersonalData(latents=list(latents), features=features, embeds=[embeds] * len(pil),
-                            masks=[mask] * len(pil), names=names, sources=sources)
+        if init_head is not None:
+            check_head_family(init_head, family)
+        crops = photos_in_buckets(pil, res)
+        latents = [encode_photos(vae, model, pixels_of(im))[0] for im in crops]
+        data = PersonalData(latents=latents, features=features, embeds=[embeds] * len(pil),
+                            masks=[mask] * len(pil), face_maps=face_maps_of(crops, latents), names=names,
+                            sources=sources)
 
         mm = model_management()
         bar = None
@@ -272,13 +330,19 @@ class TrainIdentityHead:
         def should_stop():
             return mm is not None and mm.processing_interrupted()
 
-        with training_denoiser(model, latent_shape=tuple(latents.shape[1:]), batch=options.batch_size,
+        largest = max(latents, key=lambda x: x.shape[-1] * x.shape[-2])
+        with training_denoiser(model, latent_shape=tuple(largest.shape), batch=options.batch_size,
                                gradient_checkpointing=bool(gradient_checkpointing)) as denoiser:
             result = tune_head(data, denoiser, options, init_head=init_head, progress=progress,
                                should_stop=should_stop)
         head = result.head
-        head.meta.feature_settings = {**head.meta.feature_settings, **settings.to_meta()}
-        head.meta.qwen3_vl_model = getattr(qwen3vl, "model_id", "") or head.meta.qwen3_vl_model
+        head.meta.family = family.name
+        head.meta.feature_settings = {k: v for k, v in feature_meta.items()
+                                      if k not in ("model_id", "feature_dim", "pack_version")}
+        head.meta.qwen3_vl_model = str(feature_meta.get("model_id") or getattr(qwen3vl, "model_id", ""))
+        head.meta.training_args.update({"resolution": str(res), "photos": len(set(sources)),
+                                        "crop": feature_meta.get("crop"), "trained_in": "ComfyUI",
+                                        "gradient_checkpointing": bool(gradient_checkpointing)})
         if target is not None:
             save_head(head, target)      # atomic: the previous file stays whole until the new one is complete
             log.info("TrainIdentityHead: saved %s (best step %s of %s)", target, result.metrics.get("best_step"),

@@ -54,7 +54,7 @@ TINY_DIFFUSERS_HEAD = "tiny_diffusers_head.safetensors"
 EXPECTED_IMAGES = {"qwen_identity_alpha_grid": 1, "qwen_identity_native_ksampler": 1,
                    "qwen_identity_diffusers": 1, "qwen_identity_multi_photo": 2, "qwen_identity_two_people": 1,
                    "qwen_identity_personalize": 1}
-TRAIN_RESOLUTION = 64     # TrainIdentityHead's photos on the tiny stand-ins
+TRAIN_RESOLUTION = "64x64"     # TrainIdentityHead's training size on the tiny stand-ins
 
 
 # ---- fixtures ------------------------------------------------------------------------------------

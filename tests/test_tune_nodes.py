@@ -25,7 +25,7 @@ from qwen_identity.nodes import tune_nodes as tn
 from comfyui_harness.env import import_comfy_in_process, require_comfyui
 
 H = 3584
-SIZE = 64
+RESOLUTION = "64x64"
 STEPS = 4
 LR = 3e-2
 # The node and the reference share photos, features, prompt and seed; only the transformer call differs
@@ -43,19 +43,31 @@ def test_every_input_has_a_tooltip_and_the_outputs_are_named():
             assert opts.get("tooltip"), f"{name} has no tooltip"
     assert set(spec["required"]) >= {"model", "vae", "conditioning", "photos", "qwen3vl", "steps", "learning_rate",
                                      "tokens", "seed", "resolution", "gradient_checkpointing"}
-    assert set(spec["optional"]) == {"init_head", "save_name"}
+    assert set(spec["optional"]) == {"init_head", "save_name", "crop", "crop_fallback"}
     assert tn.TrainIdentityHead.RETURN_TYPES == ("QWEN_IDENTITY_HEAD", "IMAGE")
     assert tn.TrainIdentityHead.CATEGORY == "Qwen Identity"
     assert not hasattr(tn.TrainIdentityHead, "IS_CHANGED")   # a re-queue with the same inputs is cached
 
 
-@pytest.mark.parametrize("w, h, res, expect", [(64, 80, 64, (64, 64)), (64, 80, 96, (80, 112)),
-                                              (512, 512, 512, (512, 512)), (1000, 500, 512, (720, 368)),
-                                              (3000, 4000, 512, (448, 592))])
-def test_photo_size_keeps_the_aspect_at_about_the_area(w, h, res, expect):
-    assert tn.photo_size(w, h, res) == expect
-    pw, ph = expect
-    assert pw % 16 == 0 and ph % 16 == 0
+def test_photos_keep_their_aspect_in_the_nearest_bucket():
+    from PIL import Image
+
+    res = tn.parse_resolution("64x64")
+    out = tn.photos_in_buckets([Image.new("RGB", (64, 128)), Image.new("RGB", (300, 150)),
+                                Image.new("RGB", (20, 20))], res)
+    sizes = [im.size for im in out]
+    assert all(w % 16 == 0 and h % 16 == 0 and w * h <= 64 * 64 for w, h in sizes)
+    assert sizes[0][0] < sizes[0][1] and sizes[1][0] > sizes[1][1] and sizes[2] == (64, 64)   # small: upscaled
+    assert tn.parse_resolution("768x512") == tn.Resolution(768, 512)
+    for bad in ("big", "100x64", "0x0"):
+        with pytest.raises(UserInputError, match="resolution.*WIDTHxHEIGHT"):
+            tn.parse_resolution(bad)
+
+
+def test_face_map_marks_the_box_at_the_latent_size():
+    m = tn.face_map((16, 8, 48, 40), (64, 48), (6, 8))
+    assert m.shape == (1, 6, 8) and m.sum() == 4 * 4 and m[0, 1:5, 2:6].all()
+    assert tn.face_map((-1.0, -1.0, -1.0, -1.0), (64, 48), (6, 8)) is None and tn.face_map(None, (8, 8), (1, 1)) is None
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "a\\b", "/abs/head", "..", "c:head"])
@@ -115,7 +127,8 @@ def _cond(width=H, seq=7, seed=0):
 def _train(parts, **kw):
     model, vae, vl, _ = parts
     args = dict(model=model, vae=vae, conditioning=_cond(), photos=_photos(), qwen3vl=vl, steps=STEPS,
-                learning_rate=LR, tokens=2, seed=0, resolution=SIZE, gradient_checkpointing=False)
+                learning_rate=LR, tokens=2, seed=0, resolution=RESOLUTION, gradient_checkpointing=False,
+                crop="center")
     args.update(kw)
     with torch.inference_mode():            # as ComfyUI runs nodes
         return tn.TrainIdentityHead().train(**args)
@@ -158,16 +171,19 @@ def test_node_head_lowers_held_out_loss_and_equals_the_diffusers_path(comfy_part
 
     # the reference: the same inputs through core tune_head and the diffusers transformer of the same weights
     pil = comfy_to_pil(_photos())
-    features = tn.photo_features(vl, pil, FeatureSettings())
+    names = [f"photo {i + 1}" for i in range(3)]
+    features, _ = tn.photo_features(vl, pil, FeatureSettings(crop="center"), names)
+    crops = tn.photos_in_buckets(pil, tn.parse_resolution(RESOLUTION))
     with torch.inference_mode():
-        latents = encode_photos(vae, model, tn.photos_at_resolution(pil, SIZE))
+        latents = [encode_photos(vae, model, tn.pixels_of(im))[0] for im in crops]
     e, mask = conditioning_embeds(_cond())
     data = PersonalData(latents=[x.clone() for x in latents], features=features.clone(), embeds=[e] * 3,
-                        masks=[mask] * 3)
+                        masks=[mask] * 3, face_maps=tn.face_maps_of(crops, latents), names=names)
     t = QwenImageTransformer2DModel(num_layers=1)    # rope tables are buffers computed at init: not on meta
     t.load_state_dict({k: v.float() for k, v in load_file(str(files.transformer)).items()}, assign=True)
     t.eval().requires_grad_(False)
-    ref = tune_head(data, _DiffusersDenoiser(t), TuneOptions(steps=STEPS, lr=LR, tokens=2, seed=0))
+    ref = tune_head(data, _DiffusersDenoiser(t), TuneOptions(steps=STEPS, lr=LR, tokens=2, seed=0,
+                                                             face_weight=tn.FACE_WEIGHT))
     assert ref.metrics["held_out_photos"] == m["held_out_photos"]
     for name, p in head.state_dict().items():
         q = ref.head.state_dict()[name]
