@@ -59,12 +59,10 @@ def diffusers_transformer(comfy_model):
 
 
 def diffusers_velocity(transformer, x_t, sigma, embeds, mask):
-    """The stock diffusers call (core/denoising/flow_matching.py) on unpacked latents."""
-    from qwen_identity.core.denoising.flow_matching import pack_latents, predict_velocity, unpack_latents
+    """The Qwen-Image family's Denoiser over the diffusers transformer (what `qwen-identity tune` uses)."""
+    from qwen_identity.core.families import family_named
 
-    packed, shapes = pack_latents(x_t)
-    v = predict_velocity(transformer, packed, sigma, embeds, mask, shapes, torch.float32)
-    return unpack_latents(v.float(), shapes[0])
+    return family_named("qwen-image").denoiser(transformer)(x_t, sigma, embeds, mask)
 
 
 def _inputs(seed=0, batch=2, seq=9, size=8):

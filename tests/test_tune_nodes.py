@@ -5,7 +5,8 @@ In a real ComfyUI in this process (COMFYUI_DIR) on the random one-layer, full-wi
 random Wan VAE and the pack's tiny Qwen3-VL, at 64x64 pixels and a few steps (CPU):
 - the node's head lowers its held-out photo's denoising loss below the prompt alone;
 - it equals the head `core.tuning.tune_head` gives for the same photos, features and prompt through the
-  diffusers transformer holding the same weights (the CLI's path), within HEAD_RTOL;
+  diffusers transformer holding the same weights and the Qwen-Image family's Denoiser (what
+  `qwen-identity tune` runs), within HEAD_RTOL;
 - the saved file is the returned head, in models/identity_heads/, with no temporary file left;
 - Cancel mid-run keeps the best head so far (saved whole) and ends the prompt as ComfyUI's interrupt does;
 - bad inputs: no photos, steps 0, a save name with a path, a MODEL that is not Qwen-Image, an init head of
@@ -152,6 +153,7 @@ def test_node_head_lowers_held_out_loss_and_equals_the_diffusers_path(comfy_part
     from diffusers import QwenImageTransformer2DModel
     from safetensors.torch import load_file
 
+    from qwen_identity.core.families import family_named
     from qwen_identity.core.tuning import PersonalData, TuneOptions, tune_head
     from qwen_identity.core.identity.features import FeatureSettings
     from qwen_identity.core.files.images import comfy_to_pil
@@ -182,30 +184,13 @@ def test_node_head_lowers_held_out_loss_and_equals_the_diffusers_path(comfy_part
     t = QwenImageTransformer2DModel(num_layers=1)    # rope tables are buffers computed at init: not on meta
     t.load_state_dict({k: v.float() for k, v in load_file(str(files.transformer)).items()}, assign=True)
     t.eval().requires_grad_(False)
-    ref = tune_head(data, _DiffusersDenoiser(t), TuneOptions(steps=STEPS, lr=LR, tokens=2, seed=0,
+    ref = tune_head(data, family_named("qwen-image").denoiser(t), TuneOptions(steps=STEPS, lr=LR, tokens=2, seed=0,
                                                              face_weight=tn.FACE_WEIGHT))
     assert ref.metrics["held_out_photos"] == m["held_out_photos"]
     for name, p in head.state_dict().items():
         q = ref.head.state_dict()[name]
         assert float((p - q).norm() / q.norm().clamp_min(1e-12)) < HEAD_RTOL, name
     assert abs(ref.metrics["held_out_loss"] - m["held_out_loss"]) < 1e-3 * m["held_out_loss"]
-
-
-class _DiffusersDenoiser:
-    """The Denoiser contract over a diffusers transformer (what the CLI uses), float32."""
-
-    dtype = torch.float32
-    device = torch.device("cpu")
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-
-    def __call__(self, x_t, sigma, embeds, mask):
-        from qwen_identity.core.denoising.flow_matching import pack_latents, predict_velocity, unpack_latents
-
-        packed, shapes = pack_latents(x_t)
-        return unpack_latents(predict_velocity(self.transformer, packed, sigma, embeds, mask, shapes,
-                                               torch.float32).float(), shapes[0])
 
 
 def test_one_photo_trains_with_its_mirror_image(comfy_parts):
