@@ -22,7 +22,7 @@ accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precisi
 python3 - <<'PY'
 import json
 from safetensors.torch import load_file
-a = load_file("/tmp/w/one/checkpoints/linear_head.safetensors"); b = load_file("/tmp/w/two/checkpoints/linear_head.safetensors")
+a = load_file("/tmp/w/one/checkpoints/one_head.safetensors"); b = load_file("/tmp/w/two/checkpoints/two_head.safetensors")
 print("max |head one - head two|:", max(float((a[k] - b[k]).abs().max()) for k in a))
 for n in ("one", "two"):
     m = json.load(open(f"/tmp/w/{n}/metrics.json"))

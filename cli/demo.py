@@ -5,7 +5,7 @@ With no models given it builds TINY RANDOM-WEIGHT STAND-INS of Qwen3-VL and Qwen
 writes a few synthetic identities (with captions), trains a head for a moment (3 epochs, lr 1e-2)
 and runs the POC's α × seed sweep at 64x64 px with 4 steps, so it finishes in seconds on a CPU; the
 images are noise. Give both --qwen3-vl-model and --qwen-image-model (folders or hub ids) to run for
-real with the POC's defaults (768x512, 28 steps, true CFG 4.5); add --seed-dirs for your own photos.
+real with the POC's defaults (512x768 width x height, 28 steps, true CFG 4.5); add --seed-dirs for your own photos.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from ..core.identity.seed_dirs import parse_seed_dir_args
 from ..core.pipeline.defaults import DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT
 from ..core.pipeline.run import RunSettings
 from ..core.residual.injection import parse_alphas
-from .sweep import HEAD_RELPATH, SweepConfig, run_sweep, train_first
+from ..tiny_models.build import FAMILIES as TINY_FAMILIES
+from .sweep import SweepConfig, run_head, run_sweep, train_first
 
 DEFAULT_OUT = "demo_output"
 TINY = dict(width=64, height=64, steps=4, epochs=3, lr=1e-2, max_batch=16)
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f'default: "{DEFAULT_ALPHAS}"')
     p.add_argument("--gen-seeds", default="1234,5678,9999", help='default: "1234,5678,9999"')
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "mps"), help="default: auto")
+    p.add_argument("--family", default="qwen-image", choices=TINY_FAMILIES,
+                   help="which Qwen-Image the tiny stand-ins are (default: qwen-image, i.e. 1.x); with real models "
+                        "the family is read from --qwen-image-model")
 
 
 def run(args) -> int:
@@ -69,9 +73,9 @@ def _demo(args, out: Path, alphas, seeds) -> int:
               "Their images are NOISE; this run only shows that every stage works. For real results pass\n"
               "  --qwen3-vl-model Qwen/Qwen3-VL-2B-Instruct --qwen-image-model Qwen/Qwen-Image\n"
               "(hub ids or local folders), and --seed-dirs with your own photos.")
-        tiny = build_tiny_models(out / "tiny_models")
+        tiny = build_tiny_models(out / "tiny_models", family=args.family)
         vl_model, qi_model, sizes = str(tiny.qwen3vl), str(tiny.qwen_image), TINY
-        ran.append(f"built tiny Qwen3-VL and Qwen-Image checkpoints in {out / 'tiny_models'}")
+        ran.append(f"built tiny Qwen3-VL and Qwen-Image ({args.family}) checkpoints in {out / 'tiny_models'}")
     else:
         vl_model, qi_model, sizes = args.qwen3_vl_model, args.qwen_image_model, REAL
     if args.seed_dirs:
@@ -84,7 +88,7 @@ def _demo(args, out: Path, alphas, seeds) -> int:
         dirs = make_seed_dirs(out / "data", identities=args.identities, views=2, captions=captions)
         ran.append(f"wrote {len(dirs)} synthetic identities (seed_*/photo_view_*.png + caption.txt) in {out / 'data'}")
     cfg = SweepConfig(dirs, out, RunSettings(
-        head=out / HEAD_RELPATH, alphas=alphas, seeds=seeds, steps=sizes["steps"], height=sizes["height"],
+        head=run_head(out, train=True), alphas=alphas, seeds=seeds, steps=sizes["steps"], height=sizes["height"],
         width=sizes["width"], max_batch=sizes["max_batch"], base_prompt=args.base_prompt, qwen3_vl_model=vl_model,
         qwen_image_model=qi_model, device=args.device, extra_meta={"demo": True, "stand_in_models": stand_in}))
     t = time.time()
@@ -93,7 +97,7 @@ def _demo(args, out: Path, alphas, seeds) -> int:
                           overwrite=True, feature_settings=None if args.seed_dirs else {"crop": "center"})
     ran.append(f"trained a residual head ({sizes['epochs']} epochs, lr {sizes['lr']:g}, caption target, "
                f"train loss {metrics.get('train_loss', float('nan')):.4g}) in {time.time() - t:.1f}s -> "
-               f"{out / 'checkpoints' / 'linear_head.safetensors'}")
+               f"{run_head(out, train=True)}")
     t = time.time()
     with OutDirLock(out):
         written = run_sweep(cfg)

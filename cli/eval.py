@@ -145,7 +145,7 @@ def _denoise_gain(args, head_path, out: Path) -> dict:
     head = load_head(head_path)
     trained = head.meta.training_args or {}
     settings = eval_feature_settings(args, head)
-    prompt = args.gain_prompt or (head.meta.base_prompt if head.meta.target == "denoise" and head.meta.base_prompt
+    prompt = args.gain_prompt or (head.meta.base_prompt if head.meta.target in ("denoise", "personal") and head.meta.base_prompt
                                   else args.base_prompt)
     alpha = args.gain_alpha if args.gain_alpha is not None else float(trained.get("alpha_train") or 1.0)
     opts = DenoiseOptions(loop=DenoiseLoopConfig(), resolution=args.gain_resolution or trained.get("resolution") or "512x512",

@@ -43,6 +43,7 @@ TIMEOUT_S = 6 * 3600
 INSTALL_HINT = ("the Modal runner needs the `modal` package and a Modal account: pip install modal (or pip install "
                 "'comfyui-qwen-identity[modal]'), then log in once with `modal token new`.")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DISTRIBUTION = "comfyui-qwen-identity"  # the pip name (pyproject.toml [project] name)
 
 
 def require_modal():
@@ -77,12 +78,28 @@ def gpu_spec(gpu: str, count: int) -> str | None:
 
 
 def image_packages() -> list[str]:
-    """The container's pip packages: the project's own dependencies and its eval extra (one list: pyproject.toml)."""
-    import tomllib
+    """The container's pip packages: the project's own dependencies and its eval extra (one list: pyproject.toml).
 
-    data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    extra = data["project"]["optional-dependencies"]
-    return list(data["project"]["dependencies"]) + list(extra["eval"]) + ["matplotlib>=3.7"]
+    From a checkout they are read from pyproject.toml; from a pip-installed package (no pyproject.toml
+    beside it) from the installed package's metadata, which setuptools wrote from that same file.
+    """
+    pyproject = REPO_ROOT / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+        extra = data["project"]["optional-dependencies"]
+        return list(data["project"]["dependencies"]) + list(extra["eval"]) + ["matplotlib>=3.7"]
+    from importlib.metadata import requires
+
+    base, eval_extra = [], []
+    for req in requires(DISTRIBUTION) or []:
+        spec, _, marker = (part.strip() for part in req.partition(";"))
+        if not marker:
+            base.append(spec)
+        elif marker.replace('"', "'").replace(" ", "") == "extra=='eval'":
+            eval_extra.append(spec)
+    return base + eval_extra + ["matplotlib>=3.7"]
 
 
 # ---------------------------------------------------------------------------- what runs in a container

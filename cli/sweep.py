@@ -3,7 +3,7 @@ features -> residual head -> E + α·R on the base prompt -> Qwen-Image images f
 OUT/generations/<dir name>_alpha_grid.png (rows α, columns seeds) and <dir name>_meta.json, and
 OUT/generations/meta.json (the run: settings once, every identity's files).
 
-The head is OUT/checkpoints/linear_head.safetensors (written by --train, on ALL given identities unless
+The head is OUT/checkpoints/<OUT name>_head.safetensors (written by --train, on ALL given identities unless
 --val-fraction holds some out), or --head FILE. Guidance is Qwen-Image's true CFG with --negative-prompt.
 Every file is written atomically. The loop itself is `core.pipeline.run`; this module parses arguments.
 """
@@ -24,6 +24,7 @@ from ..core.identity.seed_dirs import load_seed_dirs, parse_seed_dir_args
 from ..core.pipeline.defaults import (DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_QWEN3_VL,
                                       DEFAULT_QWEN_IMAGE)
 from ..core.pipeline.run import RunSettings, merge_results, release_memory, run_identities
+from ..core.residual import model_card as cards
 from ..core.residual.injection import parse_alphas
 from ..core.runtime.progress import tqdm_progress
 from ..training.loop import LoopConfig
@@ -33,7 +34,12 @@ from .common_args import (add_crop_arguments, add_generation_arguments, add_head
 from .fanout import add_fanout_arguments
 
 DEFAULT_OUT = "outputs"
-HEAD_RELPATH = Path("checkpoints") / "linear_head.safetensors"
+
+
+def run_head(out_dir: Path, train: bool) -> Path:
+    """The head of the run in OUT: where --train writes it, else the one there (an older run's
+    linear_head.safetensors too)."""
+    return cards.head_path(out_dir) if train else (cards.find_head(out_dir) or cards.head_path(out_dir))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,9 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="use only the first photo of each identity (the POC's simplification); default: all photos")
     g = p.add_argument_group("head")
     g.add_argument("--train", action="store_true", help="train the head first (as `qwen-identity train`), into "
-                                                        "OUT/checkpoints/linear_head.safetensors")
+                                                        "OUT/checkpoints/<OUT name>_head.safetensors")
     g.add_argument("--head", default=None, help="an existing head file to use instead (default: "
-                                                "OUT/checkpoints/linear_head.safetensors)")
+                                                "OUT/checkpoints/<OUT name>_head.safetensors)")
     add_head_training_arguments(g)
     g.add_argument("--overwrite", action="store_true", help="with --train: replace a head already in OUT")
     g.add_argument("--val-fraction", type=finite_float, default=0.0,
@@ -91,12 +97,12 @@ def config_from_args(args) -> SweepConfig:
     if args.max_batch < 1:
         raise UserInputError(f"--max-batch must be at least 1 (got {args.max_batch}).")
     if args.train and args.head:
-        raise UserInputError("--train writes OUT/checkpoints/linear_head.safetensors; do not also pass --head.")
+        raise UserInputError("--train writes OUT/checkpoints/<OUT name>_head.safetensors; do not also pass --head.")
     if not args.base_prompt.strip():
         raise UserInputError("--base-prompt is empty.")
     out_dir = Path(args.out_dir)
     settings = RunSettings(
-        head=Path(args.head) if args.head else out_dir / HEAD_RELPATH, alphas=alphas, seeds=seeds, steps=args.steps,
+        head=Path(args.head) if args.head else run_head(out_dir, args.train), alphas=alphas, seeds=seeds, steps=args.steps,
         guidance=args.guidance, height=args.height, width=args.width, max_batch=args.max_batch, fast=args.fast,
         offload=args.offload, fp8_storage=args.fp8_storage, strength_mode=args.strength_mode,
         base_prompt=args.base_prompt, negative_prompt=args.negative_prompt, qwen3_vl_model=args.qwen3_vl_model,
@@ -108,7 +114,7 @@ def config_from_args(args) -> SweepConfig:
 def train_first(cfg: SweepConfig, epochs: int, batch_size: int, lr: float, target: str, tokens: int,
                 overwrite: bool, say: Callable[[str], None] = print, val_fraction: float = 0.0,
                 feature_settings: dict | None = None) -> dict:
-    """--train: the training pipeline of `qwen-identity train`, writing OUT/checkpoints/linear_head.safetensors.
+    """--train: the training pipeline of `qwen-identity train`, writing OUT/checkpoints/<OUT name>_head.safetensors.
     By default on every identity the sweep draws (`val_fraction` 0): the head's metadata and every grid's
     meta.json name the identities it was trained on. `feature_settings`: FeatureSettings fields (the crop)."""
     s = cfg.settings
@@ -170,7 +176,7 @@ def run(args) -> int:
     if fan is not None:   # one chunk of the identities per process, merged into OUT (cli/fanout.py)
         if args.train and (fan.rank != 0 or fan.wait_for_others):
             raise UserInputError("--train runs once, with --chunk 0/N, before the other chunks (they then use "
-                                 "OUT/checkpoints/linear_head.safetensors); under accelerate launch train the head "
+                                 "OUT/checkpoints/<OUT name>_head.safetensors); under accelerate launch train the head "
                                  "first (`qwen-identity train` or `sweep --train` in one process), then fan out.")
         if args.train:   # chunk 0 trains into OUT (as one process would), then runs its chunk
             with OutDirLock(cfg.out_dir, allow_nested=True):

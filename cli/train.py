@@ -2,7 +2,7 @@
 embeddings, by one of three objectives (--objective; see docs/denoise-training.md):
 - caption: regress onto the caption's embedding difference (learns what a description can say);
 - zero: the POC's placeholder (a zero-initialised head with zero targets gets zero gradients: trains nothing);
-- denoise: through the frozen Qwen-Image transformer's flow-matching loss (can learn a face). Writes OUT/checkpoints/linear_head.safetensors (load it with the
+- denoise: through the frozen Qwen-Image transformer's flow-matching loss (can learn a face). Writes OUT/checkpoints/<OUT name>_head.safetensors and its model card (load it with the
 LoadResidualHead node), OUT/metrics.json and OUT/loss_curve.png. Runs the same under
 `accelerate launch` across GPUs (sharded extraction, data-parallel training).
 """
@@ -18,6 +18,7 @@ from ..core.identity.features import DEFAULT_MAX_PIXELS, DEFAULT_RESOLUTION, DEF
 from ..core.identity.seed_dirs import parse_seed_dir_args
 from ..core.pipeline.defaults import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
 from ..core.runtime.progress import tqdm_progress
+from ..core.residual.model_card import card_path, head_path
 from ..training.loop import LoopConfig
 from ..training.pipeline import TrainConfig, run_training
 from .common_args import (add_crop_arguments, add_head_training_arguments, add_system_arguments, crop_settings,
@@ -201,7 +202,7 @@ def run(args) -> int:
         out = Path(cfg.out_dir)
         if metrics:
             g = metrics.get("held_out_gain")
-            print(f"head: {out / 'checkpoints' / 'linear_head.safetensors'}\ntrain loss {metrics['train_loss']:.6g}"
+            print(f"head: {head_path(out)} (model card: {card_path(head_path(out))})\ntrain loss {metrics['train_loss']:.6g}"
                   + (f"; held-out identity gain {g['identity_gain']:.4g} (own {g['own_gain']:.4g}, impostor "
                      f"{g['impostor_gain']:.4g})" if g else "") + f"; metrics in {out / 'metrics.json'}")
         return 0
@@ -209,7 +210,7 @@ def run(args) -> int:
     out = Path(cfg.out_dir)
     if metrics:
         val = metrics.get("val_loss")
-        print(f"head: {out / 'checkpoints' / 'linear_head.safetensors'}\n"
+        print(f"head: {head_path(out)} (model card: {card_path(head_path(out))})\n"
               f"train loss {metrics['train_loss']:.6g}" + (f", validation loss {val:.6g}" if val is not None else "")
               + f"; metrics in {out / 'metrics.json'}, curve in {out / 'loss_curve.png'}")
     return 0

@@ -3,9 +3,9 @@ file that LoadResidualHead, InjectResidual, `sweep` and `eval` take like any oth
 
 The head learns through the frozen Qwen-Image transformer (the denoise objective) what the person's photos
 share; with 3 or more photos one is held out and the head of the step with the lowest held-out denoising
-loss is kept. Start from a universal head with --init-head for a faster, steadier result. Writes HEAD,
-HEAD-stem.metrics.json and HEAD-stem.loss.png (see docs/personalize.md). Ctrl-C stops after the current
-step and keeps the best head so far.
+loss is kept. Start from a universal head with --init-head for a faster start. Writes HEAD and, beside it,
+its model card HEAD-stem.md, HEAD-stem.metrics.json and HEAD-stem.loss.png (see docs/personalize.md).
+Ctrl-C stops after the current step and keeps the best head so far.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--impostor-dir", default=None, metavar="DIR",
                    help="photos of other people: report how much the head helps them too (the impostor gain)")
     g.add_argument("--work-dir", default=None,
-                   help="caches of features, latents and the prompt (default: .qwen_identity_tune beside the head)")
+                   help="caches of features, latents and the prompt (default: ~/.cache/qwen-identity/tune, or under $XDG_CACHE_HOME)")
     g = p.add_argument_group("models")
     g.add_argument("--qwen3-vl-model", default=DEFAULT_QWEN3_VL,
                    help=f"Qwen3-VL folder, models-folder name or hub id for the features (default: {DEFAULT_QWEN3_VL})")

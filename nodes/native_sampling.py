@@ -113,13 +113,14 @@ def select_conditioning(conditioning, rows: Sequence[int]) -> list:
     return out
 
 
-def _text_width(model) -> Optional[int]:
-    """The text width the diffusion model expects (3584 for Qwen-Image), if it can be read."""
-    try:
-        w = model.get_model_object("diffusion_model.txt_norm.weight")
-        return int(w.shape[0])
-    except Exception:  # noqa: BLE001 - another model family or a wrapper: skip the friendly check
-        return None
+def _text_width(model, family) -> Optional[int]:
+    """The text width the diffusion model expects (3584 for Qwen-Image, 4096 for 2.1), if it can be read."""
+    for key in family.comfy_text_width_keys:
+        try:
+            return int(model.get_model_object(key).shape[0])
+        except Exception:  # noqa: BLE001 - a wrapper or another layout: skip the friendly check
+            continue
+    return None
 
 
 def _check_model(model, vae, positive):
@@ -143,7 +144,7 @@ def _check_model(model, vae, positive):
         raise ModelMismatchError(
             f"the VAE has {vae_channels} latent channels, the MODEL's ({family.title}) has {family.latent_channels}; "
             f"load the VAE that belongs to it (qwen_image_vae.safetensors for Qwen-Image) with VAELoader")
-    width = _text_width(model)
+    width = _text_width(model, family)
     hidden = int(positive[0][0].shape[-1])
     if width is not None and hidden != width:
         raise ModelMismatchError(
@@ -196,6 +197,11 @@ def sample_native(model, vae, positive, negative, seeds, steps, cfg, width, heig
                              f"{', '.join(comfy.samplers.KSampler.SCHEDULERS)}")
     n_items = conditioning_batch(positive, negative)
     family = _check_model(model, vae, positive)
+    for name, v in (("width", width), ("height", height)):
+        if int(v) % family.size_multiple:
+            m = family.size_multiple
+            raise UserInputError(f"{name} {v} is not a multiple of {m}; {family.title} needs both sides divisible by "
+                                 f"{m} (e.g. {max(m, int(v) // m * m)})")
     lat_h, lat_w = family.latent_size(int(width), int(height))
     for what, cond in (("positive", positive), ("negative", negative)):
         for note in mask_notes(cond, lat_h, lat_w, what):

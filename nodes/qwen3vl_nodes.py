@@ -1,15 +1,16 @@
 """LoadQwen3VL and ExtractIdentityFeatures: thin ComfyUI adapters over core.qwen3vl / core.features.
 
-Memory cooperation with ComfyUI (all through `comfy.model_management`, imported lazily; skipped
-without ComfyUI):
-- before weights go to a GPU (at load, or when an offloaded model is moved back for extraction),
-  `free_memory(bytes_needed, device)` asks ComfyUI to unload its own models until that much is free;
-- `keep_loaded=False` loads the model to the CPU and moves it to the GPU only while
-  ExtractIdentityFeatures runs; afterwards it goes back to the CPU and `soft_empty_cache()` returns
-  the VRAM to Qwen-Image. The model stays in RAM (ComfyUI caches the loader's output, so a later run
-  does not reload it from disk);
-- `keep_loaded=True` keeps it on the GPU between runs (fastest when VRAM is plentiful).
-`device=auto` inside ComfyUI means ComfyUI's own device (`get_torch_device()`, honouring `--cpu`).
+Memory: inside ComfyUI the model is one of ComfyUI's managed models (nodes/comfy_runtime.py): loaded
+into RAM, wrapped in ComfyUI's ModelPatcher, moved to the GPU by ComfyUI's `load_models_gpu` when
+ExtractIdentityFeatures runs (ComfyUI first frees what that needs) and offloaded by ComfyUI like its own
+models: "Unload models", the memory estimate before sampling, --lowvram/--novram.
+- `keep_loaded=True`: after extraction it stays among ComfyUI's loaded models until ComfyUI needs the
+  memory (no reload when the next run extracts again);
+- `keep_loaded=False`: it goes back to RAM right after extraction.
+The loader's output stays in RAM either way (ComfyUI caches it), so a later run never rereads the disk.
+`device=auto` inside ComfyUI is where ComfyUI runs its own text encoders (`text_encoder_device()`).
+Features are cached per (photos, model, settings) (nodes/feature_cache.py): a re-queue does not run
+the model again.
 """
 
 from __future__ import annotations
@@ -29,10 +30,23 @@ from ..core.identity.face_crop import (CROP_FALLBACKS, CROP_HELP, CROPS, DEFAULT
                                        FALLBACK_HELP)
 from ..core.files.images import comfy_to_pil, pil_to_comfy
 from ..core.identity.qwen3vl import Qwen3VLBundle, attention_choices, load_qwen3vl
-from .comfy_runtime import comfy_progress, ensure_on_device, make_room, model_management, release, weights_bytes
+from .comfy_runtime import (comfy_devices, comfy_progress, ensure_on_device, hand_to_comfyui, make_room,
+                           model_management, release, weights_bytes)
+from .feature_cache import FEATURE_CACHE
 from ..core.runtime.model_folders import NO_FOLDER, chosen_model_source, list_model_folders, model_dirs
 
 CATEGORY = "Qwen Identity"
+
+
+def comfyui_manages_models() -> bool:
+    """True inside a real ComfyUI (its ModelPatcher is importable): the model is handed to its memory manager."""
+    if model_management() is None:
+        return False
+    try:
+        import comfy.model_patcher  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class LoadQwen3VL:
@@ -60,13 +74,16 @@ class LoadQwen3VL:
                 "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "Weights precision. auto = bf16 on "
                                                 "GPUs that support it, fp16 on other GPUs, fp32 on CPU."}),
                 "device": (list(DEVICE_CHOICES), {"default": "auto", "tooltip": "Where extraction runs. auto = "
-                                                  "ComfyUI's device (GPU unless started with --cpu)."}),
+                                                  "where ComfyUI runs its own text encoders (the GPU; the CPU "
+                                                  "when ComfyUI was started with --lowvram, --novram or --cpu)."}),
                 "attention": (attention_choices(), {"default": "sdpa", "tooltip": "Attention implementation: sdpa "
                               "(default, PyTorch's fused attention), eager, or flash_attention_2 when flash-attn "
                               "is installed."}),
-                "keep_loaded": ("BOOLEAN", {"default": True, "tooltip": "On: keep the model on the GPU between "
-                                "runs. Off: keep it in RAM and move it to the GPU only while extracting, so "
-                                "Qwen-Image gets the VRAM back."}),
+                "keep_loaded": ("BOOLEAN", {"default": True, "tooltip": "On: after extracting, the model stays "
+                                "on the GPU among ComfyUI's loaded models until ComfyUI needs the memory (for "
+                                "example to sample) or you press Unload models. Off: it goes back to RAM right "
+                                "after extracting, so Qwen-Image gets the VRAM at once. Either way the model is "
+                                "loaded and offloaded by ComfyUI like its own models."}),
             },
             "optional": {
                 "hf_token": ("STRING", {"default": "", "tooltip": "Hugging Face token for gated/private hub ids "
@@ -87,6 +104,11 @@ class LoadQwen3VL:
         token = (hf_token or "").strip() or None
         folder = resolve_model_dir(source, search_dirs=dirs, download_dir=dirs[0] if dirs else None, token=token,
                                    what="Qwen3-VL model")
+        if comfyui_manages_models():   # into RAM; ComfyUI moves it to the GPU when extraction needs it
+            dev, ram = comfy_devices(device)
+            dt = resolve_dtype(dtype, dev)
+            bundle = load_qwen3vl(str(folder), device=ram, dtype=dt, attn_implementation=attention)
+            return (self._hosted(bundle, dev, keep_loaded),)
         mm = model_management()
         dev = resolve_device(mm.get_torch_device() if (mm is not None and device == "auto") else device)
         dt = resolve_dtype(dtype, dev)
@@ -99,19 +121,33 @@ class LoadQwen3VL:
         return (bundle,)
 
     @staticmethod
+    def _hosted(bundle: Qwen3VLBundle, dev: torch.device, keep_loaded: bool) -> Qwen3VLBundle:
+        bundle.device = dev
+        bundle.keep_loaded = bool(keep_loaded)
+        hand_to_comfyui(bundle)
+        return bundle
+
+    @staticmethod
     def _load_single_file(path: Path, dtype, device, attention, keep_loaded):
         from ..core.identity.single_file_qwen3vl import load_single_file_bundle
 
         mm = model_management()
-        dev = resolve_device(mm.get_torch_device() if (mm is not None and device == "auto") else device)
+        managed = comfyui_manages_models()
+        if managed:
+            dev, ram = comfy_devices(device)
+        else:
+            dev = resolve_device(mm.get_torch_device() if (mm is not None and device == "auto") else device)
+            ram = torch.device("cpu")
         try:   # the Qwen2-BPE tokenizer ComfyUI ships beside its own Qwen3-VL text encoder
             import comfy.text_encoders  # type: ignore[import-not-found]
 
             tokenizer_dir = Path(comfy.text_encoders.__file__).parent / "qwen25_tokenizer"
         except (ImportError, AttributeError, TypeError):
             tokenizer_dir = None
-        bundle = load_single_file_bundle(path, tokenizer_dir, device=dev if keep_loaded else "cpu", dtype=dtype,
-                                         attn_implementation=attention)
+        bundle = load_single_file_bundle(path, tokenizer_dir, device=ram if managed or not keep_loaded else dev,
+                                         dtype=dtype, attn_implementation=attention)
+        if managed:
+            return LoadQwen3VL._hosted(bundle, dev, keep_loaded)
         bundle.device = dev
         bundle.keep_loaded = bool(keep_loaded)
         return bundle
@@ -163,6 +199,10 @@ class ExtractIdentityFeatures:
             raise UserInputError("the qwen3vl input must come from LoadQwen3VL.")
         settings = FeatureSettings(source=feature_source, layer=int(layer), resolution=resolution,
                                    max_pixels=int(max_pixels), crop=crop, crop_fallback=crop_fallback)
+        key = FEATURE_CACHE.key(qwen3vl, images, settings=settings.to_meta(), weights=weights)
+        hit = FEATURE_CACHE.get(key)
+        if hit is not None:
+            return hit
         pil = comfy_to_pil(images)
         seen, crops = prepare_photos(pil, settings, qwen3vl.patch_multiple,
                                      names=[f"image {i} of the batch" for i in range(len(pil))])
@@ -172,7 +212,7 @@ class ExtractIdentityFeatures:
                                      progress=comfy_progress(len(seen)))
         finally:
             release(qwen3vl)
-        return (feats, pil_to_comfy(pad_to_one_size(seen)))
+        return FEATURE_CACHE.put(key, (feats, pil_to_comfy(pad_to_one_size(seen))))
 
 
 def pad_to_one_size(images: list[Image.Image], fill=(128, 128, 128)) -> list[Image.Image]:

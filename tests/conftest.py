@@ -93,6 +93,16 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+@pytest.fixture(autouse=True)
+def _no_features_from_an_earlier_test():
+    """ExtractIdentityFeatures keeps results per (photos, model, settings) across runs (a re-queue does not
+    run Qwen3-VL again); each test starts without another test's results, so a test that breaks or
+    cancels the model sees the model run."""
+    cache = sys.modules.get("qwen_identity.nodes.feature_cache")
+    if cache is not None:
+        cache.FEATURE_CACHE.clear()
+
+
 @pytest.fixture(scope="session")
 def cli_env() -> dict:
     """Environment for subprocesses: the same package, offline, with the tripwire."""
@@ -119,6 +129,14 @@ def tiny_qwen3vl_dir(tiny_models) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwenimage_dir(tiny_models) -> Path:
     return tiny_models.qwen_image
+
+
+@pytest.fixture(scope="session")
+def tiny_qwenimage21_dir(tiny_models) -> Path:
+    """A tiny Qwen-Image 2.1 diffusers folder (QwenImage21Pipeline), built beside the other tiny models."""
+    from qwen_identity.tiny_models import build_tiny_models
+
+    return build_tiny_models(tiny_models.qwen3vl.parent, family="qwen-image-2.1").qwen_image
 
 
 @pytest.fixture(scope="session")

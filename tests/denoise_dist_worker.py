@@ -1,5 +1,10 @@
-"""Worker for tests/test_denoise_identity.py::test_two_processes_equal_one: trains the planted world's
-head under a 2-process launcher (torchrun; AccelerateDist) and writes the head's weight (rank 0)."""
+"""Both training loops on the planted world, alone or as one process of several (tests/test_denoise_identity.py
+::test_two_processes_equal_one starts two of these the way torchrun and `accelerate launch` do: RANK,
+WORLD_SIZE, MASTER_ADDR/PORT in the environment; Accelerate then joins a gloo group on the CPU).
+
+`train_both(dist)` trains the denoise head (training.denoise.train_denoise) and the caption-objective head
+(training.loop.train_head) from the same data and seeds; rank 0 of a launched run writes their weights.
+"""
 
 import sys
 from pathlib import Path
@@ -7,22 +12,39 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-torch.set_num_threads(1)
 
-from test_denoise_identity import D, H, World, tiny_transformer  # noqa: E402
+from planted_identity import D, H, PlantedWorld  # noqa: E402
 
 from qwen_identity.core.residual.head import ResidualHead  # noqa: E402
 from qwen_identity.training.denoise import DenoiseLoopConfig, train_denoise  # noqa: E402
-from qwen_identity.training.distributed import make_dist  # noqa: E402
+from qwen_identity.training.loop import LoopConfig, TensorData, train_head  # noqa: E402
+
+# odd counts on purpose: 15 photos in steps of 4, so the last step has 3 (one process gets 2, the other 1)
+PEOPLE, VIEWS = 5, 3
+
+
+def train_both(dist=None) -> dict:
+    world = PlantedWorld(0)
+    cohort = world.people(PEOPLE, VIEWS, seed=1)
+    denoise = ResidualHead(D, 1, H)
+    train_denoise(denoise, world.transformer(), cohort.data(), None,
+                  DenoiseLoopConfig(epochs=2, batch_size=2, grad_accum=2, lr=3e-2), dist=dist)
+    feats = torch.cat(cohort.features)
+    targets = torch.randn(PEOPLE, 1, H, generator=torch.Generator().manual_seed(3))[cohort.person]
+    caption = ResidualHead(D, 1, H)
+    train_head(caption, TensorData(feats, targets, torch.ones(len(feats), 1, dtype=torch.bool)), None,
+               LoopConfig(epochs=2, batch_size=4, lr=1e-2), dist=dist)
+    return {"denoise": denoise.proj.weight.detach().clone(), "caption": caption.proj.weight.detach().clone()}
+
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
+    from qwen_identity.training.distributed import make_dist
+
     dist = make_dist(torch.device("cpu"), "accelerate")
-    train, _ = World().people(16, 3, seed=1)
-    small = train.subset(list(range(16)))
-    head = ResidualHead(D, 1, H)
-    train_denoise(head, tiny_transformer(), small, None, DenoiseLoopConfig(epochs=2, batch_size=4, lr=3e-2), dist=dist)
+    heads = train_both(dist)
     if dist.is_main:
-        torch.save({"w": head.proj.weight.detach().clone(), "world": dist.world}, sys.argv[1])
+        torch.save({**heads, "world": dist.world}, sys.argv[1])
     dist.barrier()
     import torch.distributed
 

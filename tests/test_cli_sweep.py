@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from qwen_identity.cli import main
+from qwen_identity.core.residual.model_card import head_path
 
 SMALL = ["--device", "cpu", "--steps", "2", "--width", "32", "--height", "32"]
 
@@ -39,7 +40,7 @@ def test_sweep_train_writes_head_grids_and_meta(trained, tiny_models):
     from qwen_identity.core.files.dataset_fingerprint import file_sha256
 
     dirs, out = trained
-    head = out / "checkpoints" / "linear_head.safetensors"
+    head = head_path(out)
     assert head.is_file()
     for d in dirs:
         png, meta_path = out / "generations" / f"{d.name}_alpha_grid.png", out / "generations" / f"{d.name}_meta.json"
@@ -116,7 +117,7 @@ def test_sweep_reuses_the_features_train_cached(trained, tiny_models, tmp_path, 
     dirs, out = trained
     common = ["--seed-dirs", str(dirs[1]), "--alphas", "0,1.5", "--gen-seeds", "1234,7",
               "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model", str(tiny_models.qwen_image), *SMALL]
-    head = out / "checkpoints" / "linear_head.safetensors"
+    head = head_path(out)
     fresh = tmp_path / "fresh"
     assert main(["sweep", *common, "--out-dir", str(fresh), "--head", str(head)]) == 0  # extracts
 
@@ -136,7 +137,7 @@ def test_sweep_train_trains_on_every_identity_it_draws(trained):
 
     dirs, out = trained
     names = [d.name for d in dirs]
-    head = load_head(out / "checkpoints" / "linear_head.safetensors")
+    head = load_head(head_path(out))
     assert head.meta.metrics["train_identity_names"] == names and head.meta.metrics["val_identity_names"] == []
     for d in dirs:
         meta = json.loads((out / "generations" / f"{d.name}_meta.json").read_text())

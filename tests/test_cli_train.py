@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from qwen_identity.cli import main
+from qwen_identity.core.residual.model_card import head_path
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def test_seed_dirs_to_checkpoint_to_node_to_residual(train, make_dataset, tmp_pa
     # the node loads it; the residual has the right shape for the features it was trained on
     monkeypatch.setenv("QWEN_IDENTITY_MODELS_DIR", str(tmp_path / "models"))
     head, summary = LoadResidualHead().load("(no heads in models/identity_heads)",
-                                           head_path=str(out / "checkpoints" / "linear_head.safetensors"))
+                                           head_path=str(head_path(out)))
     feats = next(iter(load_feature_cache(out / "cache" / "features.safetensors").values()))
     assert check_head_features(head, feats) == []
     check_head_hidden(head, 32)
@@ -95,19 +96,19 @@ def test_reruns_are_byte_identical_and_resume_matches(train, make_dataset, tmp_p
     for name in ("a", "b"):
         code, _, err = train("--seed-dirs", dirs, "--epochs", "3", out=tmp_path / name, **caption)
         assert code == 0, err
-        heads.append((tmp_path / name / "checkpoints" / "linear_head.safetensors").read_bytes())
+        heads.append(head_path(tmp_path / name).read_bytes())
     assert heads[0] == heads[1]
     code, _, err = train("--seed-dirs", dirs, "--epochs", "3", "--lr", "2e-3", out=tmp_path / "c", **caption)
-    assert (tmp_path / "c" / "checkpoints" / "linear_head.safetensors").read_bytes() != heads[0]
+    assert head_path(tmp_path / "c").read_bytes() != heads[0]
     # 1 epoch, then --resume to 3 == 3 straight; epochs 2 and 3 moved the weights, so equality means the
     # optimizer state and random stream were restored
     assert train("--seed-dirs", dirs, "--epochs", "1", out=tmp_path / "r", **caption)[0] == 0
-    after_one = _weights(tmp_path / "r" / "checkpoints" / "linear_head.safetensors")
-    three = _weights(tmp_path / "a" / "checkpoints" / "linear_head.safetensors")
+    after_one = _weights(head_path(tmp_path / "r"))
+    three = _weights(head_path(tmp_path / "a"))
     assert any((after_one[k] - three[k]).abs().max() > 1e-4 for k in three)
     code, _, err = train("--seed-dirs", dirs, "--epochs", "3", "--resume", out=tmp_path / "r", **caption)
     assert code == 0 and "resuming after epoch 1" in err
-    assert (tmp_path / "r" / "checkpoints" / "linear_head.safetensors").read_bytes() == heads[0]
+    assert head_path(tmp_path / "r").read_bytes() == heads[0]
     # resuming with other settings is refused, and nothing to do is not an error
     code, _, err = train("--seed-dirs", dirs, "--epochs", "4", "--lr", "5e-3", "--resume", out=tmp_path / "r", **caption)
     assert code == 2 and "lr" in err
@@ -131,7 +132,7 @@ def test_full_disk_keeps_the_previous_checkpoint(train, make_dataset, tmp_path, 
     dirs = ",".join(map(str, make_dataset(identities=2, views=2, size=(64, 64))))
     out = tmp_path / "o"
     assert train("--seed-dirs", dirs, "--epochs", "1", out=out)[0] == 0
-    head_file, state_file = out / "checkpoints" / "linear_head.safetensors", out / "checkpoints" / "train_state.safetensors"
+    head_file, state_file = head_path(out), out / "checkpoints" / "train_state.safetensors"
     saved = head_file.read_bytes(), state_file.read_bytes()
     import qwen_identity.core.files.atomic as atomic
 
@@ -220,7 +221,7 @@ def test_zero_target_trains_nothing_and_help_says_so(train, make_dataset, tmp_pa
     dirs = ",".join(map(str, make_dataset(identities=2, views=1, size=(64, 64))))
     code, _, err = train("--seed-dirs", dirs, "--epochs", "2", "--lr", "1e-1", out=tmp_path / "z")
     assert code == 0, err
-    w = _weights(tmp_path / "z" / "checkpoints" / "linear_head.safetensors")
+    w = _weights(head_path(tmp_path / "z"))
     assert all(float(v.abs().max()) == 0.0 for k, v in w.items() if k.startswith("proj"))
     for command in ("train", "sweep"):
         help_text = " ".join(_help(build_parser(), command).split())

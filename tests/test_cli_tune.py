@@ -42,7 +42,9 @@ def photos(tmp_path):
 
 
 @pytest.fixture
-def tune(tiny_models, capsys):
+def tune(tiny_models, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))   # the default --work-dir
+
     def run(photo_dir, out, *args):
         argv = ["tune", str(photo_dir), "--out", str(out), "--qwen3-vl-model", str(tiny_models.qwen3vl),
                 "--qwen-image-model", str(tiny_models.qwen_image), *FAST, *args]
@@ -78,6 +80,8 @@ def test_tune_writes_a_personal_head_that_every_command_loads(tune, photos, tmp_
     assert len(metrics["loss_history"]) == 4 and metrics["best_step"] in (0, 2, 4)
     assert metrics["photo_fingerprint"] == m.dataset_fingerprint
     assert out.with_name("me_head.loss.png").is_file()
+    card = out.with_name("me_head.md").read_text()
+    assert "personal" in card and "held-out photo" in card and m.card["objective"] == "personal"
     assert not list(out.parent.rglob("*.tmp"))
     assert "held-out loss" in stdout
 
@@ -116,6 +120,8 @@ def test_same_inputs_same_head_and_caches_are_reused(tune, photos, tmp_path):
     code, _, err = tune(photos, b)
     assert code == 0, err
     assert "extracting" not in err and "encoding" not in err     # features and latents came from the caches
+    assert list((tmp_path / "user_cache" / "qwen-identity" / "tune" / "cache").iterdir())
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["a.safetensors", "b.safetensors"]
     from safetensors.torch import load_file
 
     assert all(torch.equal(x, y) for x, y in zip(load_file(a).values(), load_file(b).values()))
@@ -192,7 +198,7 @@ def test_very_different_sizes_train_at_their_aspects_and_too_small_is_named(tune
     assert len(load_head(tmp_path / "h.safetensors").meta.training_args["buckets"]) == 3
     identity_photo(0, 9, (12, 12)).save(d / "tiny.png")
     code, _, err = tune(d, tmp_path / "h2.safetensors")
-    assert code == 2 and "tiny.png" in err and "--allow-upscale" in err
+    assert code == 2 and "tiny.png" in err and "--allow-upscale" in err and "--resolution" in err
     assert tune(d, tmp_path / "h3.safetensors", "--allow-upscale")[0] == 0
 
 
@@ -230,3 +236,17 @@ def test_interrupt_keeps_the_best_head_and_writes_nothing_half(tune, photos, tmp
     m = json.loads(out.with_name("h.metrics.json").read_text())
     assert m["interrupted"] and m["steps_done"] == 3 and m["best_step"] in (0, 2, 3)
     assert out.is_file() and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_the_same_command_tunes_a_qwen_image_21_head(tune, photos, tmp_path, tiny_models, tiny_qwenimage21_dir, capsys):
+    """A second model family needs nothing of tuning but its adapter: the tiny 2.1 model tunes, and the head
+    records its family."""
+    from qwen_identity.core.residual.head import load_head
+
+    out = tmp_path / "h21.safetensors"
+    code = main(["tune", str(photos), "--out", str(out), "--qwen3-vl-model", str(tiny_models.qwen3vl),
+                 "--qwen-image-model", str(tiny_qwenimage21_dir), *FAST])
+    assert code == 0, capsys.readouterr().err
+    head = load_head(out)
+    assert head.meta.family == "qwen-image-2.1" and head.meta.target == "personal"
+    assert head.meta.metrics["held_out_loss"] is not None

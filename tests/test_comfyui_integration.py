@@ -9,7 +9,7 @@ under the committed workflows' real file names:
   text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors  1-layer full-width Qwen2.5-VL text tower
   qwen3_vl/Qwen3-VL-2B-Instruct/                       the pack's tiny Qwen3-VL
   diffusers/Qwen-Image/                                the pack's tiny diffusers pipeline
-  identity_heads/linear_head.safetensors               random head (tiny Qwen3-VL D -> H 3584)
+  identity_heads/v1_head.safetensors                   random head (tiny Qwen3-VL D -> H 3584)
   identity_heads/tiny_diffusers_head.safetensors       random head (tiny Qwen3-VL D -> tiny pipeline H)
 Substitutions made in copies of the API workflows (the committed files keep the real names):
 CLIPLoader -> TinyQwenImageCLIPLoader (CLIPLoader always builds the full 7B encoder), the diffusers

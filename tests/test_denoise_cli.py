@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qwen_identity.cli import main
+from qwen_identity.core.residual.model_card import head_path
 
 BASE = ["--objective", "denoise", "--train-resolution", "32x32", "--batch-size", "2", "--lr", "1e-2",
         "--device", "cpu", "--val-fraction", "0.34", "--gain-pairs", "2", "--crop", "center"]  # synthetic: no faces
@@ -46,7 +47,7 @@ def test_denoise_trains_a_head_the_nodes_load(train, people, tmp_path):
 
     code, out, err = train("--seed-dirs", people, out=tmp_path / "a")
     assert code == 0, err
-    head_file = tmp_path / "a" / "checkpoints" / "linear_head.safetensors"
+    head_file = head_path(tmp_path / "a")
     head = load_head(head_file)
     assert head.meta.target == "denoise" and head.meta.hidden_size == 32
     args = head.meta.training_args
@@ -79,7 +80,7 @@ def test_reruns_are_byte_identical_and_resume_equals_uninterrupted(train, people
     assert train("--seed-dirs", people, out=tmp_path / "a", epochs=3)[0] == 0
     shutil.copytree(tmp_path / "a" / "cache", tmp_path / "b" / "cache")  # same caches, fresh run
     assert train("--seed-dirs", people, out=tmp_path / "b", epochs=3)[0] == 0
-    head = lambda d: (d / "checkpoints" / "linear_head.safetensors").read_bytes()  # noqa: E731
+    head = lambda d: head_path(d).read_bytes()  # noqa: E731
     assert head(tmp_path / "a") == head(tmp_path / "b")
 
     # interrupted after optimizer step 2 (mid-epoch 2: 2 photos per epoch... 4 train photos / batch 2 = 2 steps)
@@ -102,8 +103,8 @@ def test_reruns_are_byte_identical_and_resume_equals_uninterrupted(train, people
     assert "resuming after optimizer step 3" in err
     from qwen_identity.core.residual.head import load_head
 
-    a, c = load_head(tmp_path / "a" / "checkpoints" / "linear_head.safetensors"), \
-        load_head(tmp_path / "c" / "checkpoints" / "linear_head.safetensors")
+    a, c = load_head(head_path(tmp_path / "a")), \
+        load_head(head_path(tmp_path / "c"))
     assert torch.equal(a.proj.weight, c.proj.weight) and torch.equal(a.proj.bias, c.proj.bias)
     ma = json.loads((tmp_path / "a" / "metrics.json").read_text())["history"]
     mc = json.loads((tmp_path / "c" / "metrics.json").read_text())["history"]
@@ -166,7 +167,7 @@ def test_fp8_storage_and_compiled_blocks_train_like_the_plain_run(train, people,
     from qwen_identity.core.residual.head import load_head
     from qwen_identity.training import denoise_pipeline
 
-    head_of = lambda d: load_head(d / "checkpoints" / "linear_head.safetensors")  # noqa: E731
+    head_of = lambda d: load_head(head_path(d))  # noqa: E731
     assert train("--seed-dirs", people, out=tmp_path / "plain", epochs=1)[0] == 0
     plain = head_of(tmp_path / "plain").proj.weight.detach()
     code, _, err = train("--seed-dirs", people, "--fp8-storage", out=tmp_path / "fp8", epochs=1)
@@ -217,7 +218,7 @@ def test_text_width_mismatch_is_named(train, people, tmp_path, tiny_models):
 
 def test_eval_measures_the_denoising_gain_of_a_head(train, people, make_dataset, tmp_path, tiny_models, capsys):
     assert train("--seed-dirs", people, out=tmp_path / "a", epochs=1)[0] == 0
-    head = tmp_path / "a" / "checkpoints" / "linear_head.safetensors"
+    head = head_path(tmp_path / "a")
     others = make_dataset(identities=2, views=2, size=(40, 36), first_seed=300)
     code = main(["eval", "--head", str(head), "--seed-dirs", ",".join(map(str, others)), "--denoise-gain-only",
                  "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model", str(tiny_models.qwen_image),

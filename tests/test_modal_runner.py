@@ -144,7 +144,7 @@ def test_runner_path_in_process_equals_a_local_sweep_train(tiny_models, tmp_path
     from test_fanout import tree
 
     dirs = make_seed_dirs(tmp_path / "data", identities=3, views=2, captions={0: "a red-haired woman"})
-    args = ["--seed-dirs", ",".join(map(str, dirs)), "--train", "--epochs", "1", "--alphas", "0,1.5",
+    args = ["--seed-dirs", ",".join(map(str, dirs)), "--train", "--crop", "center", "--epochs", "1", "--alphas", "0,1.5",
             "--gen-seeds", "5", "--qwen3-vl-model", str(tiny_models.qwen3vl),
             "--qwen-image-model", str(tiny_models.qwen_image), *SMALL]
     local = tmp_path / "local"
@@ -155,7 +155,8 @@ def test_runner_path_in_process_equals_a_local_sweep_train(tiny_models, tmp_path
                           map_calls=lambda many: [body(a) for a in many], merge_call=body)
     assert code == 0
     want, got = tree(local), tree(remote)
-    for rel in ("checkpoints/linear_head.safetensors",) + tuple(f"generations/{d.name}_alpha_grid.png" for d in dirs):
+    assert got["checkpoints/remote_head.safetensors"] == want["checkpoints/local_head.safetensors"]
+    for rel in tuple(f"generations/{d.name}_alpha_grid.png" for d in dirs):
         assert got[rel] == want[rel], rel
     for d in dirs:
         meta = f"generations/{d.name}_meta.json"

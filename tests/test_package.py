@@ -2,12 +2,15 @@
 
 import ast
 import importlib.util
+import os
 import re
 import subprocess
 import sys
 import tomllib
 import uuid
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ["core", "nodes", "training", "cli", "tiny_models"]
@@ -156,3 +159,99 @@ def test_cli_unknown_subcommand_exits_2(cli_env):
     out = subprocess.run([sys.executable, "-m", "qwen_identity.cli", "frobnicate"], env=cli_env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "invalid choice" in out.stderr and "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------------------- the built wheel
+# Folders whose every file ships as package data (what ComfyUI and the CLI read at run time).
+DATA_DIRS = ["workflows", "web"]
+_NOT_SOURCE = {".git", ".venv", ".comfyui", "build", "dist", "tests", "bench", "__pycache__", "outputs", "demo_output"}
+
+
+def _source_modules() -> list[str]:
+    """Every module of the checkout's package tree, found on disk (not from the package list under test)."""
+    mods = ["qwen_identity"]
+    for init in sorted(ROOT.rglob("__init__.py")):
+        rel = init.parent.relative_to(ROOT)
+        if rel.parts and (rel.parts[0] in _NOT_SOURCE or rel.parts[0].startswith(".")):
+            continue
+        pkg = ".".join(["qwen_identity", *rel.parts])
+        if not all((ROOT.joinpath(*rel.parts[:i + 1]) / "__init__.py").is_file() for i in range(len(rel.parts))):
+            continue  # a folder under a non-package folder is not importable as part of qwen_identity
+        mods += [pkg] if rel.parts else []
+        mods += [f"{pkg}.{f.stem}" for f in sorted(init.parent.glob("*.py")) if f.name not in ("__init__.py", "__main__.py")
+                 and f.name != "setup.py"]
+    return sorted(set(mods))
+
+
+def _copy_source(dst: Path) -> Path:
+    """The checkout without VCS/venv/build folders, so building writes nothing into the working tree."""
+    import shutil
+
+    def ignore(folder, names):
+        top = Path(folder) == ROOT
+        return [n for n in names if n == "__pycache__" or n.endswith(".egg-info") or (top and (n in _NOT_SOURCE
+                or n.startswith(".")))]
+
+    shutil.copytree(ROOT, dst, ignore=ignore, symlinks=True)
+    return dst
+
+
+@pytest.mark.slow
+def test_built_wheel_installs_imports_every_module_and_runs_the_command(tmp_path, cli_env):
+    """`pip install` of the package: the wheel holds every module and data file; it imports and runs outside the checkout."""
+    import zipfile
+
+    src = _copy_source(tmp_path / "src")
+    wheels = tmp_path / "wheels"
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                          "-q", "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=300, env=cli_env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = wheels.glob("comfyui_qwen_identity-*.whl")
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for mod in _source_modules():
+        parts = mod.split(".")
+        assert ("/".join(parts) + ".py" in names or "/".join(parts) + "/__init__.py" in names), f"{mod} is not in the wheel"
+    for d in DATA_DIRS:
+        for f in sorted((ROOT / d).rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts:
+                assert f"qwen_identity/{f.relative_to(ROOT).as_posix()}" in names, f"{f.relative_to(ROOT)} is not in the wheel"
+    assert not any(n.startswith(("qwen_identity/tests/", "qwen_identity/bench/")) or n == "qwen_identity/setup.py"
+                   for n in names), sorted(n for n in names if "tests/" in n or "bench/" in n or "setup.py" in n)
+
+    target = tmp_path / "target"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                          str(target), str(wheel)], capture_output=True, text=True, timeout=300, env=cli_env)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    # outside the checkout: only the installed copy (and the tripwire) on the path
+    env = dict(cli_env, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "netguard"), str(target)]))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = ("import importlib, sys\n"
+              f"mods = {_source_modules()!r}\n"
+              "for m in mods:\n"
+              "    importlib.import_module(m)\n"
+              "import qwen_identity\n"
+              "print(qwen_identity.__file__)\n"
+              "print(len(qwen_identity.NODE_CLASS_MAPPINGS))\n"
+              "from qwen_identity.cli.modal_runner import image_packages\n"
+              "print(image_packages())\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert Path(lines[0]).resolve() == (target / "qwen_identity" / "__init__.py").resolve(), lines[0]
+    assert int(lines[1]) > 0
+    # the Modal image's package list comes from the installed metadata (no pyproject.toml beside it)
+    assert "diffusers" in lines[2] and "dlib-bin" in lines[2] and "modal" not in lines[2]
+
+    command = target / "bin" / "qwen-identity"
+    assert command.is_file(), sorted(p.name for p in (target / "bin").iterdir()) if (target / "bin").is_dir() else "no bin/"
+    out = subprocess.run([sys.executable, str(command), "--help"], cwd=elsewhere, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    from qwen_identity.cli import SUBCOMMANDS
+
+    for name in SUBCOMMANDS:
+        assert name in out.stdout

@@ -127,3 +127,128 @@ def test_comfyui_memory_cooperation(loaded, monkeypatch):
                                                  crop="full")
     assert feats.n_images == 1
     assert moves == ["meta", "cpu"] and ("free_memory", "meta") in calls and ("soft_empty_cache",) in calls
+
+
+# ---- features cached per (photos, model, settings) --------------------------------------------------
+
+def _count_forwards(bundle):
+    """Calls of the vision tower (every feature source runs it)."""
+    calls = []
+    visual = next(m for name, m in bundle.model.named_modules() if name.endswith("visual"))
+    handle = visual.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_requeue_with_the_same_photos_model_and_settings_does_not_run_the_model(loaded):
+    from qwen_identity.nodes.feature_cache import FEATURE_CACHE
+
+    FEATURE_CACHE.clear()
+    photos = torch.rand(2, 40, 40, 3, generator=torch.Generator().manual_seed(7))
+    calls, handle = _count_forwards(loaded)
+    try:
+        first, view = ExtractIdentityFeatures().extract(loaded, photos, resolution="pixel_budget", crop="center")
+        assert len(calls) > 0
+        n = len(calls)
+        # a re-queue: a new tensor with the same pixels (LoadImage reads the file again)
+        again, view2 = ExtractIdentityFeatures().extract(loaded, photos.clone(), resolution="pixel_budget", crop="center")
+        assert len(calls) == n and torch.equal(again.combined, first.combined) and torch.equal(view2, view)
+        # anything that changes the features runs the model again: settings, weights, pixels
+        ExtractIdentityFeatures().extract(loaded, photos, resolution="center_crop_448", crop="center")
+        assert len(calls) > n
+        n = len(calls)
+        ExtractIdentityFeatures().extract(loaded, photos, resolution="pixel_budget", weights="1,0.5", crop="center")
+        assert len(calls) > n
+        n = len(calls)
+        ExtractIdentityFeatures().extract(loaded, photos, resolution="pixel_budget", crop="full")
+        assert len(calls) > n
+        n = len(calls)
+        changed = photos.clone()
+        changed[0, 0, 0, 0] = 1.0 - changed[0, 0, 0, 0]
+        ExtractIdentityFeatures().extract(loaded, changed, resolution="pixel_budget", crop="center")
+        assert len(calls) > n
+    finally:
+        handle.remove()
+
+
+def test_cache_key_names_the_model_and_its_precision(loaded):
+    from dataclasses import replace
+
+    from qwen_identity.nodes.feature_cache import FEATURE_CACHE
+
+    photos = torch.rand(1, 16, 16, 3)
+    base = FEATURE_CACHE.key(loaded, photos, settings={"a": 1})
+    assert base == FEATURE_CACHE.key(replace(loaded), photos.clone(), settings={"a": 1})
+    assert base != FEATURE_CACHE.key(replace(loaded, dtype=torch.bfloat16), photos, settings={"a": 1})
+    assert base != FEATURE_CACHE.key(replace(loaded, path=None, model_id="other"), photos, settings={"a": 1})
+    assert base != FEATURE_CACHE.key(loaded, photos, settings={"a": 2})
+    assert FEATURE_CACHE.key(loaded, "not a tensor", settings={}) is None
+
+
+# ---- under a real ComfyUI's model management (in this process, CPU) ----------------------------------
+
+@pytest.fixture()
+def comfy_mm():
+    from comfyui_harness.env import import_comfy_in_process, require_comfyui
+
+    require_comfyui()
+    import_comfy_in_process()
+    import comfy.model_management as mm
+
+    from qwen_identity.nodes.feature_cache import FEATURE_CACHE
+
+    FEATURE_CACHE.clear()
+    mm.unload_all_models()
+    yield mm
+    mm.unload_all_models()
+    FEATURE_CACHE.clear()
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("keep_loaded", [True, False])
+def test_qwen3vl_is_one_of_comfyuis_managed_models(comfy_mm, tiny_qwen3vl_dir, keep_loaded):
+    """LoadQwen3VL hands the model to ComfyUI (a ModelPatcher); extraction loads it with load_models_gpu;
+    keep_loaded leaves it among ComfyUI's loaded models, where Unload models / free_memory evict it."""
+    import comfy.model_patcher
+
+    from qwen_identity.nodes.comfy_runtime import is_loaded_by_comfyui
+
+    mm = comfy_mm
+    (bundle,) = LoadQwen3VL().load(NO_FOLDER, str(tiny_qwen3vl_dir), dtype="fp32", keep_loaded=keep_loaded)
+    patcher = bundle.host_handle
+    assert isinstance(patcher, comfy.model_patcher.ModelPatcher)
+    assert bundle.device == mm.text_encoder_device() and patcher.load_device == bundle.device
+    assert patcher.model_size() > 0 and not is_loaded_by_comfyui(bundle)   # loaded into RAM, not yet used
+
+    photos = torch.rand(2, 40, 40, 3, generator=torch.Generator().manual_seed(3))
+    feats, _ = ExtractIdentityFeatures().extract(bundle, photos, resolution="pixel_budget")
+    assert is_loaded_by_comfyui(bundle) is keep_loaded
+    assert (patcher in mm.loaded_models()) is keep_loaded
+
+    # what "Unload models" (and the memory estimate before sampling, through free_memory) does
+    mm.unload_all_models()
+    assert not is_loaded_by_comfyui(bundle)
+
+    # the next extraction asks ComfyUI again, and the model runs the same
+    from qwen_identity.nodes.feature_cache import FEATURE_CACHE
+
+    FEATURE_CACHE.clear()
+    again, _ = ExtractIdentityFeatures().extract(bundle, photos, resolution="pixel_budget")
+    assert torch.equal(again.combined, feats.combined)
+    assert is_loaded_by_comfyui(bundle) is keep_loaded
+    from qwen_identity.core.files.images import comfy_to_pil
+
+    reference = extract_features(bundle, comfy_to_pil(photos), FeatureSettings(resolution="pixel_budget"))
+    assert torch.allclose(reference.combined, feats.combined, atol=1e-5)
+
+
+@pytest.mark.comfyui
+def test_comfyuis_memory_estimate_frees_the_qwen3vl(comfy_mm, tiny_qwen3vl_dir):
+    """A sampler's load_models_gpu/free_memory asking for more than is free unloads the kept model."""
+    from qwen_identity.nodes.comfy_runtime import is_loaded_by_comfyui
+
+    mm = comfy_mm
+    (bundle,) = LoadQwen3VL().load(NO_FOLDER, str(tiny_qwen3vl_dir), dtype="fp32", keep_loaded=True)
+    ExtractIdentityFeatures().extract(bundle, torch.rand(1, 32, 32, 3), resolution="pixel_budget")
+    assert is_loaded_by_comfyui(bundle)
+    mm.free_memory(1e30, bundle.device)
+    assert not is_loaded_by_comfyui(bundle)

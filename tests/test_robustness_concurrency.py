@@ -43,6 +43,7 @@ def _photos(seed_dir):
 
 def test_one_loaded_bundle_serves_prompts_back_to_back(bundles, make_dataset):
     from qwen_identity.nodes.inject_nodes import InjectResidual, QwenImageTextEncodeDiffusers
+    from qwen_identity.nodes.feature_cache import FEATURE_CACHE
     from qwen_identity.nodes.qwen3vl_nodes import ExtractIdentityFeatures
     from qwen_identity.nodes.sampling_nodes import QwenImageSampleFromEmbeds
 
@@ -57,6 +58,7 @@ def test_one_loaded_bundle_serves_prompts_back_to_back(bundles, make_dataset):
 
     def prompt(photos, text, seed):
         snapshot = photos.clone()
+        FEATURE_CACHE.clear()   # the model runs every time (a re-queue would reuse the features)
         feats, _ = ExtractIdentityFeatures().extract(vl, photos, crop="center")
         (pos,) = QwenImageTextEncodeDiffusers().encode(pipe, text)
         (neg,) = QwenImageTextEncodeDiffusers().encode(pipe, "blurry")

@@ -103,7 +103,7 @@ def test_train_interrupted_mid_epoch_keeps_the_last_checkpoint_and_resumes(tiny_
     assert code == 0, err
     ckpt = out / "checkpoints"
     saved = {p.name: p.read_bytes() for p in ckpt.iterdir()}
-    assert {"linear_head.safetensors", "train_state.safetensors"} <= set(saved)
+    assert {"o_head.safetensors", "o_head.md", "train_state.safetensors"} <= set(saved)
 
     real = pipeline.train_head
 
@@ -121,7 +121,7 @@ def test_train_interrupted_mid_epoch_keeps_the_last_checkpoint_and_resumes(tiny_
     # the interrupt came after epoch 2 was saved or before: either way every file is a complete checkpoint
     for p in ckpt.iterdir():
         assert not p.name.endswith(".tmp")
-    head = load_head(ckpt / "linear_head.safetensors")
+    head = load_head(ckpt / "o_head.safetensors")
     assert head.meta.tokens == 1
     _, epoch, _ = load_train_state(ckpt / "train_state.safetensors")
     assert epoch in (1, 2)                       # epoch 1's pair, or epoch 2's if it was saved before the interrupt
@@ -131,7 +131,7 @@ def test_train_interrupted_mid_epoch_keeps_the_last_checkpoint_and_resumes(tiny_
     code, err = run_cli(*base, "--epochs", "3", "--resume")
     assert code == 0, err
     assert load_train_state(ckpt / "train_state.safetensors")[1] == 3
-    assert load_head(ckpt / "linear_head.safetensors").meta.tokens == 1
+    assert load_head(ckpt / "o_head.safetensors").meta.tokens == 1
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -262,8 +262,11 @@ def test_cancel_in_the_middle_of_a_node_leaves_models_usable(bundles, monkeypatc
         QwenImageSampleFromEmbeds().sample(pos, neg, seeds="5,6", steps=3, width=32, height=32, max_batch=1,
                                            pipeline=pipe)
 
-    # the next prompt runs and equals the undisturbed one
+    # the next prompt runs (the model itself, not features kept from the first run) and equals the undisturbed one
     fake_comfy(monkeypatch)
+    from qwen_identity.nodes.feature_cache import FEATURE_CACHE
+
+    FEATURE_CACHE.clear()
     feats, _ = ExtractIdentityFeatures().extract(vl, photos, resolution="pixel_budget", crop="full")
     images, _ = QwenImageSampleFromEmbeds().sample(pos, neg, seeds="5,6", steps=3, width=32, height=32, max_batch=1,
                                                    pipeline=pipe)

@@ -203,3 +203,36 @@ def test_impostor_gain_uses_the_persons_residual_on_their_photos(world, den):
     assert m["impostor_photos"] == 2
     assert m["impostor_gain"] == pytest.approx(m["impostor_loss_none"] - m["impostor_loss"])
     assert m["identity_gain_relative"] == pytest.approx(m["own_gain_relative"] - m["impostor_gain_relative"])
+
+
+def test_during_tuning_the_head_never_sees_the_photo_it_denoises(den, monkeypatch):
+    """Behavioural leak check: each photo has its own one-hot feature and its own prompt length, so every
+    step shows which photo the denoiser got (its mask) and which photos' features the head got (the
+    non-zero components). The denoised photo's own component is always zero; the others are present."""
+    from qwen_identity.core.tuning import tune as tune_module
+
+    heads_saw, denoiser_got = [], []
+
+    class SpyHead(ResidualHead):
+        def forward(self, features):
+            heads_saw.append(features.detach().clone())
+            return super().forward(features)
+
+    class SpyDenoiser:
+        dtype, device = den.dtype, den.device
+
+        def __call__(self, x_t, sigma, embeds, mask):
+            denoiser_got.append([int(m.sum()) for m in mask])
+            return den(x_t, sigma, embeds, mask)
+
+    monkeypatch.setattr(tune_module, "ResidualHead", SpyHead)
+    n = 4
+    masks = [torch.tensor([1] * (2 + i) + [0] * (6 - 2 - i)) for i in range(n)]
+    data = PersonalData([torch.randn(4, 8, 8) for _ in range(n)], torch.eye(n, D), [torch.randn(6, H)] * n, masks)
+    tune_head(data, SpyDenoiser(), opts(steps=8, held_out="none"))
+    assert len(heads_saw) == len(denoiser_got) == 8
+    for feats, lens in zip(heads_saw, denoiser_got):
+        photo = lens[0] - 2
+        row = feats[0]
+        assert float(row[photo]) == 0.0, (photo, row[:n])
+        assert all(float(row[j]) > 0 for j in range(n) if j != photo), (photo, row[:n])

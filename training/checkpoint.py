@@ -22,7 +22,6 @@ from ..core.files.safetensors_io import read_safetensors, safetensors_bytes
 
 STATE_FORMAT = "qwen-identity-train-state"
 STATE_VERSION = 1
-HEAD_FILE = "linear_head.safetensors"
 STATE_FILE = "train_state.safetensors"
 
 

@@ -13,8 +13,8 @@ from the mirror image), so each view conditions on the other.
 Held-out people (`--val-fraction`, split by person) are never trained on; after every epoch the
 held-out denoising gain (core/measurement/identity_gain.py) is measured on their photos and written to
 metrics.json (and the head's metadata). Outputs are the same files as the caption objective:
-`checkpoints/linear_head.safetensors` (the same head format; LoadResidualHead, InjectResidual, sweep
-and eval take it unchanged), `checkpoints/train_state.safetensors` (--resume), `metrics.json`,
+`checkpoints/<run name>_head.safetensors` and its model card `<run name>_head.md` (the same head format;
+LoadResidualHead, InjectResidual, sweep and eval take it unchanged), `checkpoints/train_state.safetensors` (--resume), `metrics.json`,
 `loss_curve.png`.
 """
 
@@ -35,7 +35,8 @@ from ..core.families import detect_family
 from ..core.denoising.prompt_cache import prompt_embeddings, prompt_key
 from ..core.errors import ModelMismatchError, NotEnoughMemoryError, UserInputError
 from ..core.files.atomic import atomic_write_json
-from ..core.residual.head import HeadMeta, ResidualHead, check_head_family, describe_text_width, save_head
+from ..core.residual import model_card as cards
+from ..core.residual.head import HeadMeta, ResidualHead, check_head_family, describe_text_width
 from ..core.residual.injection import REFERENCE_RMS_KEY
 from ..core.residual.length_policy import POLICY_NAME
 from ..version import __version__
@@ -295,7 +296,7 @@ def _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_s
     head = ResidualHead(d, k, h, meta=meta)
     optimizer = make_optimizer(head, loop)
     ckpt_dir = cfg.out_dir / "checkpoints"
-    state_path, head_path = ckpt_dir / ckpt.STATE_FILE, ckpt_dir / ckpt.HEAD_FILE
+    state_path, head_path = ckpt_dir / ckpt.STATE_FILE, cards.head_path(cfg.out_dir)
     start_step, history = 0, DenoiseHistory()
     dummy = torch.Generator()
     if cfg.resume:
@@ -338,7 +339,7 @@ def _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_s
         ckpt.save_train_state(state_path, head, optimizer, dummy, epoch,
                               {"run": run_identity, "history": hist.to_dict(), "step": step})
         with ckpt.reporting_write_errors(head_path):
-            save_head(head, head_path)
+            cards.save_head_with_card(head, head_path, steps=step, persons=len(names))
         last_gain = next((g for g in reversed(hist.gain) if g), None)
         report = {**m, "held_out_gain_per_person": last_gain["per_person"] if last_gain else None,
                   "gain_settings": last_gain["settings"] if last_gain else None,

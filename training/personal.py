@@ -12,9 +12,9 @@ with a warning naming it; no readable photo at all is an error. A single photo g
 the second view. A photo in which no face is found trains unweighted, with a warning.
 
 Outputs, all written atomically (an interrupt never leaves a half-written file): the head
-(`--out`, a .safetensors LoadResidualHead, InjectResidual, sweep and eval read as any head),
-`<head>.metrics.json` and `<head>.loss.png` beside it. Caches go to `--work-dir` (default: a
-`.qwen_identity_tune` folder beside the head), keyed by content, model and settings. Ctrl-C stops after
+(`--out`, a .safetensors LoadResidualHead, InjectResidual, sweep and eval read as any head), its model
+card `<head>.md`, `<head>.metrics.json` and `<head>.loss.png` beside it. Caches go to `--work-dir` (default:
+`~/.cache/qwen-identity/tune`, or under `$XDG_CACHE_HOME`), keyed by content, model and settings. Ctrl-C stops after
 the current step and keeps the best head so far (the second Ctrl-C aborts without writing).
 """
 
@@ -32,7 +32,8 @@ from ..core.denoising.latent_cache import PhotoView, Resolution, cache_path, lat
 from ..core.errors import UserInputError
 from ..core.files.atomic import atomic_write_json
 from ..core.files.dataset_fingerprint import dataset_fingerprint, file_sha256
-from ..core.residual.head import check_head_family, check_head_features, load_head, save_head
+from ..core.residual.head import check_head_family, check_head_features, load_head
+from ..core.residual.model_card import card_path, save_head_with_card
 from ..core.tuning import PersonalData, TuneOptions, tune_head
 from ..version import __version__
 from .data import Identity
@@ -41,7 +42,15 @@ from .pipeline import TrainConfig
 DEFAULT_PROMPT = "a photo of a person"
 DEFAULT_RESOLUTION = "768x512"
 DEFAULT_FACE_WEIGHT = 2.0
-WORK_DIR_NAME = ".qwen_identity_tune"
+
+
+def default_work_dir() -> Path:
+    """The user's cache folder (not beside the head: a models folder lists every .safetensors below it, and
+    ComfyUI's head dropdown would offer the caches)."""
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qwen-identity" / "tune"
 
 
 @dataclass
@@ -125,15 +134,23 @@ def read_photos(folder: Path, warn: Callable[[str], None], what: str = "PHOTO_DI
     return photos, hashes
 
 
-def _buckets(views: list[PhotoView], res: Resolution) -> list[Resolution]:
-    """The aspect bucket of each view (about res's pixel count, the aspect nearest the photo's)."""
+def _buckets(views: list[PhotoView], res: Resolution, multiple: int, allow_upscale: bool) -> list[Resolution]:
+    """The aspect bucket of each view (about res's pixel count, the aspect nearest the photo's), with sides
+    multiples of the model family's `multiple` (VAE factor x patch: 16 for Qwen-Image 1.x, 32 for 2.1)."""
     from ..core.denoising.aspect_buckets import bucket_list, nearest_bucket
 
-    sizes = bucket_list(res.width, res.height)
+    w, h = (max(multiple, v // multiple * multiple) for v in (res.width, res.height))
+    sizes = bucket_list(w, h, multiple=multiple)
     out = []
     for v in views:
         w, h = v.load().size
-        out.append(Resolution(*nearest_bucket(w, h, sizes)))
+        bucket = Resolution(*nearest_bucket(w, h, sizes))
+        if not allow_upscale and (w < bucket.width or h < bucket.height):
+            raise UserInputError(
+                f"{v.path} is {w}x{h}, smaller than its training size {bucket} (the aspect bucket nearest its shape "
+                f"at about {res} pixels): pass a lower --resolution, or --allow-upscale (the photo is enlarged: "
+                "blurrier targets), or use a larger photo.")
+        out.append(bucket)
     return out
 
 
@@ -202,7 +219,7 @@ def run_personal_tuning(run: PersonalRun, progress=None, say: Callable[[str], No
 
     validate(run)
     run.out = Path(run.out)
-    work = Path(run.work_dir) if run.work_dir else run.out.parent / WORK_DIR_NAME
+    work = Path(run.work_dir) if run.work_dir else default_work_dir()
     cfg = replace(run.train, out_dir=work, tokens=run.options.tokens or 1)
     device, dist, say, warn, progress = start_run(cfg, say, warn, progress)
     if run.compile:
@@ -224,7 +241,7 @@ def run_personal_tuning(run: PersonalRun, progress=None, say: Callable[[str], No
              "3 or more photos give a held-out check and a better head.")
         views.append(PhotoView(photos[0], hashes[0], flip=True))
         sources.append(0)
-    buckets = _buckets(views, res)
+    buckets = _buckets(views, res, family.size_multiple, run.allow_upscale)
     work.mkdir(parents=True, exist_ok=True)
     with OutDirLock(work):
         # 1. latents and face boxes (sizes are checked before any model loads)
@@ -239,7 +256,7 @@ def run_personal_tuning(run: PersonalRun, progress=None, say: Callable[[str], No
         imp_latents = []
         if impostor:
             imp_views = [PhotoView(p, h) for p, h in zip(*impostor)]
-            imp_latents, _ = _encode(imp_views, _buckets(imp_views, res), work, qi_dir, family, device, dtype,
+            imp_latents, _ = _encode(imp_views, _buckets(imp_views, res, family.size_multiple, run.allow_upscale), work, qi_dir, family, device, dtype,
                                      False, run, say)
         # 2. features of every view (Qwen3-VL with the chosen crop, cached)
         person = Identity(run.photo_dir.name, run.photo_dir, photos, hashes, None)
@@ -305,11 +322,12 @@ def run_personal_tuning(run: PersonalRun, progress=None, say: Callable[[str], No
             "photos": len(photos), "qwen_image_model": str(cfg.qwen_image_model), "family": family.name,
             "crop": feature_meta.get("crop", cfg.feature_settings.get("crop")), "dtype": dtype_name(dtype),
             "gradient_checkpointing": run.gradient_checkpointing, "fp8_storage": run.fp8_storage})
-        report = {**metrics, "head": str(run.out), "photo_fingerprint": fingerprint, "family": family.name,
+        report = {**metrics, "head": str(run.out), "model_card": str(card_path(run.out)),
+                  "photo_fingerprint": fingerprint, "family": family.name,
                   "qwen3_vl_model": meta.qwen3_vl_model, "qwen_image_model": str(cfg.qwen_image_model),
                   "init_head": init_info, "loss_history": result.history, "pack_version": __version__,
                   "training_args": meta.training_args}
-        save_head(head, run.out)
+        save_head_with_card(head, run.out, steps=int(metrics["steps_done"]), persons=1)
         atomic_write_json(run.metrics_path(), json.loads(json.dumps(report, default=str)))
         _plot(run.plot_path(), result.history, metrics)
     return report

@@ -10,7 +10,8 @@ Everything expensive is computed once and cached in the out-dir, keyed by conten
   prompt, composed prompts, K, length policy, dtype).
 So a second run (or `--resume`) loads no model when nothing changed, and an epoch costs only the head.
 
-Outputs: `checkpoints/linear_head.safetensors` (the head), `checkpoints/train_state.safetensors`
+Outputs: `checkpoints/<run name>_head.safetensors` (the head; the run name is the out-dir's name), its model
+card `checkpoints/<run name>_head.md` (core/residual/model_card.py), `checkpoints/train_state.safetensors`
 (for --resume), `metrics.json`, `loss_curve.png`.
 """
 
@@ -30,7 +31,8 @@ from ..core.files.atomic import atomic_write_json, atomic_write_text
 from ..core.pipeline.cache_keys import feature_key, target_key
 from ..core.pipeline.defaults import DEFAULT_BASE_PROMPT, DEFAULT_QWEN3_VL, DEFAULT_QWEN_IMAGE
 from ..core.errors import UserInputError
-from ..core.residual.head import HeadMeta, ResidualHead, save_head
+from ..core.residual import model_card as cards
+from ..core.residual.head import HeadMeta, ResidualHead
 from ..core.files.out_dir_lock import OutDirLock
 from ..core.residual.length_policy import POLICY_NAME
 from ..core.residual.injection import REFERENCE_RMS_KEY
@@ -92,7 +94,7 @@ def validate_config(cfg: TrainConfig) -> None:
                 raise UserInputError(f"--out-dir {out}: {parent} is a file, not a folder. Choose another --out-dir.")
             break
     state = out / "checkpoints" / ckpt.STATE_FILE
-    head_file = out / "checkpoints" / ckpt.HEAD_FILE
+    head_file = cards.find_head(out) or cards.head_path(out)
     if not cfg.resume and not cfg.overwrite and (state.exists() or head_file.exists()):
         raise UserInputError(f"{out} already holds a trained head ({head_file}). Pass --resume to continue that "
                              "training, --overwrite to start over (it replaces the checkpoint), or another --out-dir.")
@@ -380,7 +382,7 @@ def _train(cfg: TrainConfig, identities: list[Identity], train_ids: list[int], v
     head = ResidualHead(d, int(k), int(h), meta=meta)
     optimizer = make_optimizer(head, cfg.loop)
     ckpt_dir = cfg.out_dir / "checkpoints"
-    state_path, head_path = ckpt_dir / ckpt.STATE_FILE, ckpt_dir / ckpt.HEAD_FILE
+    state_path, head_path = ckpt_dir / ckpt.STATE_FILE, cards.head_path(cfg.out_dir)
     start_epoch, history = 0, History()
     if cfg.resume:
         tensors, start_epoch, info = ckpt.load_train_state(state_path)
@@ -421,7 +423,7 @@ def _train(cfg: TrainConfig, identities: list[Identity], train_ids: list[int], v
         ckpt.save_train_state(state_path, head, optimizer, generator, epoch,
                               {"run": run_identity, "history": hist.to_dict()})
         with ckpt.reporting_write_errors(head_path):
-            save_head(head, head_path)
+            cards.save_head_with_card(head, head_path, persons=len(identities))
         report = {**m, "identities": {ident.name: {"split": "train" if i in train_ids else "validation",
                                                    "photos": len(ident.photos), "caption": captions[i] or None,
                                                    "caption_source": caption_sources[i] or None}

@@ -58,8 +58,12 @@ def crop_to(image: Image.Image, res: Resolution, name: str = "photo", allow_upsc
     """Scale to cover res, centre-crop. Smaller photos are refused unless allow_upscale."""
     w, h = image.size
     if not allow_upscale and (w < res.width or h < res.height):
-        raise UserInputError(f"{name} is {w}x{h}, smaller than the training resolution {res}: use photos at least "
-                             f"that large, lower --train-resolution, or pass --allow-upscale (blurrier targets).")
+        fit = f"{max(16, w // 16 * 16)}x{max(16, h // 16 * 16)}"
+        raise UserInputError(f"{name} is {w}x{h}, smaller than the training resolution {res}. Either lower the "
+                             f"resolution to fit the photos (--train-resolution {fit}: sharp targets, fewer tokens per "
+                             "face, farther from the sizes Qwen-Image generates at) or pass --allow-upscale (the photo "
+                             "is enlarged: blurry targets the head may learn to ask for, full cost per step); or use "
+                             "larger photos. See 'Data for a universal head' in docs/training.md.")
     return ImageOps.fit(image.convert("RGB"), (res.width, res.height), method=Image.BICUBIC, centering=(0.5, 0.5))
 
 

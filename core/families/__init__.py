@@ -17,11 +17,12 @@ from typing import Any
 from ..errors import ModelMismatchError, UserInputError
 from .base import Denoiser, FamilyDefaults, ModelFamily
 from .qwen_image_1 import QWEN_IMAGE_1
+from .qwen_image_21 import QWEN_IMAGE_21
 
-FAMILIES: tuple[ModelFamily, ...] = (QWEN_IMAGE_1,)
+FAMILIES: tuple[ModelFamily, ...] = (QWEN_IMAGE_1, QWEN_IMAGE_21)
 DEFAULT_FAMILY = QWEN_IMAGE_1
 
-__all__ = ["FAMILIES", "DEFAULT_FAMILY", "Denoiser", "FamilyDefaults", "ModelFamily", "detect_family",
+__all__ = ["FAMILIES", "DEFAULT_FAMILY", "QWEN_IMAGE_1", "QWEN_IMAGE_21", "Denoiser", "FamilyDefaults", "ModelFamily", "detect_family",
            "family_named", "family_of_width", "family_names", "find_family"]
 
 

@@ -72,21 +72,18 @@ class ModelFamily:
     vae_classes: tuple[str, ...] = ()            # diffusers VAE classes
     comfy_latent_formats: tuple[str, ...] = ()   # ComfyUI latent_format class names
     state_dict_markers: tuple[str, ...] = ()     # keys (suffixes) only this family's transformer has
+    comfy_text_width_keys: tuple[str, ...] = ()  # ComfyUI model objects whose first dim is the text width H
 
     # latents
     latent_channels: int = 0
     vae_scale_factor: int = 0            # pixels per latent pixel
     patch_size: int = 1                  # latent pixels per token side
+    size_multiple: int = 16              # image sides must be multiples of this
     defaults: FamilyDefaults = FamilyDefaults(1024, 1024, 50, 4.0)
 
     # ------------------------------------------------------------------ recognition
     def describe_width(self) -> str:
         return f"{self.title} ({self.text_encoder_id.split('/')[-1]} text encoder, H={self.text_width})"
-
-    @property
-    def size_multiple(self) -> int:
-        """Image sides must be multiples of this (VAE factor × patch)."""
-        return self.vae_scale_factor * self.patch_size
 
     def matches_index(self, index: dict[str, Any]) -> bool:
         return index.get("_class_name") in self.pipeline_classes
@@ -164,6 +161,10 @@ class ModelFamily:
     def load_pipeline(self, folder: Path, dtype):
         """The stock diffusers pipeline of this family from a folder (safetensors only)."""
         raise NotImplementedError
+
+    def pipeline_text_stack(self, pipe) -> tuple[Any, Any]:
+        """(text_encoder, tokenizer or processor) of a loaded pipeline, as `encode_prompts` takes them."""
+        return pipe.text_encoder, pipe.tokenizer
 
     def sample(self, bundle, positive: list, negative: list | None, **options):
         """Images from CONDITIONING on the diffusers path (core/generation/sampling.sample's arguments):

@@ -75,9 +75,11 @@ class QwenImage1(ModelFamily):
     comfy_latent_formats = ("Wan21",)
     # the dual-stream MMDiT's text stream (2.1 is single-stream and has no txt_mlp)
     state_dict_markers = ("transformer_blocks.0.txt_mlp.net.0.proj.weight", "txt_norm.weight")
+    comfy_text_width_keys = ("diffusion_model.txt_norm.weight",)
     latent_channels = 16
     vae_scale_factor = 8
     patch_size = 2
+    size_multiple = 16      # VAE factor 8 × the transformer's 2x2 patches
     defaults = FamilyDefaults(width=512, height=768, steps=28, cfg=4.5)
 
     def describe_width(self) -> str:

@@ -55,7 +55,7 @@ from .regions import entry_region, packed_weights
 from .true_cfg import true_cfg_tokens
 from ..residual.conditioning import entry_mask
 from ..errors import NotEnoughMemoryError, UserInputError
-from ..families import DEFAULT_FAMILY, find_family
+from ..families import DEFAULT_FAMILY, FAMILIES, find_family
 from ..pipeline.defaults import DEFAULT_NEGATIVE_PROMPT  # noqa: F401  (re-exported for the nodes)
 from ..residual.injection import parse_number_list
 
@@ -129,8 +129,10 @@ def load_qwen_image_pipeline(source: str, device: str | torch.device = "auto", d
     cls = index.get("_class_name", "")
     family = find_family(folder)
     if family is None or not family.matches_index(index):
-        raise UserInputError(f"{folder} holds a {cls or 'non-pipeline'} folder, not a QwenImagePipeline "
-                             "(its model_index.json must name QwenImagePipeline): point at Qwen/Qwen-Image's folder.")
+        known = " or ".join(c for f in FAMILIES for c in f.pipeline_classes)
+        raise UserInputError(f"{folder} holds a {cls or 'non-pipeline'} folder, not a {known} (its "
+                             f"model_index.json must name one of them): point at Qwen/Qwen-Image's or "
+                             "Qwen/Qwen-Image-2.1's folder.")
     try:
         pipe = family.load_pipeline(folder, dt)  # safetensors only: no pickles
     except (OSError, ValueError, KeyError) as e:
@@ -170,7 +172,8 @@ def encode_text(bundle, prompts: str | list[str]) -> list:
     pipe, device = _pipe_and_device(bundle)
     if getattr(pipe, "text_encoder", None) is None:
         raise UserInputError("this Qwen-Image pipeline was loaded without its text encoder: load the full folder.")
-    enc = encode_prompts(pipe.text_encoder, pipe.tokenizer, prompts, device=device)
+    text_encoder, tokenizer = (find_family(pipe) or DEFAULT_FAMILY).pipeline_text_stack(pipe)
+    enc = encode_prompts(text_encoder, tokenizer, prompts, device=device)
     return make_conditioning(PromptEmbeds(enc.embeds.cpu(), enc.mask.cpu()))
 
 

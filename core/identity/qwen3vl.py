@@ -54,6 +54,8 @@ class Qwen3VLBundle:
     feature_dim: int           # D: merger output width == LLM width (2048 / 2560 / 4096 for 2B / 4B / 8B)
     path: Path | None = None   # the resolved folder
     keep_loaded: bool = True   # nodes: keep it on `device` between runs (False: on the CPU except while extracting)
+    host_handle: Any = None    # a host application's memory-management handle for the model (ComfyUI: its
+                               # ModelPatcher, set by the nodes); the core never reads it
 
     @property
     def patch_multiple(self) -> int:

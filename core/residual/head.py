@@ -20,6 +20,7 @@ from torch import nn
 
 from ..files.atomic import atomic_write
 from ..errors import UserInputError
+from ..families import FAMILIES
 from ..files.safetensors_io import read_safetensors, safetensors_bytes
 
 FORMAT_NAME = "qwen-identity-residual-head"
@@ -28,8 +29,7 @@ METADATA_KEY = "qwen_identity"
 MAX_ELEMENTS = 2_000_000_000  # a head larger than this is not a head (absurd-shape guard)
 
 # Known text widths: which Qwen-Image generation a hidden size belongs to (one per model family).
-TEXT_WIDTHS = {3584: "Qwen-Image / Qwen-Image-Edit (Qwen2.5-VL-7B text encoder, H=3584)",
-               4096: "Qwen-Image 2.1 (Qwen3-VL-8B text encoder, H=4096)"}
+TEXT_WIDTHS = {f.text_width: f.describe_width() for f in FAMILIES}
 FEATURE_WIDTHS = {2048: "Qwen3-VL-2B", 2560: "Qwen3-VL-4B", 4096: "Qwen3-VL-8B"}
 
 
@@ -61,6 +61,7 @@ class HeadMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     pack_version: str = ""
     family: str = ""                      # the model family (core/families/), e.g. "qwen-image"; "" = from H
+    card: dict[str, Any] = field(default_factory=dict)  # the model card's fields (core/residual/model_card.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, default=str)

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..denoising.aspect_buckets import bucket_batches
 from ..denoising.flow_matching import condition_with_residual, loss_weighting, sample_sigmas
 from ..errors import ModelMismatchError, UserInputError
 from ..identity.features import combine_features
@@ -106,19 +107,9 @@ def _held_out_photos(data: PersonalData, options: TuneOptions) -> list[int]:
 
 
 def _batches(train: list[int], data: PersonalData, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch: the training photos in a seeded order, grouped into batches of one latent shape."""
-    order = [train[i] for i in torch.randperm(len(train), generator=_generator(seed, 1, epoch)).tolist()]
-    open_: dict[tuple, list[int]] = {}
-    out: list[list[int]] = []
-    for i in order:
-        key = tuple(data.latents[i].shape)
-        cur = open_.setdefault(key, [])
-        if not cur:
-            out.append(cur)
-        cur.append(i)
-        if len(cur) == batch_size:
-            open_[key] = []
-    return out
+    """One epoch: the training photos in seeded batches that never mix latent shapes (aspect buckets)."""
+    shapes = [tuple(data.latents[i].shape) for i in train]
+    return [[train[j] for j in b] for b in bucket_batches(shapes, batch_size, seed, epoch)]
 
 
 def _pad_prompts(data: PersonalData, photos: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ MODEL_LINKS = {UNET: ("diffusion_models", f"{HF}/diffusion_models/{UNET}"),
                VAE: ("vae", f"{HF}/vae/{VAE}")}
 # The pack's folders (README "Models: which files go where")
 QWEN3VL = "Qwen3-VL-2B-Instruct"          # models/qwen3_vl/Qwen3-VL-2B-Instruct/ (hub Qwen/Qwen3-VL-2B-Instruct)
-HEAD = "linear_head.safetensors"          # models/identity_heads/ (written by `qwen-identity train`)
+HEAD = "v1_head.safetensors"              # models/identity_heads/ (`qwen-identity train --out-dir runs/v1`)
 DIFFUSERS = "Qwen-Image"                  # models/diffusers/Qwen-Image/ (hub Qwen/Qwen-Image)
 PHOTOS = ["person_1.png", "person_2.png", "person_3.png"]  # ComfyUI/input/: your photos of ONE person
 PEOPLE_PHOTOS = ["person_a.png", "person_b.png"]           # ComfyUI/input/: one photo of EACH of two people

@@ -1,0 +1,82 @@
+"""`qwen-identity train` with a Qwen-Image 2.1 `--qwen-image-model` (the tiny 2.1 pipeline): the caption and
+denoise objectives train heads at the 2.1 text width that record family qwen-image-2.1, the denoise head
+moves, the held-out gain is measured, and `eval --denoise-gain` refuses a 1.x head on the 2.1 model."""
+
+import json
+
+import pytest
+import torch
+
+from qwen_identity.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def train(tiny_models, tiny_qwenimage21_dir, capsys):
+    def run(*args, out, epochs=2):
+        argv = ["train", "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model",
+                str(tiny_qwenimage21_dir), "--epochs", str(epochs), "--device", "cpu", "--out-dir", str(out), *args]
+        code = main(argv)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def test_denoise_objective_on_21(train, make_dataset, tmp_path, tiny_qwenimage21_dir, tiny_models, capsys):
+    from qwen_identity.core.residual.head import load_head
+
+    people = ",".join(str(d) for d in make_dataset(identities=3, views=2, size=(40, 36)))
+    code, _, err = train("--seed-dirs", people, "--objective", "denoise", "--train-resolution", "32x32",
+                         "--batch-size", "2", "--lr", "1e-2", "--val-fraction", "0.34", "--gain-pairs", "2",
+                         out=tmp_path / "d")
+    assert code == 0, err
+    head = load_head(tmp_path / "d" / "checkpoints" / "linear_head.safetensors")
+    h = json.loads((tiny_qwenimage21_dir / "transformer" / "config.json").read_text())["context_in_dim"]
+    assert head.meta.family == "qwen-image-2.1" and head.meta.hidden_size == h == 48
+    assert head.meta.target == "denoise" and float(head.proj.weight.detach().abs().sum()) > 0
+    metrics = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert len(metrics["history"]["train_loss"]) == 2 and all(v > 0 for v in metrics["history"]["train_loss"])
+    assert metrics["held_out_gain"] is not None and metrics["held_out_gain"]["photos"] == 2
+    # a 32x32 training photo is 2x2 latent tokens at 1/16: the cached latents have the 2.1 VAE's channels
+    from safetensors.torch import load_file
+
+    cache = next((tmp_path / "d" / "cache").glob("latents-*.safetensors"))
+    lat = next(iter(load_file(cache).values()))
+    assert tuple(lat.shape) == (8, 2, 2)
+
+
+def test_caption_objective_on_21(train, make_dataset, tmp_path):
+    from qwen_identity.core.residual.head import load_head
+
+    dirs = make_dataset(identities=3, views=2, size=(64, 64), captions={i: "a man with a hat" for i in range(3)})
+    code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), "--target", "caption", "--tokens", "2",
+                         out=tmp_path / "c")
+    assert code == 0, err
+    head = load_head(tmp_path / "c" / "checkpoints" / "linear_head.safetensors")
+    assert head.meta.family == "qwen-image-2.1" and head.meta.hidden_size == 48 and head.meta.tokens == 2
+    assert head.meta.text_encoder_model.endswith("/text_encoder")
+
+    # eval --denoise-gain: the 2.1 head on the 2.1 model is measured; on the 1.x model it is refused naming both
+    head_file = tmp_path / "d" / "checkpoints" / "linear_head.safetensors"
+    others = ",".join(str(d) for d in make_dataset(identities=2, views=2, size=(40, 36), first_seed=300))
+
+    def evaluate(model, out):
+        code = main(["eval", "--head", str(head_file), "--seed-dirs", others, "--denoise-gain-only",
+                     "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model", str(model),
+                     "--device", "cpu", "--gain-pairs", "2", "--out-dir", str(out)])
+        return code, capsys.readouterr()
+
+    code, captured = evaluate(tiny_qwenimage21_dir, tmp_path / "ev")
+    assert code == 0, captured.err
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["denoise_gain"]["overall"]["photos"] == 4
+    code, captured = evaluate(tiny_models.qwen_image, tmp_path / "ev1")
+    assert code == 2
+    assert "family 'qwen-image-2.1'" in captured.err and "family 'qwen-image')" in captured.err
