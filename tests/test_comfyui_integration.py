@@ -53,11 +53,23 @@ SIZE, STEPS = 32, 2
 TINY_DIFFUSERS_HEAD = "tiny_diffusers_head.safetensors"
 EXPECTED_IMAGES = {"qwen_identity_alpha_grid": 1, "qwen_identity_native_ksampler": 1,
                    "qwen_identity_diffusers": 1, "qwen_identity_multi_photo": 2, "qwen_identity_two_people": 1,
-                   "qwen_identity_personalize": 1}
+                   "qwen_identity_lightning": 1, "qwen_identity_accelerated": 1, "qwen_identity_personalize": 1}
 TRAIN_RESOLUTION = "64x64"     # TrainIdentityHead's training size on the tiny stand-ins
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
+
+def _tiny_lora(path: Path, width: int = 3072, rank: int = 4):
+    """A LoRA on the one-layer native transformer's first attention query (ComfyUI's diffusers-style keys),
+    standing in for the Lightning LoRA under its real file name."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    key = "diffusion_model.transformer_blocks.0.attn.to_q"
+    save_file({f"{key}.lora_A.weight": torch.randn(rank, width, generator=g) * 0.01,
+               f"{key}.lora_B.weight": torch.randn(width, rank, generator=g) * 0.01}, str(path))
+
 
 def _random_head(path: Path, feature_dim: int, hidden: int, tokens: int = 4, seed: int = 0):
     import torch
@@ -97,6 +109,8 @@ def models_dir(tmp_path_factory):
         (root / rel).symlink_to(target)
     d = _config_width(tiny.qwen3vl, "text_config")
     h_tiny = _config_width(tiny.qwen_image / "text_encoder", "text_config")
+    (root / "loras").mkdir()
+    _tiny_lora(root / "loras" / bw.LIGHTNING_LORA)
     (root / "identity_heads").mkdir()
     _random_head(root / "identity_heads" / bw.HEAD, d, 3584)
     _random_head(root / "identity_heads" / TINY_DIFFUSERS_HEAD, d, h_tiny, seed=1)
@@ -116,7 +130,8 @@ def _photos(input_dir: Path):
     for view, name in zip(views, bw.PHOTOS):
         view.save(input_dir / name)
     for view, name in zip(views, bw.PEOPLE_PHOTOS):
-        view.save(input_dir / name)
+        if name not in bw.PHOTOS:   # person A is the example person, written above
+            view.save(input_dir / name)
 
 
 def _server_env(base: Path) -> dict:
@@ -162,6 +177,8 @@ def tiny_api(path: Path) -> dict:
             inputs["steps"] = STEPS
         if t == "TrainIdentityHead":
             inputs["resolution"] = TRAIN_RESOLUTION
+        if t == "QwenImageAccelerate":
+            inputs["backend"] = "eager"   # compiling on 2 CPU cores costs minutes; the hook path stays the same
     if any(n["class_type"] == "LoadQwenImageDiffusers" for n in wf.values()):
         for node in wf.values():
             if node["class_type"] == "LoadResidualHead":
@@ -461,3 +478,20 @@ def test_empty_models_folder_names_every_missing_file(tmp_path):
         assert wanted in msg, (wanted, msg)
     assert "models/identity_heads" in msg and "model_path" in msg, msg
     print(msg)
+
+
+def test_a_fresh_comfyui_lists_the_example_photos_the_workflows_open_with(tmp_path):
+    """First start with an empty input folder: the pack copies its example photos there, so LoadImage lists
+    every photo the workflows name (the two-people workflow's second person aside) and none shows missing."""
+    from comfyui_harness.server import start
+
+    require_comfyui()
+    base = tmp_path / "fresh"
+    srv = start(comfyui_dir(), packs={PACK_LINK: ROOT}, base_dir=base, env=_server_env(base))
+    try:
+        listed = srv.object_info["LoadImage"]["input"]["required"]["image"][0]
+        assert set(bw.PHOTOS) <= set(listed), listed
+        for name in bw.PHOTOS:
+            assert (base / "input" / name).read_bytes() == (ROOT / "examples" / "photos" / name).read_bytes()
+    finally:
+        srv.stop()

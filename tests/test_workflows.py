@@ -32,6 +32,7 @@ API_FILES = sorted((WF_DIR / "api").glob("*.json"))
 # file names (README "## Workflows"), not whatever a snapshot server had on disk.
 FILE_PICKERS = {
     ("UNETLoader", "unet_name"): {bw.UNET},
+    ("LoraLoaderModelOnly", "lora_name"): {bw.LIGHTNING_LORA},
     ("CLIPLoader", "clip_name"): {bw.TEXT_ENCODER},
     ("VAELoader", "vae_name"): {bw.VAE},
     ("LoadImage", "image"): set(bw.PHOTOS) | set(bw.PEOPLE_PHOTOS),

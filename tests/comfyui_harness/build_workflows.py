@@ -24,26 +24,44 @@ ROOT = HERE.parents[1]
 WORKFLOWS = ROOT / "workflows"
 API_DIR = WORKFLOWS / "api"
 
-# Official Comfy-Org release files (https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI, split_files/...)
+# Official Comfy-Org release files (https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI, split_files/...), as
+# ComfyUI's own current Qwen-Image templates use them (comfyui-workflow-templates 0.11.44:
+# image_qwen_Image_2512.json): Qwen-Image-2512 (same architecture as the 2025 Qwen-Image, which stays
+# named as the alternative), the fp8 text encoder and the VAE.
 HF = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
-UNET = "qwen_image_fp8_e4m3fn.safetensors"
+UNET = "qwen_image_2512_fp8_e4m3fn.safetensors"
+UNET_2025 = "qwen_image_fp8_e4m3fn.safetensors"   # the 2025 Qwen-Image: works the same in every workflow
 TEXT_ENCODER = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
 VAE = "qwen_image_vae.safetensors"
+# The template's 4-step Lightning LoRA for 2512 (LoraLoaderModelOnly, strength 1; KSampler 4 steps, CFG 1)
+LIGHTNING_LORA = "Qwen-Image-2512-Lightning-4steps-V1.0-fp32.safetensors"
+LIGHTNING_URL = f"https://huggingface.co/lightx2v/Qwen-Image-2512-Lightning/resolve/main/{LIGHTNING_LORA}"
 MODEL_LINKS = {UNET: ("diffusion_models", f"{HF}/diffusion_models/{UNET}"),
                TEXT_ENCODER: ("text_encoders", f"{HF}/text_encoders/{TEXT_ENCODER}"),
-               VAE: ("vae", f"{HF}/vae/{VAE}")}
+               VAE: ("vae", f"{HF}/vae/{VAE}"),
+               LIGHTNING_LORA: ("loras", LIGHTNING_URL)}
 # The pack's folders (README "Models: which files go where")
 QWEN3VL = "Qwen3-VL-2B-Instruct"          # models/qwen3_vl/Qwen3-VL-2B-Instruct/ (hub Qwen/Qwen3-VL-2B-Instruct)
 HEAD = "v1_head.safetensors"              # models/identity_heads/ (`qwen-identity train --out-dir runs/v1`)
 DIFFUSERS = "Qwen-Image"                  # models/diffusers/Qwen-Image/ (hub Qwen/Qwen-Image)
-PHOTOS = ["person_1.png", "person_2.png", "person_3.png"]  # ComfyUI/input/: your photos of ONE person
-PEOPLE_PHOTOS = ["person_a.png", "person_b.png"]           # ComfyUI/input/: one photo of EACH of two people
+# The example photos the pack ships (examples/photos/, copied into ComfyUI/input/ when the pack loads;
+# three crops of ONE public-domain NASA photograph: examples/photos/SOURCES.md). Replace them with yours.
+PHOTOS = ["qwen_identity_eileen_collins_1.jpg", "qwen_identity_eileen_collins_2.jpg",
+          "qwen_identity_eileen_collins_3.jpg"]
+# one photo of EACH of two people: the first is the example person; no second openly licensed person ships
+PEOPLE_PHOTOS = [PHOTOS[0], "person_b.png"]
 
 PROMPT = "a portrait photo of a person, studio lighting, 85mm"
 NEGATIVE = "blurry, low quality, deformed, watermark"
 SEEDS = "1234,5678,9999"
 ALPHAS = "0.5,1.0,1.5"
 SHIFT = 3.1  # ModelSamplingAuraFlow shift of ComfyUI's own Qwen-Image template
+# ComfyUI's Qwen-Image-2512 template: 1328x1328 (1:1 preset), 50 steps, CFG 4, euler / simple
+SIZE = (1328, 1328)
+STEPS = 50
+CFG = 4.0
+SIZE_PRESETS = "1:1 1328x1328, 16:9 1664x928, 9:16 928x1664, 4:3 1472x1104, 3:4 1104x1472, 3:2 1584x1056, 2:3 1056x1584"
+LIGHTNING_STEPS = 4
 
 # (file stem, title for notes)
 WORKFLOW_FILES = {
@@ -52,6 +70,8 @@ WORKFLOW_FILES = {
     "qwen_identity_diffusers": "one image, diffusers Qwen-Image pipeline",
     "qwen_identity_multi_photo": "several photos of one person combined",
     "qwen_identity_two_people": "two people in one picture, one region each",
+    "qwen_identity_lightning": "one image in 4 steps: the Lightning LoRA, CFG 1",
+    "qwen_identity_accelerated": "one image, QwenImageAccelerate + QwenImageTrueCFG before KSampler",
     "qwen_identity_personalize": "a personal head trained on your photos, then an α grid",
 }
 
@@ -135,7 +155,7 @@ class _Builder:
 
 MODELS_NOTE = f"""## Files this workflow needs
 **ComfyUI/models/**
-- `diffusion_models/{UNET}`
+- `diffusion_models/{UNET}` (Qwen-Image-2512; the 2025 `{UNET_2025}` works the same: pick it in UNETLoader)
 - `text_encoders/{TEXT_ENCODER}`
 - `vae/{VAE}`
 
@@ -143,7 +163,10 @@ from [Comfy-Org/Qwen-Image_ComfyUI](https://huggingface.co/Comfy-Org/Qwen-Image_
 - `qwen3_vl/{QWEN3VL}/` (the whole [Qwen/{QWEN3VL}](https://huggingface.co/Qwen/{QWEN3VL}) folder)
 - `identity_heads/{HEAD}` (a head from `qwen-identity train`, trained on the same Qwen3-VL)
 
-**ComfyUI/input/**: photos of ONE person (replace the example names).
+**ComfyUI/input/**: the example photos (three crops of one public-domain NASA portrait, copied there when
+the pack loads); replace them with photos of ONE person, different angles and light.
+
+Sizes of ComfyUI's Qwen-Image template: {SIZE_PRESETS}.
 """
 
 DIFFUSERS_NOTE = f"""## Files this workflow needs
@@ -197,8 +220,8 @@ def _inject(b: _Builder, pos, head, feats, **widgets):
 
 def _pack_sampler(b: _Builder, positive, negative, sources: dict, **widgets):
     """QwenImageSampleFromEmbeds fed by `sources` ({"model": id, "vae": id} or {"pipeline": id})."""
-    samp = b.add("QwenImageSampleFromEmbeds", (1360, 300), size=(340, 330), steps=28, cfg=4.5, width=512,
-                 height=768, **widgets)
+    samp = b.add("QwenImageSampleFromEmbeds", (1360, 300), size=(340, 330), steps=STEPS, cfg=CFG, width=SIZE[0],
+                 height=SIZE[1], **widgets)
     b.link(positive, 0, samp, "positive")
     b.link(negative, 0, samp, "negative")
     for name, src in sources.items():
@@ -230,8 +253,8 @@ def native_ksampler(defs):
     feats, head = _identity(b, PHOTOS[:1])
     model, vae, pos, neg = _native_loaders(b, y=700)
     inj = _inject(b, pos, head, feats, strength=1.0, start_at=0.0, end_at=0.6)
-    latent = b.add("EmptySD3LatentImage", (980, 600), size=(300, 110), width=512, height=768, batch_size=1)
-    ks = b.add("KSampler", (1360, 300), size=(320, 270), seed=1234, steps=28, cfg=4.5, sampler_name="euler",
+    latent = b.add("EmptySD3LatentImage", (980, 600), size=(300, 110), width=SIZE[0], height=SIZE[1], batch_size=1)
+    ks = b.add("KSampler", (1360, 300), size=(320, 270), seed=1234, steps=STEPS, cfg=CFG, sampler_name="euler",
                scheduler="simple", denoise=1.0)
     b.link(model, 0, ks, "model")
     b.link(inj, 0, ks, "positive")
@@ -287,7 +310,7 @@ def multi_photo(defs):
 
 PEOPLE_PROMPT = ("two people standing side by side in a park, the first person on the left, the second person "
                  "on the right, photo, 35mm")
-PEOPLE_SIZE = (1024, 576)
+PEOPLE_SIZE = (1664, 928)   # the template's 16:9 preset
 
 
 def two_people(defs):
@@ -319,7 +342,7 @@ def two_people(defs):
     preview = b.add("MaskPreview", (1720, -340), size=(300, 220), title="Person A's region")
     b.link(regions, 1, preview, "mask")
     latent = b.add("EmptySD3LatentImage", (1360, 700), size=(300, 110), width=width, height=height, batch_size=1)
-    ks = b.add("KSampler", (1720, 60), size=(320, 270), seed=1234, steps=28, cfg=4.5, sampler_name="euler",
+    ks = b.add("KSampler", (1720, 60), size=(320, 270), seed=1234, steps=STEPS, cfg=CFG, sampler_name="euler",
                scheduler="simple", denoise=1.0)
     b.link(model, 0, ks, "model")
     b.link(regions, 0, ks, "positive")
@@ -337,11 +360,66 @@ def two_people(defs):
            "regions pick whose prediction is used where, so the prompt should place one person in each region. "
            "Keep TwoPersonRegions' width/height equal to the latent's. For a drawn layout choose layout `mask` "
            "and connect a MASK (white = person A). What the regions do and do not guarantee: "
-           "docs/multi-person.md.\n\n" + MODELS_NOTE.replace("photos of ONE person (replace the example names)",
-                                                              "one photo of each person (`person_a.png`, "
-                                                              "`person_b.png`)"),
+           "docs/multi-person.md.\n\n" + MODELS_NOTE.replace(
+               "replace them with photos of ONE person, different angles and light.",
+               f"person A is the example person (`{PEOPLE_PHOTOS[0]}`); put a photo of person B in as "
+               f"`{PEOPLE_PHOTOS[1]}` (no second example person ships)."),
            (980, -420), (560, 440))
     return b.graph("qwen_identity_two_people")
+
+
+# ---- the ways ComfyUI users run Qwen-Image today: a Lightning LoRA, the accelerator ------------------
+
+def _native_ksampler_graph(b: _Builder, model, vae, positive, negative, steps, cfg, prefix, x=1360):
+    """EmptySD3LatentImage -> KSampler -> VAEDecode -> SaveImage (one image, seed 1234)."""
+    latent = b.add("EmptySD3LatentImage", (980, 600), size=(300, 110), width=SIZE[0], height=SIZE[1], batch_size=1)
+    ks = b.add("KSampler", (x, 300), size=(320, 270), seed=1234, steps=steps, cfg=cfg, sampler_name="euler",
+               scheduler="simple", denoise=1.0)
+    b.link(model, 0, ks, "model")
+    b.link(positive, 0, ks, "positive")
+    b.link(negative, 0, ks, "negative")
+    b.link(latent, 0, ks, "latent_image")
+    dec = b.add("VAEDecode", (x + 360, 300), size=(200, 50))
+    b.link(ks, 0, dec, "samples")
+    b.link(vae, 0, dec, "vae")
+    save = b.add("SaveImage", (x + 600, 300), size=(400, 560), filename_prefix=prefix)
+    b.link(dec, 0, save, "images")
+    return ks
+
+
+def lightning(defs):
+    """ComfyUI's 2512 template with its Lightning LoRA (4 steps, CFG 1) and the identity injected."""
+    b = _Builder(defs)
+    feats, head = _identity(b, PHOTOS[:1])
+    model, vae, pos, neg = _native_loaders(b, y=700)
+    lora = b.add("LoraLoaderModelOnly", (340, 560), size=(340, 90), properties=_models_property(LIGHTNING_LORA),
+                 lora_name=LIGHTNING_LORA, strength_model=1.0)
+    b.link(model, 0, lora, "model")
+    inj = _inject(b, pos, head, feats, strength=1.0, start_at=0.0, end_at=1.0)
+    _native_ksampler_graph(b, lora, vae, inj, neg, LIGHTNING_STEPS, 1.0, "qwen_identity/lightning")
+    b.note("## One image in 4 steps (Lightning LoRA)\nAs ComfyUI's own Qwen-Image-2512 template runs it fast: "
+           f"LoraLoaderModelOnly with [{LIGHTNING_LORA}]({LIGHTNING_URL}) (put it in `ComfyUI/models/loras/`), "
+           "KSampler with 4 steps and CFG 1. At CFG 1 the negative prompt is not used. With only 4 steps the "
+           "identity acts over the whole schedule (`end_at` 1.0).\n\n" + MODELS_NOTE, (980, -300), (560, 560))
+    return b.graph("qwen_identity_lightning")
+
+
+def accelerated(defs):
+    """The template's 50-step CFG 4 run with QwenImageAccelerate (compiled, on a CUDA GPU) and true CFG."""
+    b = _Builder(defs)
+    feats, head = _identity(b, PHOTOS[:1])
+    model, vae, pos, neg = _native_loaders(b, y=700)
+    fast = b.add("QwenImageAccelerate", (340, 560), size=(320, 130))
+    b.link(model, 0, fast, "model")
+    true_cfg = b.add("QwenImageTrueCFG", (680, 560), size=(260, 60))
+    b.link(fast, 0, true_cfg, "model")
+    inj = _inject(b, pos, head, feats, strength=1.0, start_at=0.0, end_at=0.6)
+    _native_ksampler_graph(b, true_cfg, vae, inj, neg, STEPS, CFG, "qwen_identity/accelerated")
+    b.note("## One image, accelerated\nQwenImageAccelerate compiles the transformer blocks on a CUDA GPU (the "
+           "first image of each size pays the compilation; elsewhere it runs as is), and QwenImageTrueCFG gives "
+           "Qwen-Image's own true CFG (the guided prediction rescaled to the norm of the conditional one) in "
+           "ComfyUI's KSampler. Both change only this workflow's MODEL.\n\n" + MODELS_NOTE, (980, -300), (560, 560))
+    return b.graph("qwen_identity_accelerated")
 
 
 TRAIN_PROMPT = "a photo of a person"
@@ -402,7 +480,8 @@ def personalize(defs):
 
 BUILDERS = {"qwen_identity_alpha_grid": alpha_grid, "qwen_identity_native_ksampler": native_ksampler,
             "qwen_identity_diffusers": diffusers_single, "qwen_identity_multi_photo": multi_photo,
-            "qwen_identity_two_people": two_people, "qwen_identity_personalize": personalize}
+            "qwen_identity_two_people": two_people, "qwen_identity_lightning": lightning,
+            "qwen_identity_accelerated": accelerated, "qwen_identity_personalize": personalize}
 
 
 def render_all() -> dict[Path, str]:
