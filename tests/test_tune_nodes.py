@@ -191,6 +191,10 @@ def test_node_head_lowers_held_out_loss_and_equals_the_diffusers_path(comfy_part
         q = ref.head.state_dict()[name]
         assert float((p - q).norm() / q.norm().clamp_min(1e-12)) < HEAD_RTOL, name
     assert abs(ref.metrics["held_out_loss"] - m["held_out_loss"]) < 1e-3 * m["held_out_loss"]
+    print(f"held-out loss {m['held_out_loss_none']:.6g} -> {m['held_out_loss']:.6g} (node), "
+          f"{ref.metrics['held_out_loss']:.6g} (diffusers); head distance "
+          + ", ".join(f"{k} {float((v - ref.head.state_dict()[k]).norm() / ref.head.state_dict()[k].norm()):.2e}"
+                      for k, v in head.state_dict().items()))
 
 
 def test_one_photo_trains_with_its_mirror_image(comfy_parts):
