@@ -23,7 +23,7 @@ from ..core.generation.sampling import check_size, parse_seeds
 from ..core.identity.seed_dirs import load_seed_dirs, parse_seed_dir_args
 from ..core.pipeline.defaults import (DEFAULT_ALPHAS, DEFAULT_BASE_PROMPT, DEFAULT_NEGATIVE_PROMPT, DEFAULT_QWEN3_VL,
                                       DEFAULT_QWEN_IMAGE)
-from ..core.pipeline.run import RunSettings, merge_results, release_memory, run_identities
+from ..core.pipeline.run import REFERENCE_MODES, RunSettings, merge_results, release_memory, run_identities
 from ..core.residual import model_card as cards
 from ..core.residual.injection import parse_alphas
 from ..core.runtime.progress import tqdm_progress
@@ -64,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_crop_arguments(g)
     g = p.add_argument_group("inference")
     add_generation_arguments(g, DEFAULT_ALPHAS)
+    g.add_argument("--references", choices=REFERENCE_MODES, default="off",
+                   help="compare: also pass each identity's photos to Qwen-Image 2.1 as its own reference images "
+                        "and add grid rows for the same seeds: references only, head only (per α), both (per α). "
+                        "Qwen-Image 2.1 only (default: off)")
     g = p.add_argument_group("prompts")
     g.add_argument("--base-prompt", default=DEFAULT_BASE_PROMPT, help=f'default: "{DEFAULT_BASE_PROMPT}"')
     g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT, help=f'default: "{DEFAULT_NEGATIVE_PROMPT}"')
@@ -107,7 +111,7 @@ def config_from_args(args) -> SweepConfig:
         offload=args.offload, fp8_storage=args.fp8_storage, strength_mode=args.strength_mode,
         base_prompt=args.base_prompt, negative_prompt=args.negative_prompt, qwen3_vl_model=args.qwen3_vl_model,
         qwen_image_model=args.qwen_image_model, single_view=args.single_view, device=args.device, dtype=args.dtype,
-        hf_token=args.hf_token, cache_dir=args.cache_dir)
+        hf_token=args.hf_token, cache_dir=args.cache_dir, references=args.references)
     return SweepConfig(parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file), out_dir, settings)
 
 

@@ -46,7 +46,7 @@ def test_demo_runs_on_tiny_qwen_image_21(tmp_path, monkeypatch, capsys):
                  "--device", "cpu"]) == 0, capsys.readouterr().err[-3000:]
     qi = out / "tiny_models" / "tiny-qwen-image-2.1"
     assert detect_family(qi).name == "qwen-image-2.1"
-    head = load_head(out / "checkpoints" / "linear_head.safetensors")
+    head = load_head(head_path(out))
     assert head.meta.family == "qwen-image-2.1" and head.meta.hidden_size == 48
     meta = json.loads((out / "generations" / "seed_100_meta.json").read_text())
     assert meta["qwen_image_model"] == str(qi) and (meta["width"], meta["height"]) == (64, 64)

@@ -225,3 +225,20 @@ def test_cli_extract_and_train_record_the_crop(tiny_models, tmp_path, capsys):
     assert main(["extract", "--seed-dirs", str(data / "seed_3"), "--qwen3-vl-model", str(tiny_models.qwen3vl),
                  "--out", str(tmp_path / "g.safetensors"), "--device", "cpu"]) == 2
     assert "seed_3/photo_view_0.png" in capsys.readouterr().err
+
+
+def test_eval_uses_the_heads_crop_and_warns_about_another(capsys):
+    from types import SimpleNamespace
+
+    from qwen_identity.cli.eval import eval_feature_settings
+    from qwen_identity.core.residual.head import HeadMeta, ResidualHead
+
+    head = ResidualHead(8, 1, 16, meta=HeadMeta(feature_dim=8, tokens=1, hidden_size=16,
+                                                feature_settings=FeatureSettings(crop="face").to_meta()))
+    assert eval_feature_settings(SimpleNamespace(crop=None, crop_fallback=None), head) == FeatureSettings()
+    assert capsys.readouterr().err == ""
+    s = eval_feature_settings(SimpleNamespace(crop="center", crop_fallback=None), head)
+    assert s.crop == "center" and "the head was trained on crop face" in capsys.readouterr().err
+    old = ResidualHead(8, 1, 16, meta=HeadMeta(feature_dim=8, tokens=1, hidden_size=16,
+                                               feature_settings={"resolution": "center_crop_448"}))
+    assert eval_feature_settings(SimpleNamespace(crop=None, crop_fallback=None), old).crop == "center"

@@ -220,7 +220,7 @@ def test_qwen3vl_is_one_of_comfyuis_managed_models(comfy_mm, tiny_qwen3vl_dir, k
     assert patcher.model_size() > 0 and not is_loaded_by_comfyui(bundle)   # loaded into RAM, not yet used
 
     photos = torch.rand(2, 40, 40, 3, generator=torch.Generator().manual_seed(3))
-    feats, _ = ExtractIdentityFeatures().extract(bundle, photos, resolution="pixel_budget")
+    feats, _ = ExtractIdentityFeatures().extract(bundle, photos, resolution="pixel_budget", crop="full")
     assert is_loaded_by_comfyui(bundle) is keep_loaded
     assert (patcher in mm.loaded_models()) is keep_loaded
 
@@ -232,12 +232,12 @@ def test_qwen3vl_is_one_of_comfyuis_managed_models(comfy_mm, tiny_qwen3vl_dir, k
     from qwen_identity.nodes.feature_cache import FEATURE_CACHE
 
     FEATURE_CACHE.clear()
-    again, _ = ExtractIdentityFeatures().extract(bundle, photos, resolution="pixel_budget")
+    again, _ = ExtractIdentityFeatures().extract(bundle, photos, resolution="pixel_budget", crop="full")
     assert torch.equal(again.combined, feats.combined)
     assert is_loaded_by_comfyui(bundle) is keep_loaded
     from qwen_identity.core.files.images import comfy_to_pil
 
-    reference = extract_features(bundle, comfy_to_pil(photos), FeatureSettings(resolution="pixel_budget"))
+    reference = extract_features(bundle, comfy_to_pil(photos), FeatureSettings(resolution="pixel_budget", crop="full"))
     assert torch.allclose(reference.combined, feats.combined, atol=1e-5)
 
 
@@ -248,7 +248,7 @@ def test_comfyuis_memory_estimate_frees_the_qwen3vl(comfy_mm, tiny_qwen3vl_dir):
 
     mm = comfy_mm
     (bundle,) = LoadQwen3VL().load(NO_FOLDER, str(tiny_qwen3vl_dir), dtype="fp32", keep_loaded=True)
-    ExtractIdentityFeatures().extract(bundle, torch.rand(1, 32, 32, 3), resolution="pixel_budget")
+    ExtractIdentityFeatures().extract(bundle, torch.rand(1, 32, 32, 3), resolution="pixel_budget", crop="full")
     assert is_loaded_by_comfyui(bundle)
     mm.free_memory(1e30, bundle.device)
     assert not is_loaded_by_comfyui(bundle)

@@ -179,3 +179,39 @@ def test_heads_of_the_other_family_are_refused():
     with pytest.raises(ModelMismatchError, match="'qwen-image-2.1'.*'qwen-image'"):
         check_head_family(tiny21, QWEN_IMAGE_1)
     check_head_family(tiny21, QWEN_IMAGE_21)
+
+
+def test_reference_images_sample_like_the_stock_pipeline(pipe21):
+    """The person's photo as 2.1's own reference image: conditioning from encode_text(references=) and the
+    sampler equal QwenImage21Pipeline(image=...) at the same seed, CFG on (the negative reads the image too)."""
+    import numpy as np
+    from PIL import Image
+
+    from qwen_identity.core.families.qwen_image_21 import REFERENCES_KEY
+    from qwen_identity.core.generation import sampling
+
+    p = pipe21.pipeline
+    photo = Image.fromarray((np.random.default_rng(0).random((300, 260, 3)) * 255).astype(np.uint8))
+    pos = sampling.encode_text(pipe21, PROMPTS[0], references=[photo], reference_resolution=256)
+    neg = sampling.encode_text(pipe21, "blurry", references=[photo], reference_resolution=256)
+    refs = pos[0][1][REFERENCES_KEY]
+    assert int(refs["slots"].sum()) * 4 == refs["tokens"].shape[1]        # one slot per 2x2 latent tokens
+    res = sampling.sample(pipe21, pos, neg, seeds=[11], steps=2, cfg=2.5, width=32, height=32)
+    stock = p(prompt=PROMPTS[0], image=[photo], negative_prompt="blurry", true_cfg_scale=2.5, num_inference_steps=2,
+              height=32, width=32, output_resolution=256, generator=torch.Generator().manual_seed(11),
+              output_type="pt").images
+    assert float((res.images[0] - stock[0, :3].permute(1, 2, 0)).abs().max()) < 1e-5
+    plain = sampling.sample(pipe21, sampling.encode_text(pipe21, PROMPTS[0]), None, seeds=[11], steps=2, cfg=1.0,
+                            width=32, height=32)
+    with_ref = sampling.sample(pipe21, pos, None, seeds=[11], steps=2, cfg=1.0, width=32, height=32)
+    assert float((plain.images[0] - with_ref.images[0]).abs().max()) > 1e-4   # the reference is used
+
+
+def test_reference_images_are_refused_on_1x(tiny_qwenimage_dir):
+    from PIL import Image
+
+    from qwen_identity.core.generation import sampling
+
+    bundle = sampling.load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", dtype="fp32")
+    with pytest.raises(UserInputError, match="takes no reference images"):
+        sampling.encode_text(bundle, "a man", references=[Image.new("RGB", (32, 32))])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qwen_identity.cli import main
+from qwen_identity.core.residual.model_card import head_path
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +23,8 @@ def one_thread():
 def train(tiny_models, tiny_qwenimage21_dir, capsys):
     def run(*args, out, epochs=2):
         argv = ["train", "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model",
-                str(tiny_qwenimage21_dir), "--epochs", str(epochs), "--device", "cpu", "--out-dir", str(out), *args]
+                str(tiny_qwenimage21_dir), "--epochs", str(epochs), "--device", "cpu", "--out-dir", str(out),
+                "--crop", "center", *args]   # the synthetic photos have no face
         code = main(argv)
         captured = capsys.readouterr()
         return code, captured.out, captured.err
@@ -38,7 +40,7 @@ def test_denoise_objective_on_21(train, make_dataset, tmp_path, tiny_qwenimage21
                          "--batch-size", "2", "--lr", "1e-2", "--val-fraction", "0.34", "--gain-pairs", "2",
                          out=tmp_path / "d")
     assert code == 0, err
-    head = load_head(tmp_path / "d" / "checkpoints" / "linear_head.safetensors")
+    head = load_head(head_path(tmp_path / "d"))
     h = json.loads((tiny_qwenimage21_dir / "transformer" / "config.json").read_text())["context_in_dim"]
     assert head.meta.family == "qwen-image-2.1" and head.meta.hidden_size == h == 48
     assert head.meta.target == "denoise" and float(head.proj.weight.detach().abs().sum()) > 0
@@ -52,20 +54,8 @@ def test_denoise_objective_on_21(train, make_dataset, tmp_path, tiny_qwenimage21
     lat = next(iter(load_file(cache).values()))
     assert tuple(lat.shape) == (8, 2, 2)
 
-
-def test_caption_objective_on_21(train, make_dataset, tmp_path):
-    from qwen_identity.core.residual.head import load_head
-
-    dirs = make_dataset(identities=3, views=2, size=(64, 64), captions={i: "a man with a hat" for i in range(3)})
-    code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), "--target", "caption", "--tokens", "2",
-                         out=tmp_path / "c")
-    assert code == 0, err
-    head = load_head(tmp_path / "c" / "checkpoints" / "linear_head.safetensors")
-    assert head.meta.family == "qwen-image-2.1" and head.meta.hidden_size == 48 and head.meta.tokens == 2
-    assert head.meta.text_encoder_model.endswith("/text_encoder")
-
     # eval --denoise-gain: the 2.1 head on the 2.1 model is measured; on the 1.x model it is refused naming both
-    head_file = tmp_path / "d" / "checkpoints" / "linear_head.safetensors"
+    head_file = head_path(tmp_path / "d")
     others = ",".join(str(d) for d in make_dataset(identities=2, views=2, size=(40, 36), first_seed=300))
 
     def evaluate(model, out):
@@ -80,3 +70,36 @@ def test_caption_objective_on_21(train, make_dataset, tmp_path):
     code, captured = evaluate(tiny_models.qwen_image, tmp_path / "ev1")
     assert code == 2
     assert "family 'qwen-image-2.1'" in captured.err and "family 'qwen-image')" in captured.err
+
+
+def test_caption_objective_on_21(train, make_dataset, tmp_path):
+    from qwen_identity.core.residual.head import load_head
+
+    dirs = make_dataset(identities=3, views=2, size=(64, 64), captions={i: "a man with a hat" for i in range(3)})
+    code, _, err = train("--seed-dirs", ",".join(map(str, dirs)), "--target", "caption", "--tokens", "2",
+                         out=tmp_path / "c")
+    assert code == 0, err
+    head = load_head(head_path(tmp_path / "c"))
+    assert head.meta.family == "qwen-image-2.1" and head.meta.hidden_size == 48 and head.meta.tokens == 2
+    assert head.meta.text_encoder_model.endswith("/text_encoder")
+
+
+def test_sweep_compares_references_head_and_both(tiny_models, tiny_qwenimage21_dir, make_dataset, tmp_path, capsys):
+    """sweep --references compare on 2.1: one grid per identity with a references-only row, a head row per α
+    and a both row per α, for the same seeds; on 1.x the option is refused naming the family."""
+    from PIL import Image
+
+    dirs = make_dataset(identities=1, views=2, size=(64, 64), captions={0: "a man with a hat"})
+    base = ["sweep", "--seed-dirs", str(dirs[0]), "--train", "--epochs", "1", "--alphas", "0.5,1.5",
+            "--gen-seeds", "1,2", "--steps", "2", "--width", "32", "--height", "32", "--device", "cpu",
+            "--qwen3-vl-model", str(tiny_models.qwen3vl), "--references", "compare", "--crop", "center"]
+    code = main([*base, "--qwen-image-model", str(tiny_qwenimage21_dir), "--out-dir", str(tmp_path / "s")])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    meta = json.loads(next((tmp_path / "s" / "generations").glob("*_meta.json")).read_text())
+    assert meta["references"] == "compare"
+    labels = sorted({c["label"].split(",")[0] for c in meta["grid"]["cells"]})
+    assert labels == ["both α=0.5", "both α=1.5", "head α=0.5", "head α=1.5", "references only"]
+    grid = Image.open(next((tmp_path / "s" / "generations").glob("*_alpha_grid.png")))
+    assert grid.size == tuple(meta["grid"]["grid_size"])
+    code = main([*base, "--qwen-image-model", str(tiny_models.qwen_image), "--out-dir", str(tmp_path / "s1")])
+    assert code == 2 and "takes no reference images" in capsys.readouterr().err

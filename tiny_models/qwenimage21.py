@@ -15,12 +15,26 @@ from __future__ import annotations
 
 import torch
 
-from .qwen3vl import build_processor
+from .qwen3vl import IMAGE_PROCESSOR_KW
 from .qwenimage import SCHEDULER_CONFIG
 from .tokenizer import special_ids
 
 TEXT_HIDDEN = 48
 Z_DIM = 8
+
+
+def build_processor(tokenizer):
+    """The tiny Qwen3-VL processor with a small minimum image size (32x32 px instead of 256x256), so a
+    reference image keeps the size the pipeline gives it and its vision slots match its VAE latents (one
+    slot per 32x32 px) at tiny sizes too, as diffusers' own 2.1 test components do."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    image_kw = {**IMAGE_PROCESSOR_KW, "size": {"shortest_edge": 32 * 32, "longest_edge": 16777216}}
+    video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": 4096, "longest_edge": 25165824}, patch_size=16,
+                                            temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
+                                            image_std=[0.5, 0.5, 0.5])
+    return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(**image_kw), tokenizer=tokenizer,
+                            video_processor=video_processor, chat_template=tokenizer.chat_template)
 
 
 def build_components(tokenizer, num_layers: int = 2, seed: int = 0, text_hidden: int = TEXT_HIDDEN) -> dict:

@@ -166,6 +166,13 @@ class ModelFamily:
         """(text_encoder, tokenizer or processor) of a loaded pipeline, as `encode_prompts` takes them."""
         return pipe.text_encoder, pipe.tokenizer
 
+    def encode_references(self, pipe, prompts, images: list, device, resolution: int) -> list:
+        """CONDITIONING for prompts read together with reference images (families whose model takes them)."""
+        from ..errors import UserInputError
+
+        raise UserInputError(f"{self.title} takes no reference images: pass the person's photos as references only "
+                             "with a Qwen-Image 2.1 model, or leave them out.")
+
     def sample(self, bundle, positive: list, negative: list | None, **options):
         """Images from CONDITIONING on the diffusers path (core/generation/sampling.sample's arguments):
         equal to the stock pipeline at the same seeds."""

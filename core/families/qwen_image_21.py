@@ -32,6 +32,10 @@ from ..errors import UserInputError
 from .base import FamilyDefaults, ModelFamily
 
 
+REFERENCES_KEY = "qwen_image_21_references"   # in a CONDITIONING entry's dict: the reference images
+MAX_REFERENCES = 10                             # the model card's limit
+
+
 def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """[B, C, h, w] or [B, C, 1, h, w] -> tokens [B, h·w, C] (QwenImage21Pipeline._pack_latents: a plain
     spatial flatten) and img_shapes [(1, h, w)] * B."""
@@ -200,6 +204,45 @@ class QwenImage21(ModelFamily):
 
     def pipeline_text_stack(self, pipe):
         return pipe.text_encoder, pipe.processor
+
+    @torch.no_grad()
+    def encode_references(self, pipe, prompts, images: list, device, resolution: int) -> list:
+        """CONDITIONING for `prompts` read together with reference `images` (PIL), as QwenImage21Pipeline.__call__
+        prepares `image=`: each image resized to about resolution² pixels at its aspect (sides multiples of 32),
+        shown to the text encoder (RGBA composited over white) and encoded by the VAE. The entry's extra dict
+        carries them under REFERENCES_KEY (slots [S] bool, tokens [1, N, C], shapes) for the sampler; like the
+        stock pipeline, one set of images serves every prompt of the batch."""
+        from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions
+
+        from ..generation.prompt_encoding import PromptEmbeds
+        from ..residual.conditioning import make_conditioning
+
+        if len(images) > MAX_REFERENCES:
+            raise UserInputError(f"{len(images)} reference images: Qwen-Image 2.1 takes at most {MAX_REFERENCES}.")
+        text_pipe = self.encoder_pipeline(pipe.text_encoder, pipe.processor)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        shown, tokens, shapes = [], [], []
+        for img in images:
+            img = img if img.mode == "RGBA" else img.convert("RGBA")
+            w, h, _ = calculate_dimensions(resolution * resolution, img.size[0] / img.size[1])
+            shown.append(text_pipe.image_processor.resize(img, width=w, height=h))
+            pixels = text_pipe.image_processor.preprocess(img, width=w, height=h).unsqueeze(2)
+            lat = self.encode_vae_input(pipe.vae, pixels.to(dtype=pipe.text_encoder.dtype))  # [1, C, h, w]
+            packed, shape = pack_latents(lat)
+            tokens.append(packed)
+            shapes.append(shape[0])
+        embeds, mask, slots = text_pipe._get_qwen_prompt_embeds(prompts, shown, device)
+        if bool((slots != slots[:1]).any()):
+            raise UserInputError("prompts read with reference images must share one layout: encode them one at a time.")
+        # The transformer replaces the text positions of the image slots by the reference latents and reads the
+        # mask only at text positions; the CONDITIONING's mask leaves the slots out, so InjectResidual spreads the
+        # head's residual over the prompt's own tokens (the sampler puts the slots back: stock attention).
+        text_mask = mask.long().clone()
+        text_mask[:, slots[0].bool()] = 0
+        cond = make_conditioning(PromptEmbeds(embeds.cpu(), text_mask.cpu()))
+        cond[0][1][REFERENCES_KEY] = {"slots": slots[0].bool().cpu(), "tokens": torch.cat(tokens, dim=1),
+                                      "shapes": shapes}
+        return cond
 
     def sample(self, bundle, positive, negative, **options):
         from ..generation.sampling_qwen_image_21 import sample_qwen_image_21

@@ -49,8 +49,10 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
 
 
 def make_grid(images: Sequence[Image.Image], alphas: Sequence[float], seeds: Sequence[int],
-              cell_notes: list[str] | None = None, extra_meta: dict | None = None) -> Grid:
-    """One grid image and its metadata; images are α-major (len(alphas) × len(seeds))."""
+              cell_notes: list[str] | None = None, extra_meta: dict | None = None,
+              row_labels: list[str] | None = None) -> Grid:
+    """One grid image and its metadata; images are α-major (len(alphas) × len(seeds)). `row_labels` replace
+    the "α = ..." labels (rows that compare other settings than α)."""
     alphas, seeds, images = list(alphas), list(seeds), list(images)
     if not alphas or not seeds:
         raise UserInputError("the grid needs at least one α and one seed.")
@@ -66,7 +68,9 @@ def make_grid(images: Sequence[Image.Image], alphas: Sequence[float], seeds: Seq
     font, size = _font(cell_w, cell_h)
     pad = max(2, size // 2)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    row_labels = [alpha_label(a) for a in alphas]
+    if row_labels is not None and len(row_labels) != rows:
+        raise UserInputError(f"row_labels has {len(row_labels)} entries for {rows} rows.")
+    row_labels = list(row_labels) if row_labels is not None else [alpha_label(a) for a in alphas]
     col_labels = [seed_label(s) for s in seeds]
     line_h = max(_text_size(probe, t, font)[1] for t in row_labels + col_labels + ["Ag"])
     left = max(_text_size(probe, t, font)[0] for t in row_labels) + 2 * pad

@@ -164,15 +164,22 @@ def _pipe_and_device(bundle) -> tuple[object, torch.device]:
     return bundle, bundle._execution_device
 
 
-def encode_text(bundle, prompts: str | list[str]) -> list:
-    """CONDITIONING (ComfyUI layout, tensors on the CPU) from the pipeline's own text encoder."""
+def encode_text(bundle, prompts: str | list[str], references: Sequence | None = None,
+                reference_resolution: int = 1024) -> list:
+    """CONDITIONING (ComfyUI layout, tensors on the CPU) from the pipeline's own text encoder. `references`
+    (PIL images; Qwen-Image 2.1 only): the person's photos as the model's own reference images, encoded
+    with the prompt as its stock pipeline does (`ModelFamily.encode_references`), at about
+    `reference_resolution`² pixels each."""
     from ..residual.conditioning import make_conditioning
     from .prompt_encoding import PromptEmbeds, encode_prompts
 
     pipe, device = _pipe_and_device(bundle)
     if getattr(pipe, "text_encoder", None) is None:
         raise UserInputError("this Qwen-Image pipeline was loaded without its text encoder: load the full folder.")
-    text_encoder, tokenizer = (find_family(pipe) or DEFAULT_FAMILY).pipeline_text_stack(pipe)
+    family = find_family(pipe) or DEFAULT_FAMILY
+    if references:
+        return family.encode_references(pipe, prompts, list(references), device, reference_resolution)
+    text_encoder, tokenizer = family.pipeline_text_stack(pipe)
     enc = encode_prompts(text_encoder, tokenizer, prompts, device=device)
     return make_conditioning(PromptEmbeds(enc.embeds.cpu(), enc.mask.cpu()))
 

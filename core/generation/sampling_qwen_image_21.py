@@ -19,6 +19,11 @@ Like the 1.x path: cells (conditioning item × seed) go through the transformer 
 window and several active entries are averaged by `strength`; output order is item-major. Not on this
 path: region masks (ConditioningSetMask), and the speed options `compile` / `cuda_graphs` (refused
 with a message, so nothing silently differs).
+
+Reference images (2.1's own identity input): an entry encoded with them (`encode_text(..., references=)`,
+QwenImage21.encode_references) carries their latent tokens and the text positions that stand for them;
+its forwards put the reference tokens before the target's, as the stock pipeline's `image=` does, and
+they are cached with the text (they are modulated at t = 0 too).
 """
 
 from __future__ import annotations
@@ -49,6 +54,25 @@ def _sigmas(pipe, steps: int) -> np.ndarray:
     if configured is not None and len(configured) == steps:
         return np.asarray(configured, dtype=np.float64)
     return np.linspace(1.0, 1 / steps, steps)
+
+
+def _references(conditioning, entries, side: str, device, dtype) -> list[dict | None]:
+    """Per entry, its reference images (QwenImage21.encode_references) on the device, or None."""
+    from ..families.qwen_image_21 import REFERENCES_KEY
+
+    out = []
+    for (_, extra), entry in zip(conditioning, entries):
+        refs = extra.get(REFERENCES_KEY)
+        if refs is None:
+            out.append(None)
+            continue
+        if refs["slots"].shape[0] != entry.embeds.shape[1]:
+            raise UserInputError(f"the {side} conditioning's reference images do not match its text (slots for "
+                                 f"{refs['slots'].shape[0]} tokens, text of {entry.embeds.shape[1]}): encode the "
+                                 "prompt and the references together again.")
+        out.append({"slots": refs["slots"].to(device), "tokens": refs["tokens"].to(device=device, dtype=dtype),
+                    "shapes": [tuple(s) for s in refs["shapes"]]})
+    return out
 
 
 def sample_qwen_image_21(bundle, positive: list, negative: list | None, seeds: str | Sequence[int] = "1234",
@@ -99,6 +123,8 @@ def sample_qwen_image_21(bundle, positive: list, negative: list | None, seeds: s
                 raise UserInputError(f"no {side} conditioning is active at step {i + 1} of {steps} (percent "
                                      f"{step_percent(i, steps):.3f}): the start_percent/end_percent windows leave a gap.")
             _check_coverage(entries, active, side, i, steps)
+    pos_refs = _references(positive, pos, "positive", device, dtype)
+    neg_refs = _references(negative, neg, "negative", device, dtype) if do_cfg else []
     cache_on = bool(transformer.config.causal_condition)
     n_blocks = len(transformer.transformer_blocks)
     sched_cfg = scheduler0.config
@@ -115,24 +141,34 @@ def sample_qwen_image_21(bundle, positive: list, negative: list | None, seeds: s
     total, done = steps * len(chunks), 0
     images, finals = [], []
 
-    def forward(entry, chunk, latents, timestep, cache, first):
+    def forward(entry, refs, chunk, latents, timestep, cache, first):
         rows = [entry.row(item) for item, _ in chunk]
         text = torch.stack([e for e, _ in rows])
-        mask = attention_mask_or_none(torch.stack([m for _, m in rows]))
+        mask = torch.stack([m for _, m in rows])
+        if refs is not None:
+            mask = mask | refs["slots"]   # the slots count as valid, as in the stock pipeline's mask
+        mask = attention_mask_or_none(mask)
+        b = len(chunk)
+        img_mask = target_slot_mask(b, text.shape[1], tokens, latents.device)
+        hidden, shapes = latents, img_shapes[0]
+        if refs is not None:   # the reference images' tokens first, the target last (as the stock pipeline)
+            img_mask[:, :text.shape[1]] = refs["slots"]
+            hidden = torch.cat([refs["tokens"].expand(b, -1, -1), latents], dim=1)
+            shapes = [*refs["shapes"], *shapes]
         kwargs = {}
         if cache is not None:
             kwargs = dict(kv_cache=cache, kv_cache_mode="extract" if first else "cached")
-        out = transformer(hidden_states=latents, timestep=timestep / 1000, encoder_hidden_states=text,
-                          encoder_hidden_states_mask=mask, img_shapes=img_shapes * len(chunk),
-                          img_mask=target_slot_mask(len(chunk), text.shape[1], tokens, latents.device),
+        out = transformer(hidden_states=hidden, timestep=timestep / 1000, encoder_hidden_states=text,
+                          encoder_hidden_states_mask=mask, img_shapes=[shapes] * b, img_mask=img_mask,
                           attention_kwargs={}, return_dict=False, **kwargs)[0]
         return out[:, -tokens:]
 
     def side_prediction(entries, active, chunk, latents, timestep, caches, used):
+        refs = pos_refs if entries is pos else neg_refs
         pred, weight = None, 0.0
         for k in active:
             cache = caches.setdefault(k, QwenImage21KVCache(n_blocks) if cache_on else None)
-            p = forward(entries[k], chunk, latents, timestep, cache, first=k not in used)
+            p = forward(entries[k], refs[k], chunk, latents, timestep, cache, first=k not in used)
             used.add(k)
             w = entries[k].strength
             pred = p * w if pred is None else pred + p * w

@@ -80,6 +80,7 @@ class RunSettings:
     dtype: str = "auto"
     hf_token: str | None = None
     cache_dir: str | None = None
+    references: str = "off"   # "compare": the identity's photos as Qwen-Image 2.1 reference images, as grid rows
     extra_meta: dict = field(default_factory=dict)
 
     def public(self) -> dict:
@@ -223,6 +224,38 @@ def _head_summary(head: ResidualHead) -> dict:
             "validation_identities": (m.metrics or {}).get("val_identity_names")}
 
 
+REFERENCE_MODES = ("off", "compare")
+
+
+def _sample_rows(bundle, positive, negative, head, feats, sd: SeedDir, settings: RunSettings, bar, warn):
+    """(images, α per grid row, row labels or None) for one identity. references "off": one row per α (E + α·R).
+    "compare" (Qwen-Image 2.1): the identity's photos as the model's own reference images, side by side with
+    the head for the same seeds: a "references only" row, then "head" rows (one per α, no references), then
+    "both" rows (references and E + α·R)."""
+    def run(cond, neg):
+        return sampling.sample(bundle, cond, neg, settings.seeds, steps=settings.steps, cfg=settings.guidance,
+                               width=settings.width, height=settings.height, max_batch=settings.max_batch,
+                               progress=bar, **speed_options(bundle, settings.fast)).images
+
+    def injected(cond):
+        out, warnings = inject_identity(cond, head, feats, settings.alphas, mode=settings.strength_mode)
+        for w in warnings:
+            warn(w)
+        return out
+
+    head_rows = run(injected(positive), negative)
+    if settings.references == "off":
+        return head_rows, settings.alphas, None
+    photos = [load_image(p) for p in sd.photos]
+    ref_pos = sampling.encode_text(bundle, settings.base_prompt, references=photos)
+    ref_neg = sampling.encode_text(bundle, settings.negative_prompt, references=photos)
+    refs_only = run(ref_pos, ref_neg)
+    both = run(injected(ref_pos), ref_neg)
+    labels = (["references only"] + [f"head α={a:g}" for a in settings.alphas]
+              + [f"both α={a:g}" for a in settings.alphas])
+    return torch.cat([refs_only, head_rows, both]), [0.0, *settings.alphas, *settings.alphas], labels
+
+
 def run_identities(identities: Sequence[SeedDir], settings: RunSettings, out_dir: Path,
                    models: Models | None = None, say: Say = print, warn: Say | None = None,
                    write_dir: Path | None = None) -> list[IdentityResult]:
@@ -253,30 +286,29 @@ def run_identities(identities: Sequence[SeedDir], settings: RunSettings, out_dir
     negative = sampling.encode_text(bundle, settings.negative_prompt)
     gen_dir = Path(write_dir or out_dir) / GENERATIONS
     results = []
+    if settings.references not in REFERENCE_MODES:
+        raise UserInputError(f"references must be one of {', '.join(REFERENCE_MODES)} (got {settings.references!r}).")
     for sd, feats in zip(identities, feats_all):
-        cond, warnings = inject_identity(positive, head, feats, settings.alphas, mode=settings.strength_mode)
-        for w in warnings:
-            warn(w)
         t = time.perf_counter()
         with tqdm_progress(sd.name, unit="step") as bar:
-            result = sampling.sample(bundle, cond, negative, settings.seeds, steps=settings.steps, cfg=settings.guidance,
-                                     width=settings.width, height=settings.height, max_batch=settings.max_batch,
-                                     progress=bar, **speed_options(bundle, settings.fast))
+            images, row_alphas, row_labels = _sample_rows(bundle, positive, negative, head, feats, sd, settings, bar,
+                                                          warn)
         sampling_s = time.perf_counter() - t
-        grid = make_grid(comfy_to_pil(result.images), settings.alphas, settings.seeds)
+        grid = make_grid(comfy_to_pil(images), row_alphas, settings.seeds, row_labels=row_labels)
         png, meta_path = gen_dir / f"{sd.name}_alpha_grid.png", gen_dir / f"{sd.name}_meta.json"
         meta = {
             "identity": sd.name, "seed_dir": str(sd.path), "photos": [p.name for p in sd.photos],
             "prompt": settings.base_prompt, "negative_prompt": settings.negative_prompt, "alphas": settings.alphas,
             "seeds": settings.seeds, "steps": settings.steps, "guidance": settings.guidance, "guidance_kind": "true_cfg",
             "height": settings.height, "width": settings.width, "max_batch": settings.max_batch,
-            "strength_mode": settings.strength_mode, "qwen3_vl_model": settings.qwen3_vl_model,
+            "strength_mode": settings.strength_mode, "references": settings.references,
+            "qwen3_vl_model": settings.qwen3_vl_model,
             "qwen_image_model": settings.qwen_image_model, "head": str(head_path), "head_sha256": head_sha,
             "head_meta": _head_summary(head),
             "features": {k: v for k, v in feats.meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
             "device": str(bundle.device), "dtype": str(bundle.dtype).replace("torch.", ""),
             "timings": {**{k: round(v, 3) for k, v in timings.items()}, "sampling_s": round(sampling_s, 3),
-                        "seconds_per_image": round(sampling_s / len(result.cells), 3)},
+                        "seconds_per_image": round(sampling_s / len(images), 3)},
             "versions": package_versions(), "grid": grid.meta, **settings.extra_meta,
         }
         atomic_write(png, lambda tmp: grid.image.save(tmp, format="PNG"))
