@@ -1,50 +1,71 @@
 #!/usr/bin/env bash
-# The real-ComfyUI test environment of `./run test`, made once and reused (all under .comfyui/, ignored by git):
-#   .comfyui/ComfyUI   the unmodified ComfyUI source, extracted from the vendored tarball
-#   .comfyui/venv      ComfyUI's requirements + the pack's deps + pytest/playwright/comfy-cli
-#                      (scripts/setup_comfyui.sh; kept apart from ./.venv so ComfyUI never changes the pack's pins)
+# The real-ComfyUI test environments of `./run test`, one per vendored ComfyUI release, made once and reused
+# (all under .comfyui/, ignored by git). For a tarball NAME.tar.xz (e.g. ComfyUI-0.33.0-783545f6.tar.xz):
+#   .comfyui/NAME/ComfyUI   the unmodified ComfyUI source, extracted from the tarball
+#   .comfyui/NAME/venv      ComfyUI's requirements + the pack's deps + pytest/playwright/comfy-cli
+#                           (scripts/setup_comfyui.sh; kept apart from ./.venv so ComfyUI never changes the pack's pins)
 # and Debian's chromium (browser tests) and curl when they are missing (needs root: CI runs as root; never
 # `playwright install`).
 #
-#   scripts/comfyui_env.sh --find     print the tarball's path (nothing, exit 1, when there is none)
-#   scripts/comfyui_env.sh            make or reuse the environment; prints COMFYUI_DIR and the venv's python
+#   scripts/comfyui_env.sh --find       print every tarball's path, one a line, oldest ComfyUI first
+#                                       (nothing, exit 1, when there is none)
+#   scripts/comfyui_env.sh [TARBALL]    make or reuse the environment of TARBALL (default: the first found);
+#                                       prints COMFYUI_DIR=, COMFYUI_PYTHON= and COMFYUI_VERSION= lines
 #
-# The tarball: $QWEN_IDENTITY_COMFYUI_TARBALL, else ../shared/vendor/ComfyUI-*.tar.xz beside this checkout
-# (where CI lays a read-only copy of the project's shared/; see its vendor/README.md). It is a test fixture:
-# nothing of it is ever copied into the repository. Each step is redone only when its inputs change:
-# extraction when the tarball's sha256 changes, the venv when the tarball, constraints.txt,
+# The tarballs: $QWEN_IDENTITY_COMFYUI_TARBALL (one path, or several separated by ':'), else every
+# ../shared/vendor/ComfyUI-*.tar.xz and ../shared/vendor/*/ComfyUI-*.tar.xz beside this checkout (where CI
+# lays a read-only copy of the project's shared/; see its vendor/README.md), ordered by version. They are
+# test fixtures: nothing of them is ever copied into the repository. Each step is redone only when its
+# inputs change: extraction when the tarball's sha256 changes, the venv when the tarball, constraints.txt,
 # requirements.txt, scripts/setup_comfyui.sh or the Python version change (stamps like ./run's).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-WORK=.comfyui
 
-find_tarball() {
+find_tarballs() {
+  local found=() t
   if [ -n "${QWEN_IDENTITY_COMFYUI_TARBALL:-}" ]; then
-    [ -f "$QWEN_IDENTITY_COMFYUI_TARBALL" ] || { echo "QWEN_IDENTITY_COMFYUI_TARBALL=$QWEN_IDENTITY_COMFYUI_TARBALL: no such file" >&2; return 1; }
-    echo "$QWEN_IDENTITY_COMFYUI_TARBALL"
+    IFS=: read -r -a found <<<"$QWEN_IDENTITY_COMFYUI_TARBALL"
+    for t in "${found[@]}"; do
+      [ -f "$t" ] || { echo "QWEN_IDENTITY_COMFYUI_TARBALL: $t: no such file" >&2; return 1; }
+      echo "$(cd "$(dirname "$t")" && pwd)/$(basename "$t")"
+    done
     return 0
   fi
-  local found
-  found=$(ls -1 ../shared/vendor/ComfyUI-*.tar.xz 2>/dev/null | sort | tail -n 1 || true)
-  [ -n "$found" ] || return 1
-  echo "$(cd "$(dirname "$found")" && pwd)/$(basename "$found")"
+  shopt -s nullglob
+  found=(../shared/vendor/ComfyUI-[0-9]*.tar.xz ../shared/vendor/*/ComfyUI-[0-9]*.tar.xz)
+  shopt -u nullglob
+  [ ${#found[@]} -gt 0 ] || return 1
+  # oldest release first: sort on the file name's version (ComfyUI-0.3.64-… before ComfyUI-0.33.0-…)
+  for t in "${found[@]}"; do
+    echo "$(basename "$t")	$(cd "$(dirname "$t")" && pwd)/$(basename "$t")"
+  done | sort -t '	' -k1,1V | cut -f2
 }
 
 if [ "${1:-}" = "--find" ]; then
-  find_tarball
+  find_tarballs
   exit $?
 fi
 
 log() { echo "[comfyui_env] $*" >&2; }
-tarball=$(find_tarball) || { log "no ComfyUI tarball (../shared/vendor/ComfyUI-*.tar.xz or \$QWEN_IDENTITY_COMFYUI_TARBALL)"; exit 2; }
+if [ -n "${1:-}" ]; then
+  tarball=$1
+  [ -f "$tarball" ] || { log "$tarball: no such file"; exit 2; }
+else
+  tarball=$(find_tarballs | head -n 1) && [ -n "$tarball" ] || {
+    log "no ComfyUI tarball (../shared/vendor/ComfyUI-*.tar.xz, ../shared/vendor/*/ComfyUI-*.tar.xz or \$QWEN_IDENTITY_COMFYUI_TARBALL)"
+    exit 2; }
+fi
+name=$(basename "$tarball")
+name=${name%.tar.xz}
+WORK=.comfyui/$name
 PY=${PYTHON:-python3}
 mkdir -p "$WORK"
 
 # 1. ComfyUI source
 tar_sha=$(sha256sum "$tarball" | cut -c1-16)
 if [ "$(cat "$WORK/ComfyUI/.extracted-from" 2>/dev/null)" != "$tar_sha" ]; then
-  log "extracting $(basename "$tarball") into $WORK/ComfyUI"
+  log "extracting $name.tar.xz into $WORK/ComfyUI"
   rm -rf "$WORK/ComfyUI" "$WORK/extract.tmp"
   mkdir -p "$WORK/extract.tmp"
   tar -xJf "$tarball" -C "$WORK/extract.tmp"
@@ -60,7 +81,11 @@ venv_stamp=$( { echo "$tar_sha"; "$PY" -c 'import sys; print(sys.version)'; \
 if [ ! -x "$WORK/venv/bin/python" ] || [ "$(cat "$WORK/venv/.setup-stamp" 2>/dev/null)" != "$venv_stamp" ]; then
   log "setting up $WORK/venv (ComfyUI's requirements; a few minutes once)"
   rm -rf "$WORK/venv"
+  set +e
   bash scripts/setup_comfyui.sh "$WORK/ComfyUI" "$WORK/venv" 2>&1 | { grep -v "^WARNING: Location" >&2 || true; }
+  rc=${PIPESTATUS[0]}
+  set -e
+  [ "$rc" -eq 0 ] || { log "scripts/setup_comfyui.sh failed for $name (exit $rc)"; exit 1; }
   echo "$venv_stamp" > "$WORK/venv/.setup-stamp"
 fi
 
@@ -81,3 +106,4 @@ fi
 
 echo "COMFYUI_DIR=$ROOT/$WORK/ComfyUI"
 echo "COMFYUI_PYTHON=$ROOT/$WORK/venv/bin/python"
+echo "COMFYUI_VERSION=$(sed -n 's/^__version__ *= *"\(.*\)"/\1/p' "$WORK/ComfyUI/comfyui_version.py")"

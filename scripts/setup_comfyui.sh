@@ -7,12 +7,12 @@
 # VENV:        a virtual environment to create (or reuse) for ComfyUI + the pack's test deps. It is kept
 #              apart from the pack's own ./.venv so ComfyUI's requirements never change the pack's pins.
 #
-# Installs: torch/torchvision pinned by constraints.txt, ComfyUI's requirements.txt minus
-# torch/torchvision/torchaudio (torchaudio only feeds ComfyUI's audio nodes, which then log an import
-# failure and are otherwise harmless), the pack's runtime deps, pytest, the Playwright *Python package*
+# Installs: torch/torchvision pinned by constraints.txt and torchaudio (below), ComfyUI's requirements.txt
+# minus torch/torchvision/torchaudio, the pack's runtime deps, pytest, the Playwright *Python package*
 # (the browser is the system chromium: `apt-get install -y chromium`; never `playwright install`),
-# comfy-cli, and matplotlib (its sample Grace Hopper photo is the real face the workflows crop). Then the
-# integration suite runs with
+# comfy-cli, matplotlib (its sample Grace Hopper photo is the real face the workflows crop), and the `gguf`
+# package (city96's ComfyUI-GGUF loader needs it; the GGUF tests link that pack in only when its vendored
+# copy is beside the checkout). Then the integration suite runs with
 #   COMFYUI_DIR=... VENV/bin/python -m pytest tests/test_comfyui_integration.py
 set -euo pipefail
 if [ $# -ne 2 ]; then
@@ -27,17 +27,21 @@ PY=${PYTHON:-python3}
   echo "error: $COMFYUI_DIR is not a ComfyUI checkout (no main.py/requirements.txt); clone ComfyUI there first" >&2
   exit 2
 }
+# torchaudio: ComfyUI 0.33+ imports it at start-up (comfy/sd.py; older releases only lose their audio nodes
+# without it). No torchaudio 2.14 exists; 2.11 is built on torch's stable ABI and declares torch>=2.11
+# ("including all future releases"), so it is the one that runs beside the pinned torch 2.14.1.
+TORCHAUDIO="torchaudio==2.11.1"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q -c "$PACK/constraints.txt")
 req=$(mktemp)
 trap 'rm -f "$req"' EXIT
 grep -viE '^[[:space:]]*(torch|torchvision|torchaudio)[[:space:]]*$' "$COMFYUI_DIR/requirements.txt" > "$req"
-echo "[setup_comfyui] torch/torchvision (pinned by constraints.txt)" >&2
-"${PIP[@]}" torch torchvision
+echo "[setup_comfyui] torch/torchvision (pinned by constraints.txt), $TORCHAUDIO" >&2
+"${PIP[@]}" torch torchvision "$TORCHAUDIO"
 echo "[setup_comfyui] ComfyUI requirements (without torch/torchvision/torchaudio)" >&2
 "${PIP[@]}" -r "$req"
 echo "[setup_comfyui] the pack's runtime deps + test tools" >&2
-"${PIP[@]}" -r "$PACK/requirements.txt" pytest hypothesis playwright comfy-cli matplotlib  # matplotlib: a real face photo
+"${PIP[@]}" -r "$PACK/requirements.txt" pytest hypothesis playwright comfy-cli matplotlib "gguf==0.19.0"  # matplotlib: a real face photo
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   echo "[setup_comfyui] note: no system chromium found; browser tests will skip." \
        "Install it with: apt-get install -y chromium   (do not run 'playwright install')" >&2
@@ -46,5 +50,6 @@ fi
 import sys, importlib.metadata as md
 print("[setup_comfyui] ready:", "ComfyUI", open(sys.argv[1] + "/comfyui_version.py").read().split('"')[1],
       "| frontend", md.version("comfyui-frontend-package"), "| torch", md.version("torch"),
+      "| torchaudio", md.version("torchaudio"),
       "| playwright", md.version("playwright"), "| comfy-cli", md.version("comfy-cli"))
 PY

@@ -121,10 +121,97 @@ def test_the_tarball_is_found_beside_the_checkout_as_ci_lays_out_shared(tmp_path
     assert out.returncode == 0 and out.stdout.strip() == str(vendor / "ComfyUI-0.3.64-a125cd84.tar.xz")
 
 
+def test_every_vendored_comfyui_is_found_oldest_first_and_other_fixtures_are_not(tmp_path):
+    """shared/vendor/ holds 0.3.64 at its top and newer releases in sub-folders (so the old single-tarball
+    glob still finds 0.3.64 alone); node packs vendored for tests (ComfyUI-GGUF-*) are not ComfyUI."""
+    vendor = tmp_path / "work" / "shared" / "vendor"
+    for rel in ("comfyui-2026/ComfyUI-0.33.0-783545f6.tar.xz", "ComfyUI-0.3.64-a125cd84.tar.xz",
+                "comfyui-2025b/ComfyUI-0.9.2-00000000.tar.xz", "comfyui-gguf/ComfyUI-GGUF-795e4515.tar.xz"):
+        (vendor / rel).parent.mkdir(parents=True, exist_ok=True)
+        (vendor / rel).write_bytes(b"x")
+    _, out = _find_tarball(tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(vendor / "ComfyUI-0.3.64-a125cd84.tar.xz"),
+                                  str(vendor / "comfyui-2025b" / "ComfyUI-0.9.2-00000000.tar.xz"),
+                                  str(vendor / "comfyui-2026" / "ComfyUI-0.33.0-783545f6.tar.xz")]
+
+
 def test_an_explicit_tarball_wins_and_a_wrong_one_is_named(tmp_path):
     tar = tmp_path / "mine.tar.xz"
     tar.write_bytes(b"x")
     _, out = _find_tarball(tmp_path, str(tar))
     assert out.returncode == 0 and out.stdout.strip() == str(tar)
+    other = tmp_path / "other.tar.xz"
+    other.write_bytes(b"x")
+    _, out = _find_tarball(tmp_path, f"{tar}:{other}")   # several, in the order given
+    assert out.returncode == 0 and out.stdout.split() == [str(tar), str(other)]
     _, out = _find_tarball(tmp_path / "b", str(tmp_path / "missing.tar.xz"))
     assert out.returncode != 0 and "missing.tar.xz: no such file" in out.stderr
+
+
+_FAKE_PYTHON = r'''#!/usr/bin/env bash
+# stands in for a venv's python: `-m pytest` records its call and writes a JUnit report; anything else
+# (scripts/test_summary.py) runs in the real interpreter
+if [ "$1" != "-m" ]; then exec "$REAL_PYTHON" "$@"; fi
+xml=""
+for a in "$@"; do case "$a" in --junitxml=*) xml=${a#--junitxml=} ;; esac; done
+echo "COMFYUI_DIR=${COMFYUI_DIR:-} REQUIRE=${QWEN_IDENTITY_REQUIRE_COMFYUI:-} ARGS=$*" >> "$CALLS"
+[ -n "${QWEN_IDENTITY_COMFYUI_TESTS_OUT:-}" ] && echo "tests/test_x.py" > "$QWEN_IDENTITY_COMFYUI_TESTS_OUT"
+fail=0
+[ -n "${COMFYUI_DIR:-}" ] && [ "$(basename "$COMFYUI_DIR")" = "${FAIL_VERSION:-none}" ] && fail=1
+printf '<testsuites><testsuite name="pytest" tests="3" failures="%s" errors="0" skipped="0"/></testsuites>' "$fail" > "$xml"
+exit $fail
+'''
+
+_FAKE_ENV = r'''#!/usr/bin/env bash
+# scripts/comfyui_env.sh with two releases and nothing to build
+if [ "$1" = "--find" ]; then echo /vendor/ComfyUI-0.3.64-a.tar.xz; echo /vendor/comfyui-2026/ComfyUI-0.33.0-b.tar.xz; exit 0; fi
+v=$(basename "$1" .tar.xz); v=${v#ComfyUI-}; v=${v%-*}
+echo "COMFYUI_DIR=/fake/$v"; echo "COMFYUI_PYTHON=$FAKE_PY"; echo "COMFYUI_VERSION=$v"
+'''
+
+
+def _run_tests_with_two_fake_releases(tmp_path, *args, fail_version="none"):
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("run_tests.sh", "test_summary.py"):
+        (repo / "scripts" / name).write_bytes((ROOT / "scripts" / name).read_bytes())
+    (repo / "scripts" / "comfyui_env.sh").write_text(_FAKE_ENV)
+    fake = tmp_path / "venv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_DIR", "QWEN_IDENTITY_SKIP_COMFYUI",
+                                                            "QWEN_IDENTITY_REQUIRE_COMFYUI", "PYTEST_ADDOPTS")}
+    env.update(REAL_PYTHON=sys.executable, FAKE_PY=str(fake), CALLS=str(calls), FAIL_VERSION=fail_version)
+    out = subprocess.run(["bash", str(repo / "scripts" / "run_tests.sh"), *args, str(tmp_path / "venv")],
+                         env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return out, calls.read_text().splitlines()
+
+
+def test_run_tests_runs_the_comfyui_tests_once_per_release_and_sums_them(tmp_path):
+    out, calls = _run_tests_with_two_fake_releases(tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len(calls) == 3, calls
+    assert calls[0].startswith("COMFYUI_DIR= REQUIRE= ARGS=-m pytest -m not comfyui")
+    for call, version in zip(calls[1:], ("0.3.64", "0.33.0")):   # oldest first, each in its own tree
+        assert call.startswith(f"COMFYUI_DIR=/fake/{version} REQUIRE=1 ARGS=-m pytest -m comfyui"), call
+        assert f"comfyui-{version}.xml" in call and call.endswith("tests/test_x.py"), call
+    lines = out.stdout.strip().splitlines()
+    assert lines[-4:] == ["pack.xml: 3 passed, 0 failed, 0 skipped", "comfyui-0.3.64.xml: 3 passed, 0 failed, 0 skipped",
+                          "comfyui-0.33.0.xml: 3 passed, 0 failed, 0 skipped", "total: 9 passed, 0 failed, 0 skipped"]
+
+
+def test_one_failing_release_fails_the_run_and_the_others_still_run(tmp_path):
+    out, calls = _run_tests_with_two_fake_releases(tmp_path, fail_version="0.3.64")
+    assert out.returncode != 0
+    assert len(calls) == 3 and "/fake/0.33.0" in calls[2]
+    assert out.stdout.strip().splitlines()[-1] == "total: 8 passed, 1 failed, 0 skipped"
+
+
+def test_test_comfyui_runs_only_the_comfyui_sessions_with_the_given_arguments(tmp_path):
+    out, calls = _run_tests_with_two_fake_releases(tmp_path, "--comfyui-only")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [c.split(" ")[0] for c in calls] == ["COMFYUI_DIR=/fake/0.3.64", "COMFYUI_DIR=/fake/0.33.0"]
+    assert out.stdout.strip().splitlines()[-1] == "total: 6 passed, 0 failed, 0 skipped"

@@ -8,15 +8,16 @@
 Needs the Playwright *Python package* (its bundled driver) and a system Chromium
 (`apt-get install -y chromium`); never `playwright install`.
 
-How missing nodes are seen (frontend 1.27.x): an extension registered before loading records the
+How missing nodes are seen (frontend 1.27.x and 1.49.x): an extension registered before loading records the
 `missingNodeTypes` argument of the `afterConfigureGraph` hook (the list the "Some Nodes Are Missing"
 dialog shows); the dialog itself (`.comfy-missing-nodes`) is checked too. Loading `via="drop"`
 dispatches dragenter/dragover/drop with a File on the canvas, as a user's drag-and-drop does;
 `via="api"` calls `app.loadGraphData`. Queueing calls `app.queuePrompt(0, 1)` (the Run button's code
 path), captures the POST /prompt answer and polls /history.
-Baseline noise with frontend 1.27.10 on an offline server (not failures): the page error "Cannot
+Baseline noise on an offline server (not failures): with frontend 1.27.10 the page error "Cannot
 read properties of undefined (reading 'id')", 404s for user.css / userdata / comfy.templates.json,
-net::ERR_NAME_NOT_RESOLVED for api.comfy.org. `BASELINE_NOISE` lists them.
+net::ERR_NAME_NOT_RESOLVED for api.comfy.org; with 1.49.6 also "ComfyApp graph accessed before
+initialization" at start-up. `BASELINE_NOISE` lists them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,18 @@ CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking
                # offline: every host but the local server resolves to nothing (the frontend asks api.comfy.org)
                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
 BASELINE_NOISE = ("reading 'id'", "user.css", "/userdata", "comfy.templates.json", "ERR_NAME_NOT_RESOLVED",
-                  "api.comfy.org", "Failed to load resource")
+                  "api.comfy.org", "Failed to load resource",
+                  # frontend 1.49.x (ComfyUI 0.33): logged at every start-up, also with no custom node installed
+                  "ComfyApp graph accessed before initialization")
+
+# The page is ready for a user once the app has its graph and the start-up loading mask is gone. Frontend
+# 1.49 sets `vueAppReady` in the same moment it raises that full-screen mask (PrimeVue BlockUI) and lowers it
+# only after restoring the workflow tabs; a file dropped before the mask's leave animation ended re-raises it
+# and the frontend then removes one mask twice (`NotFoundError: Failed to execute 'removeChild' on 'Node'`
+# from BlockUI.removeMask), a race a person's drop never meets. 1.27 has `app.graph` and no such mask.
+READY_JS = """() => window.app && window.app.vueAppReady
+  && ('isGraphReady' in window.app ? window.app.isGraphReady : !!window.app.graph)
+  && !document.querySelector('.p-blockui-mask-document')"""
 
 HOOK_JS = """() => {
   window.__qi = {missing: null};
@@ -104,7 +116,9 @@ class Frontend:
         t0 = time.time()
         page.goto(self.url, wait_until="domcontentloaded", timeout=self.timeout_ms)
         page.wait_for_selector("canvas#graph-canvas", timeout=self.timeout_ms)
-        page.wait_for_function("window.app && window.app.graph && window.app.vueAppReady", timeout=self.timeout_ms)
+        page.wait_for_function(READY_JS, timeout=self.timeout_ms)
+        page.wait_for_timeout(300)   # still ready a moment later: the start-up mask was not about to rise
+        page.wait_for_function(READY_JS, timeout=self.timeout_ms)
         rep["frontend_version"] = page.evaluate("window.__COMFYUI_FRONTEND_VERSION__")
         rep["ui_ready_s"] = round(time.time() - t0, 2)
         return page
@@ -164,8 +178,9 @@ class Frontend:
 
     def node_help(self, node_type: str, screenshot: Optional[Path] = None) -> dict:
         """Open ComfyUI's node info panel for one node, as a user does: put the node on the canvas, select
-        it, press the selection toolbox's info button (frontend 1.27.x: `data-testid="info-button"`), and
-        read the panel (`.node-help-content`). Reports the text shown and the docs URLs the page fetched."""
+        it, press the selection toolbox's info button (`data-testid="info-button"`), and read the panel
+        (`.node-help-content`: frontend 1.27.x shows it in the node library side bar, 1.49.x in the Info tab
+        of the right-hand properties panel). Reports the text shown and the docs URLs the page fetched."""
         rep = {"node_type": node_type, "page_errors": [], "console_errors": [], "failed_requests": [],
                "docs_requests": []}
         page = self._open(rep)

@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+# The core nodes' definitions the workflows are built and checked against: those of the oldest ComfyUI tested
+# (CORE_SNAPSHOT_VERSION). Newer releases each have comfyui_core_nodes_<version>.json beside it (written by
+# comfyui_harness/core_snapshot.py), checked against their live server; tests/test_core_node_snapshots.py
+# checks that what the workflows rely on is the same in all of them.
 CORE_SNAPSHOT = Path(__file__).with_name("comfyui_core_nodes.json")
+CORE_SNAPSHOT_VERSION = "0.3.64"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
@@ -53,8 +58,22 @@ def pack_node_defs() -> dict:
     return {name: node_def_from_class(cls) for name, cls in NODE_CLASS_MAPPINGS.items()}
 
 
-def core_node_defs() -> dict:
-    return {k: v for k, v in json.loads(CORE_SNAPSHOT.read_text()).items() if not k.startswith("_")}
+def snapshot_path(version: Optional[str] = None) -> Path:
+    """The core-node snapshot file of ComfyUI `version` (None: the one the workflows are built against)."""
+    if version is None or version == CORE_SNAPSHOT_VERSION:
+        return CORE_SNAPSHOT
+    return CORE_SNAPSHOT.with_name(f"comfyui_core_nodes_{version}.json")
+
+
+def snapshot_versions() -> list[str]:
+    """Every ComfyUI version with a core-node snapshot, the workflows' own first."""
+    others = sorted(p.stem.removeprefix("comfyui_core_nodes_") for p in CORE_SNAPSHOT.parent.glob("comfyui_core_nodes_*.json"))
+    return [CORE_SNAPSHOT_VERSION, *others]
+
+
+def core_node_defs(version: Optional[str] = None) -> dict:
+    """The core nodes' /object_info entries of ComfyUI `version` (None: the workflows' own snapshot)."""
+    return {k: v for k, v in json.loads(snapshot_path(version).read_text()).items() if not k.startswith("_")}
 
 
 def ordered_inputs(node_def: dict) -> Iterator[tuple[str, Any, dict, bool]]:
