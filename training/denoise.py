@@ -10,6 +10,9 @@ weights, plus `reg_weight` · mean(R²) (a magnitude regulariser).
 Determinism and resume: nothing random depends on state carried between steps. Epoch e's order is
 `randperm` from a generator seeded by (seed, e); the σ and ε of optimizer step s come from a generator
 seeded by (seed, s) and are drawn for the whole step (all processes draw the same and take their share).
+With aspect buckets (`DenoiseData.shapes`), epoch e's batches come from `bucket_batches` (seeded by
+(seed, e); a batch holds one bucket) and a step is grad_accum of them; ε is drawn per micro-batch at its
+bucket's shape, still from the step's generator, so the same holds.
 So a run resumed at any optimizer step continues bit-identically on the CPU, given the head and Adam
 state from the checkpoint, and 1 or N processes compute the same step (gradients are summed over
 processes, then divided by the step's sample count).

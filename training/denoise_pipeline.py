@@ -10,6 +10,12 @@ person than the target). A person with one photo is refused with a message, unle
 `--single-photo flip`: then the mirrored photo is a second view (both its latent and its features come
 from the mirror image), so each view conditions on the other.
 
+Photos keep their aspect (`--aspect-buckets on`, the default): each is encoded at the aspect bucket
+nearest its shape with about the pixel count of `--train-resolution` (core/denoising/aspect_buckets.py,
+sides multiples of the model family's size multiple; one latent cache file per bucket), batches hold one
+bucket, and the bucket list with photos per bucket goes to metrics.json and the head's training
+arguments; `off` trains every photo at `--train-resolution` (one shape).
+
 Held-out people (`--val-fraction`, split by person) are never trained on; after every epoch the
 held-out denoising gain (core/measurement/identity_gain.py) is measured on their photos and written to
 metrics.json (and the head's metadata). Outputs are the same files as the caption objective:
