@@ -149,7 +149,9 @@ def _denoise_gain(args, head_path, out: Path) -> dict:
                                   else args.base_prompt)
     alpha = args.gain_alpha if args.gain_alpha is not None else float(trained.get("alpha_train") or 1.0)
     opts = DenoiseOptions(loop=DenoiseLoopConfig(), resolution=args.gain_resolution or trained.get("resolution") or "512x512",
-                          caption_source="template", template=prompt, gain_pairs=args.gain_pairs)
+                          caption_source="template", template=prompt, gain_pairs=args.gain_pairs,
+                          # a head trained with aspect buckets is measured at each photo's bucket; older heads at one size
+                          aspect_buckets="on" if trained.get("aspect_buckets") == "on" or trained.get("buckets") else "off")
     cfg = TrainConfig(seed_dirs=parse_seed_dir_args(args.seed_dirs, args.seed_dirs_file), out_dir=out,
                       qwen3_vl_model=args.qwen3_vl_model or head.meta.qwen3_vl_model or DEFAULT_QWEN3_VL,
                       qwen_image_model=args.qwen_image_model,

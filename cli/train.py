@@ -76,13 +76,17 @@ OBJECTIVE_HELP = (
 
 def add_denoise_arguments(p: argparse.ArgumentParser) -> None:
     from ..core.denoising.flow_matching import WEIGHTINGS
-    from ..training.denoise_pipeline import CAPTION_SOURCES, DEFAULT_TEMPLATE, SINGLE_PHOTO
+    from ..training.denoise_pipeline import ASPECT_BUCKETS, CAPTION_SOURCES, DEFAULT_TEMPLATE, SINGLE_PHOTO
 
     g = p.add_argument_group("objective")
     g.add_argument("--objective", choices=("caption", "zero", "denoise"), default=None, help=OBJECTIVE_HELP)
     g = p.add_argument_group("denoise objective (--objective denoise; docs/denoise-training.md)")
     g.add_argument("--train-resolution", default="512x512",
                    help="WIDTHxHEIGHT (multiples of 16) photos are scaled and centre-cropped to (default: 512x512)")
+    g.add_argument("--aspect-buckets", choices=ASPECT_BUCKETS, default="on",
+                   help="on (default): each photo trains at the aspect bucket nearest its shape, with about the pixel count "
+                        "of --train-resolution (batches hold one bucket); off: every photo scaled and centre-cropped to "
+                        "--train-resolution")
     g.add_argument("--allow-upscale", action="store_true",
                    help="accept photos smaller than --train-resolution (upscaled: blurrier targets); default: refuse")
     g.add_argument("--caption-source", choices=CAPTION_SOURCES, default="template",
@@ -156,7 +160,8 @@ def denoise_options_from_args(args):
                              seed=args.seed, alpha_train=args.alpha_train, weighting=args.weighting,
                              logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
                              shift=args.shift, reg_weight=args.reg_weight, checkpoint_every=args.checkpoint_every)
-    opts = DenoiseOptions(loop=loop, resolution=args.train_resolution, caption_source=args.caption_source,
+    opts = DenoiseOptions(loop=loop, resolution=args.train_resolution, aspect_buckets=args.aspect_buckets,
+                          caption_source=args.caption_source,
                           template=args.caption_template, face_weight=args.face_weight,
                           face_detector=args.face_detector, single_photo=args.single_photo,
                           allow_upscale=args.allow_upscale, gradient_checkpointing=args.gradient_checkpointing,

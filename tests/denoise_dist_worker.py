@@ -6,6 +6,7 @@ WORLD_SIZE, MASTER_ADDR/PORT in the environment; Accelerate then joins a gloo gr
 (training.loop.train_head) from the same data and seeds; rank 0 of a launched run writes their weights.
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,12 +30,20 @@ def train_both(dist=None) -> dict:
     denoise = ResidualHead(D, 1, H)
     train_denoise(denoise, world.transformer(), cohort.data(), None,
                   DenoiseLoopConfig(epochs=2, batch_size=2, grad_accum=2, lr=3e-2), dist=dist)
+    # the aspect-bucket path (batches from bucket_batches, noise drawn per micro-batch), shared out the same way
+    data = cohort.data()
+    bucketed = dataclasses.replace(data, latents=list(data.latents), shapes=[data.img_shape] * len(data),
+                                   token_weights=None if data.token_weights is None else list(data.token_weights))
+    buckets = ResidualHead(D, 1, H)
+    train_denoise(buckets, world.transformer(), bucketed, None,
+                  DenoiseLoopConfig(epochs=2, batch_size=2, grad_accum=2, lr=3e-2), dist=dist)
     feats = torch.cat(cohort.features)
     targets = torch.randn(PEOPLE, 1, H, generator=torch.Generator().manual_seed(3))[cohort.person]
     caption = ResidualHead(D, 1, H)
     train_head(caption, TensorData(feats, targets, torch.ones(len(feats), 1, dtype=torch.bool)), None,
                LoopConfig(epochs=2, batch_size=4, lr=1e-2), dist=dist)
-    return {"denoise": denoise.proj.weight.detach().clone(), "caption": caption.proj.weight.detach().clone()}
+    return {"denoise": denoise.proj.weight.detach().clone(), "caption": caption.proj.weight.detach().clone(),
+            "denoise_buckets": buckets.proj.weight.detach().clone()}
 
 
 if __name__ == "__main__":

@@ -184,6 +184,6 @@ def test_two_processes_equal_one(cli_env, tmp_path):
         assert rc == 0, err[-6000:]
     got = torch.load(out, weights_only=True)
     assert got["world"] == 2
-    for name in ("denoise", "caption"):
+    for name in ("denoise", "caption", "denoise_buckets"):
         assert float(one[name].abs().sum()) > 0
         assert same_head(one[name], got[name]), name

@@ -10,6 +10,9 @@ weights, plus `reg_weight` · mean(R²) (a magnitude regulariser).
 Determinism and resume: nothing random depends on state carried between steps. Epoch e's order is
 `randperm` from a generator seeded by (seed, e); the σ and ε of optimizer step s come from a generator
 seeded by (seed, s) and are drawn for the whole step (all processes draw the same and take their share).
+With aspect buckets (`DenoiseData.shapes`), epoch e's batches come from `bucket_batches` (seeded by
+(seed, e); a batch holds one bucket) and a step is grad_accum of them; ε is drawn per micro-batch at its
+bucket's shape, still from the step's generator, so the same holds.
 So a run resumed at any optimizer step continues bit-identically on the CPU, given the head and Adam
 state from the checkpoint, and 1 or N processes compute the same step (gradients are summed over
 processes, then divided by the step's sample count).
@@ -86,10 +89,14 @@ class DenoiseLoopConfig:
 
 @dataclass
 class DenoiseData:
-    """Packed latents of every photo (one resolution), whom each shows, and per-person conditioning."""
+    """Packed latents of every photo, whom each shows, and per-person conditioning.
 
-    latents: torch.Tensor              # [M, N, 4C] float32, normalised VAE latents, packed
-    img_shape: tuple[int, int, int]    # (1, h/2, w/2) of every latent
+    One resolution: `latents` is one tensor [M, N, 4C] and `img_shape` every photo's shape. Aspect
+    buckets: `latents` (and `token_weights`) are lists of per-photo tensors [N_i, 4C] and `shapes` holds
+    each photo's (1, h/2, w/2); a batch only ever stacks photos of one shape (`bucket_of`)."""
+
+    latents: torch.Tensor | list[torch.Tensor]  # [M, N, 4C] float32 normalised packed VAE latents, or per photo
+    img_shape: tuple[int, int, int]    # (1, h/2, w/2) of every latent (one resolution; else the first photo's)
     person: list[int]                  # [M] index into features/embeds
     view: list[int]                    # [M] index of the photo within its person's features
     features: list[torch.Tensor]       # per person [n_p, D] per-photo Qwen3-VL features
@@ -97,14 +104,35 @@ class DenoiseData:
     mask: torch.Tensor                 # [P, S] 1 = real token
     token_weights: torch.Tensor | None = None  # [M, N] face-region weights or None
     names: list[str] = field(default_factory=list)
+    shapes: list[tuple[int, int, int]] | None = None  # per photo (aspect buckets); None: all `img_shape`
 
     def __len__(self) -> int:
-        return int(self.latents.shape[0])
+        return len(self.latents)
+
+    @property
+    def bucketed(self) -> bool:
+        return self.shapes is not None
+
+    def shape_of(self, i: int) -> tuple[int, int, int]:
+        return tuple(self.shapes[i]) if self.shapes is not None else tuple(self.img_shape)
+
+    def bucket_of(self) -> list[tuple[int, int, int]]:
+        """Each photo's latent shape (the key `bucket_batches` groups by)."""
+        return [self.shape_of(i) for i in range(len(self))]
+
+    def stack_latents(self, samples: list[int]) -> torch.Tensor:
+        """x0 [b, N, 4C] of `samples` (all of one shape)."""
+        return _rows(self.latents, samples)
+
+    def stack_token_weights(self, samples: list[int]) -> torch.Tensor | None:
+        return None if self.token_weights is None else _rows(self.token_weights, samples)
 
     def subset(self, photos: list[int]) -> "DenoiseData":
-        tw = None if self.token_weights is None else self.token_weights[photos]
-        return DenoiseData(self.latents[photos], self.img_shape, [self.person[i] for i in photos],
-                           [self.view[i] for i in photos], self.features, self.embeds, self.mask, tw, self.names)
+        pick = (lambda x: None if x is None else (x[photos] if torch.is_tensor(x) else [x[i] for i in photos]))
+        return DenoiseData(pick(self.latents), self.shape_of(photos[0]) if photos else self.img_shape,
+                           [self.person[i] for i in photos], [self.view[i] for i in photos], self.features,
+                           self.embeds, self.mask, pick(self.token_weights), self.names,
+                           None if self.shapes is None else [self.shapes[i] for i in photos])
 
     def other_view_features(self, i: int, person: int | None = None) -> torch.Tensor:
         """Combined features [D] of `person`'s photos other than photo i's (all of them for another person)."""
@@ -133,8 +161,47 @@ class DenoiseHistory:
         return cls(list(d.get("train_loss", [])), list(d.get("gain", [])), float(d.get("partial", 0.0)))
 
 
+def _rows(x, idx: list[int]) -> torch.Tensor:
+    """x[idx] of a tensor, or the stacked rows of a per-photo list (which must share a shape)."""
+    if torch.is_tensor(x):
+        return x[idx]
+    shapes = {tuple(x[i].shape) for i in idx}
+    if len(shapes) > 1:
+        raise ValueError(f"a batch mixes latent shapes {sorted(shapes)}: batches must be drawn per aspect bucket")
+    return torch.stack([x[i] for i in idx])
+
+
 def epoch_order(m: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(m, generator=torch.Generator().manual_seed(_mix(seed, 1, epoch)))
+
+
+def steps_per_epoch(data: DenoiseData, cfg: DenoiseLoopConfig) -> int:
+    """Optimizer steps in one epoch: batch_size · grad_accum photos a step at one resolution; with aspect
+    buckets grad_accum batches a step, a batch holding up to batch_size photos of one bucket (the count of
+    batches depends only on how many photos each bucket has, so it is the same every epoch)."""
+    m = len(data)
+    if not data.bucketed:
+        per_step = cfg.batch_size * cfg.grad_accum
+        return (m + per_step - 1) // per_step
+    from collections import Counter
+
+    batches = sum((n + cfg.batch_size - 1) // cfg.batch_size for n in Counter(data.bucket_of()).values())
+    return (batches + cfg.grad_accum - 1) // cfg.grad_accum
+
+
+def epoch_plan(data: DenoiseData, cfg: DenoiseLoopConfig, epoch: int) -> list[list[list[int]]]:
+    """Epoch `epoch`'s (1-based) optimizer steps, each a list of micro-batches of photo indices. One
+    resolution: `epoch_order` cut into steps of batch_size · grad_accum and micro-batches of batch_size.
+    Aspect buckets: `bucket_batches` (each batch one bucket, order from (seed, epoch)), grad_accum a step."""
+    if not data.bucketed:
+        per_step = cfg.batch_size * cfg.grad_accum
+        order = epoch_order(len(data), cfg.seed, epoch).tolist()
+        chunks = [order[k:k + per_step] for k in range(0, len(order), per_step)]
+        return [[c[j:j + cfg.batch_size] for j in range(0, len(c), cfg.batch_size)] for c in chunks]
+    from ..core.denoising.aspect_buckets import bucket_batches
+
+    batches = bucket_batches(data.bucket_of(), cfg.batch_size, cfg.seed, epoch)
+    return [batches[k:k + cfg.grad_accum] for k in range(0, len(batches), cfg.grad_accum)]
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -176,7 +243,7 @@ def head_gain(head, transformer, data: DenoiseData, alpha: float, pairs: int = 4
     was_training = head.training
     head.eval()
     try:
-        return denoising_gain(transformer, sub.latents, sub.img_shape, sub.person,
+        return denoising_gain(transformer, sub.latents, sub.shapes if sub.bucketed else sub.img_shape, sub.person,
                               sub.embeds[sub.person], sub.mask[sub.person], residual_of, alpha, pairs=pairs,
                               seed=seed, photo_ids=usable, token_weights=sub.token_weights,
                               names=data.names or None, batch_size=batch_size, device=device, impostor_of=imp_of)
@@ -198,11 +265,12 @@ def step_loss(head, transformer, data: DenoiseData, samples: list[int], sigmas: 
     embeds = data.embeds[persons].to(device)
     mask = data.mask[persons].to(device)
     cond = condition_with_residual(embeds, mask, residual.to(device), cfg.alpha_train)
-    x0 = data.latents[samples].to(device)
-    tw = None if data.token_weights is None else data.token_weights[samples].to(device)
+    x0 = data.stack_latents(samples).to(device)
+    tw = data.stack_token_weights(samples)
+    tw = None if tw is None else tw.to(device)
     weights = loss_weighting(sigmas, cfg.weighting).to(device)
     losses = flow_matching_loss(transformer, x0, noise.to(device), sigmas.to(device), cond, mask,
-                                [data.img_shape] * len(samples), weights=weights, token_weights=tw)
+                                [data.shape_of(samples[0])] * len(samples), weights=weights, token_weights=tw)
     total = losses.sum()
     if cfg.reg_weight:
         total = total + cfg.reg_weight * residual.pow(2).mean(dim=(1, 2)).sum().to(total.device)
@@ -229,31 +297,38 @@ def train_denoise(head, transformer, train: DenoiseData, val: DenoiseData | None
     history = history or DenoiseHistory()
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     m = len(train)
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = (m + per_step - 1) // per_step
-    total_steps = steps_per_epoch * cfg.epochs
+    per_epoch = steps_per_epoch(train, cfg)
+    total_steps = per_epoch * cfg.epochs
     step = start_step
-    n_latent = train.latents.shape[1:]
-    epoch_sum = history.partial if step % steps_per_epoch else 0.0
+    epoch_sum = history.partial if step % per_epoch else 0.0
+    plan, plan_epoch = [], None
     while step < total_steps:
-        epoch, inner = divmod(step, steps_per_epoch)
-        order = epoch_order(m, cfg.seed, epoch + 1)
-        chunk = order[inner * per_step:(inner + 1) * per_step].tolist()
+        epoch, inner = divmod(step, per_epoch)
+        if plan_epoch != epoch:
+            plan, plan_epoch = epoch_plan(train, cfg, epoch + 1), epoch
+        micro = plan[inner]
+        chunk = [i for mb in micro for i in mb]
         g = step_generator(cfg.seed, step)
         sigmas = sample_sigmas(len(chunk), g, cfg.weighting, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, cfg.shift)
-        noise = torch.randn(len(chunk), *n_latent, generator=g)
+        if train.bucketed:  # ε per micro-batch at its bucket's shape, all drawn up front (every process alike)
+            noises = [torch.randn(len(mb), *train.latents[mb[0]].shape, generator=g) for mb in micro]
+        else:
+            noise = torch.randn(len(chunk), *train.latents.shape[1:], generator=g)
         optimizer.zero_grad(set_to_none=False)
         step_total = 0.0
-        for mb in range(0, len(chunk), cfg.batch_size):
-            pos = list(range(mb, min(len(chunk), mb + cfg.batch_size)))
+        start = 0
+        for b, mb in enumerate(micro):
+            pos = list(range(start, start + len(mb)))
             mine = pos[rank::world]
             if mine:
+                eps = noises[b][[j - start for j in mine]] if train.bucketed else noise[mine]
                 total, losses = step_loss(head, transformer, train, [chunk[j] for j in mine], sigmas[mine],
-                                          noise[mine], cfg, device)
+                                          eps, cfg, device)
                 (total / len(chunk)).backward()
                 step_total += float(losses.sum())
             else:
                 _no_loss(head).backward()
+            start += len(mb)
             if micro_batch_hook:
                 micro_batch_hook()
         if dist is not None:
@@ -265,7 +340,7 @@ def train_denoise(head, transformer, train: DenoiseData, val: DenoiseData | None
         epoch_sum += step_total
         if progress:
             progress(step, total_steps)
-        epoch_end = step % steps_per_epoch == 0
+        epoch_end = step % per_epoch == 0
         if epoch_end:
             history.train_loss.append(epoch_sum / m)
             history.gain.append(head_gain(head, transformer, val, cfg.alpha_train, gain_pairs, cfg.seed, device)
@@ -273,7 +348,7 @@ def train_denoise(head, transformer, train: DenoiseData, val: DenoiseData | None
             epoch_sum = 0.0
         history.partial = epoch_sum
         if on_checkpoint and (epoch_end or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            on_checkpoint(step, step // steps_per_epoch, history, epoch_end)
+            on_checkpoint(step, step // per_epoch, history, epoch_end)
         if stop_after_step is not None and step >= stop_after_step:
             break
     head.eval()

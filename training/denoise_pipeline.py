@@ -10,6 +10,12 @@ person than the target). A person with one photo is refused with a message, unle
 `--single-photo flip`: then the mirrored photo is a second view (both its latent and its features come
 from the mirror image), so each view conditions on the other.
 
+Photos keep their aspect (`--aspect-buckets on`, the default): each is encoded at the aspect bucket
+nearest its shape with about the pixel count of `--train-resolution` (core/denoising/aspect_buckets.py,
+sides multiples of the model family's size multiple; one latent cache file per bucket), batches hold one
+bucket, and the bucket list with photos per bucket goes to metrics.json and the head's training
+arguments; `off` trains every photo at `--train-resolution` (one shape).
+
 Held-out people (`--val-fraction`, split by person) are never trained on; after every epoch the
 held-out denoising gain (core/measurement/identity_gain.py) is measured on their photos and written to
 metrics.json (and the head's metadata). Outputs are the same files as the caption objective:
@@ -28,7 +34,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.denoising.latent_cache import PhotoView, Resolution, cache_path, face_token_weights, latents_for, vae_key
+from ..core.denoising.latent_cache import (PhotoView, Resolution, cache_path, face_token_weights, latents_for,
+                                           latents_per_bucket, photo_buckets, vae_key)
 from ..core.denoising.compiled_training import check_compile, compile_for_training, training_rope
 from ..core.denoising.flow_matching import freeze_transformer
 from ..core.families import detect_family
@@ -42,13 +49,15 @@ from ..core.residual.length_policy import POLICY_NAME
 from ..version import __version__
 from . import checkpoint as ckpt
 from .data import Identity, identities_fingerprint, load_identities, split_identities
-from .denoise import DenoiseData, DenoiseHistory, DenoiseLoopConfig, head_gain, make_optimizer, train_denoise
+from .denoise import (DenoiseData, DenoiseHistory, DenoiseLoopConfig, head_gain, make_optimizer, steps_per_epoch,
+                      train_denoise)
 from .distributed import shard_map
 from .plots import write_loss_curve
 
 CAPTION_SOURCES = ("template", "caption")
 DEFAULT_TEMPLATE = "a photo of a person"
 SINGLE_PHOTO = ("refuse", "flip")
+ASPECT_BUCKETS = ("on", "off")
 MEMORY_FLAGS = ("--batch-size 1 with --grad-accum N (same step, less memory)", "--gradient-checkpointing",
                 "a smaller --train-resolution", "--dtype bf16")
 
@@ -57,6 +66,7 @@ MEMORY_FLAGS = ("--batch-size 1 with --grad-accum N (same step, less memory)", "
 class DenoiseOptions:
     loop: DenoiseLoopConfig = field(default_factory=DenoiseLoopConfig)
     resolution: str = "512x512"
+    aspect_buckets: str = "on"         # on: each photo at the bucket nearest its aspect; off: all at `resolution`
     caption_source: str = "template"
     template: str = DEFAULT_TEMPLATE
     face_weight: float = 0.0          # 0: off; else the weight of face-box tokens (others 1)
@@ -82,6 +92,8 @@ class DenoiseOptions:
             raise UserInputError(f"--single-photo must be one of {', '.join(SINGLE_PHOTO)} (got {self.single_photo!r}).")
         if self.face_weight != 0 and not (self.face_weight >= 1) or self.face_weight == float("inf"):
             raise UserInputError(f"--face-weight must be 0 (off) or a number >= 1 (got {self.face_weight}).")
+        if self.aspect_buckets not in ASPECT_BUCKETS:
+            raise UserInputError(f"--aspect-buckets must be on or off (got {self.aspect_buckets!r}).")
         if self.gain_pairs < 1:
             raise UserInputError(f"--gain-pairs must be at least 1 (got {self.gain_pairs}).")
         if self.compile and self.fp8_storage:
@@ -106,6 +118,8 @@ class DenoiseOptions:
                 "reg_weight": self.loop.reg_weight, "grad_accum": self.loop.grad_accum,
                 "batch_size": self.loop.batch_size, "lr": self.loop.lr, "seed": self.loop.seed,
                 "gradient_checkpointing": self.gradient_checkpointing,
+                # only when on, so runs from before buckets existed (one resolution) still resume with off
+                **({"aspect_buckets": "on"} if self.aspect_buckets == "on" else {}),
                 # only when on, so runs from before the flag existed still resume (compile changes no result)
                 **({"fp8_storage": True} if self.fp8_storage else {})}
 
@@ -182,23 +196,39 @@ def _prepare(cfg, opts: DenoiseOptions, identities, views, device, dist, progres
     cache_dir = cfg.out_dir / "cache"
     # 1. latents first (cheap checks of every photo's size happen before any model loads)
     vae_src = {"model": _model_key(str(qi_dir / "vae")), "source": str(cfg.qwen_image_model)}
-    key = vae_key(vae_src, res, dtype_name(dtype))
     flat = [v for vs in views for v in vs]
     state: dict[str, Any] = {}
 
     def load_vae():
-        state["vae"] = detect_family(qi_dir, "Qwen-Image model").load_vae(qi_dir, device, dtype)
+        if "vae" not in state:
+            state["vae"] = detect_family(qi_dir, "Qwen-Image model").load_vae(qi_dir, device, dtype)
         return state["vae"]
 
     def face_embedder():
-        from ..core.measurement.face_similarity import FaceEmbedder
+        if "faces" not in state:
+            from ..core.measurement.face_similarity import FaceEmbedder
 
-        return FaceEmbedder(detector=opts.face_detector)
+            state["faces"] = FaceEmbedder(detector=opts.face_detector)
+        return state["faces"]
 
-    latents, faces = latents_for(flat, res, cache_path(cache_dir, key), key, load_vae, opts.face_weight > 0,
-                                 face_embedder, opts.allow_upscale, say,
-                                 map_fn=lambda items, fn: shard_map(dist, items, fn), write=dist.is_main,
-                                 info={"vae": vae_src, "resolution": str(res), "dtype": dtype_name(dtype)})
+    def info(r: Resolution) -> dict[str, Any]:
+        return {"vae": vae_src, "resolution": str(r), "dtype": dtype_name(dtype)}
+
+    map_fn = (lambda items, fn: shard_map(dist, items, fn))
+    buckets = None
+    if opts.aspect_buckets == "on":  # each photo at the bucket nearest its aspect; one cache file per bucket
+        family = detect_family(qi_dir, "Qwen-Image model")
+        sizes, per_photo = photo_buckets(flat, res, family.size_multiple, opts.allow_upscale)
+        latents, faces = latents_per_bucket(flat, per_photo, cache_dir, lambda r: vae_key(vae_src, r, dtype_name(dtype)),
+                                            load_vae, opts.face_weight > 0, face_embedder, opts.allow_upscale, say,
+                                            map_fn=map_fn, write=dist.is_main, info_of=info)
+        buckets = (sizes, per_photo)
+        faces = faces if opts.face_weight > 0 else None
+    else:
+        key = vae_key(vae_src, res, dtype_name(dtype))
+        latents, faces = latents_for(flat, res, cache_path(cache_dir, key), key, load_vae, opts.face_weight > 0,
+                                     face_embedder, opts.allow_upscale, say, map_fn=map_fn, write=dist.is_main,
+                                     info=info(res))
     state.clear()
     if faces is not None:
         missing = [str(v.path) + (" (mirrored)" if v.flip else "") for v, b in zip(flat, faces) if float(b[0]) < 0]
@@ -221,7 +251,33 @@ def _prepare(cfg, opts: DenoiseOptions, identities, views, device, dist, progres
     embeds, mask, rho = prompt_embeddings(prompts, cache_dir, prompt_key(te_src, dtype_name(dtype), prompts),
                                           models.text_encoder, say, write=dist.is_main)
     models.release()
-    return res, dtype, qi_dir, latents, faces, feats, feature_meta, embeds, mask, rho, prompts
+    return res, dtype, qi_dir, latents, faces, feats, feature_meta, embeds, mask, rho, prompts, buckets
+
+
+def _denoise_data(qi_dir, res: Resolution, latents, faces, buckets, views, feats, embeds, mask, names,
+                  face_weight: float) -> DenoiseData:
+    """All photos as DenoiseData: one packed tensor at one resolution, or (aspect buckets) a packed latent,
+    shape and face-token weights per photo at its own bucket."""
+    family = detect_family(qi_dir, "Qwen-Image model")
+    person = [p for p, vs in enumerate(views) for _ in vs]
+    view = [j for vs in views for j in range(len(vs))]
+    if buckets is None:
+        packed, shapes = family.pack_latents(latents)
+        tw = None if faces is None else torch.stack([face_token_weights(b.tolist(), res, face_weight) for b in faces])
+        return DenoiseData(packed, shapes[0], person, view, feats, embeds, mask, tw, names)
+    per_photo = buckets[1]
+    packs = [family.pack_latents(lat[None]) for lat in latents]
+    shapes = [tuple(s[0]) for _, s in packs]
+    tw = None if faces is None else [face_token_weights(b.tolist(), r, face_weight) for b, r in zip(faces, per_photo)]
+    return DenoiseData([p[0] for p, _ in packs], shapes[0], person, view, feats, embeds, mask, tw, names, shapes)
+
+
+def bucket_report(buckets, photos: list[int] | None = None) -> dict[str, Any]:
+    """The bucket list and how many photos (of `photos`, default all) train at each, for metrics and the head."""
+    sizes, per_photo = buckets
+    chosen = [per_photo[i] for i in (range(len(per_photo)) if photos is None else photos)]
+    return {"buckets": [str(s) for s in sizes],
+            "photos_per_bucket": {str(s): n for s in sizes if (n := sum(1 for b in chosen if b == s))}}
 
 
 def _load_transformer(qi_dir: Path, device, dtype, hidden: int, gradient_checkpointing: bool,
@@ -260,27 +316,30 @@ def prepare_transformer(tr, device, dtype, gradient_checkpointing: bool = False,
 
 def _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_step) -> dict:
     (res, dtype, qi_dir, latents, faces, feats, feature_meta, embeds, mask, rho,
-     prompts) = _prepare(cfg, opts, identities, views, device, dist, progress, say)
+     prompts, buckets) = _prepare(cfg, opts, identities, views, device, dist, progress, say)
     d, h, k = int(feats[0].shape[-1]), int(embeds.shape[-1]), int(cfg.tokens)
     loop = opts.loop
     train_ids, val_ids = split_identities(len(identities), cfg.val_fraction, loop.seed)
-    person = [p for p, vs in enumerate(views) for _ in vs]
-    view = [j for vs in views for j in range(len(vs))]
-    packed, shapes = detect_family(qi_dir, "Qwen-Image model").pack_latents(latents)
-    tw = None
-    if faces is not None:
-        tw = torch.stack([face_token_weights(b.tolist(), res, opts.face_weight) for b in faces])
     names = [i.name for i in identities]
-    all_data = DenoiseData(packed, shapes[0], person, view, feats, embeds, mask, tw, names)
-    train = all_data.subset([i for i, p in enumerate(person) if p in set(train_ids)])
+    all_data = _denoise_data(qi_dir, res, latents, faces, buckets, views, feats, embeds, mask, names, opts.face_weight)
+    person = all_data.person
+    train_photos = [i for i, p in enumerate(person) if p in set(train_ids)]
+    train = all_data.subset(train_photos)
     val = all_data.subset([i for i, p in enumerate(person) if p in set(val_ids)])
+    bucket_info = None
+    if buckets is not None:
+        bucket_info = {**bucket_report(buckets), "train_photos_per_bucket": bucket_report(buckets, train_photos)[
+            "photos_per_bucket"]}
+        say("aspect buckets (photos): " + ", ".join(f"{b} ({n})" for b, n in bucket_info["photos_per_bucket"].items()))
 
     fingerprint = identities_fingerprint(identities, prompts)
     settings = {key: v for key, v in feature_meta.items() if key not in ("model_id", "feature_dim", "pack_version")}
     record = opts.record()
     training_args = {**record, "tokens": k, "val_fraction": cfg.val_fraction, "dtype": cfg.dtype,
                      "epochs": loop.epochs, "identities": names,
-                     "held_out": [names[i] for i in val_ids]}
+                     "held_out": [names[i] for i in val_ids],
+                     **({"buckets": bucket_info["buckets"], "photos_per_bucket": bucket_info["photos_per_bucket"]}
+                        if bucket_info else {})}
     meta = HeadMeta(feature_dim=d, tokens=k, hidden_size=h, feature_settings=settings,
                     qwen3_vl_model=str(feature_meta.get("model_id") or cfg.qwen3_vl_model),
                     text_encoder_model=f"{Path(str(cfg.qwen_image_model)).name}/text_encoder",
@@ -290,7 +349,9 @@ def _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_s
     run_identity = json.loads(json.dumps({"dataset_fingerprint": fingerprint, "D": d, "K": k, "H": h,
                                           "split": [train_ids, val_ids], "qwen3_vl_model": meta.qwen3_vl_model,
                                           "qwen_image_model": str(cfg.qwen_image_model),
-                                          **{key: v for key, v in record.items()}}, default=str))
+                                          **{key: v for key, v in record.items()},
+                                          **({"buckets": bucket_info["buckets"]} if bucket_info else {})},
+                                         default=str))
     torch.manual_seed(loop.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     head = ResidualHead(d, k, h, meta=meta)
@@ -317,17 +378,17 @@ def _run(cfg, opts, identities, views, device, dist, progress, say, stop_after_s
         start_step = int(info.get("step", 0))
         say(f"resuming after optimizer step {start_step}")
 
-    per_step = loop.batch_size * loop.grad_accum
-    steps_per_epoch = (len(train) + per_step - 1) // per_step if len(train) else 0
-    total_steps = steps_per_epoch * loop.epochs
+    per_epoch = steps_per_epoch(train, loop)
+    total_steps = per_epoch * loop.epochs
 
     def metrics_for(step: int, hist: DenoiseHistory) -> dict:
         last_gain = next((g for g in reversed(hist.gain) if g), None)
-        return {REFERENCE_RMS_KEY: rho, "objective": "denoise", "epochs": step // max(1, steps_per_epoch),
+        return {REFERENCE_RMS_KEY: rho, "objective": "denoise", "epochs": step // max(1, per_epoch),
                 "step": step, "train_loss": hist.train_loss[-1] if hist.train_loss else None,
                 "held_out_gain": last_gain["overall"] if last_gain else None,
                 "train_identities": len(train_ids), "val_identities": len(val_ids),
                 "train_photos": len(train), "val_photos": len(val),
+                **({"aspect_buckets": bucket_info} if bucket_info else {}),
                 "history": {"train_loss": hist.train_loss,
                             "held_out_gain": [g["overall"] if g else None for g in hist.gain]}}
 
@@ -395,7 +456,7 @@ def measure_head_gain(head, cfg, opts: DenoiseOptions, alpha: float, say: Callab
                              "seed directories.")
     views = _views(identities, opts.single_photo)
     (res, dtype, qi_dir, latents, faces, feats, feature_meta, embeds, mask, rho,
-     prompts) = _prepare(cfg, opts, identities, views, device, LocalDist(device), progress, say)
+     prompts, buckets) = _prepare(cfg, opts, identities, views, device, LocalDist(device), progress, say)
     if int(feats[0].shape[-1]) != head.feature_dim:
         raise ModelMismatchError(f"the Qwen3-VL features have D={int(feats[0].shape[-1])} but the head expects "
                                  f"D={head.feature_dim}: use the Qwen3-VL model the head was trained on "
@@ -406,11 +467,8 @@ def measure_head_gain(head, cfg, opts: DenoiseOptions, alpha: float, say: Callab
                                  f"({describe_text_width(int(embeds.shape[-1]))}) but the head outputs "
                                  f"H={head.hidden_size} ({describe_text_width(head.hidden_size)}): use the Qwen-Image "
                                  "generation the head was trained for.")
-    person = [p for p, vs in enumerate(views) for _ in vs]
-    view = [j for vs in views for j in range(len(vs))]
-    packed, shapes = detect_family(qi_dir, "Qwen-Image model").pack_latents(latents)
-    tw = None if faces is None else torch.stack([face_token_weights(b.tolist(), res, opts.face_weight) for b in faces])
-    data = DenoiseData(packed, shapes[0], person, view, feats, embeds, mask, tw, [i.name for i in identities])
+    data = _denoise_data(qi_dir, res, latents, faces, buckets, views, feats, embeds, mask,
+                         [i.name for i in identities], opts.face_weight)
     transformer = _load_transformer(qi_dir, device, dtype, int(embeds.shape[-1]), False)
     head = head.to(device).float()
     try:
@@ -419,5 +477,6 @@ def measure_head_gain(head, cfg, opts: DenoiseOptions, alpha: float, say: Callab
         _check_memory_error(e)
         raise
     gain["settings"].update({"resolution": str(res), "prompts": sorted(set(prompts)),
-                             "face_weight": opts.face_weight})
+                             "face_weight": opts.face_weight, "aspect_buckets": opts.aspect_buckets,
+                             **(bucket_report(buckets) if buckets is not None else {})})
     return gain

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.denoising.latent_cache import PhotoView, Resolution, cache_path, latents_for, vae_key
+from ..core.denoising.latent_cache import PhotoView, Resolution, latents_per_bucket, photo_buckets, vae_key
 from ..core.errors import UserInputError
 from ..core.files.atomic import atomic_write_json
 from ..core.files.dataset_fingerprint import dataset_fingerprint, file_sha256
@@ -135,23 +135,8 @@ def read_photos(folder: Path, warn: Callable[[str], None], what: str = "PHOTO_DI
 
 
 def _buckets(views: list[PhotoView], res: Resolution, multiple: int, allow_upscale: bool) -> list[Resolution]:
-    """The aspect bucket of each view (about res's pixel count, the aspect nearest the photo's), with sides
-    multiples of the model family's `multiple` (VAE factor x patch: 16 for Qwen-Image 1.x, 32 for 2.1)."""
-    from ..core.denoising.aspect_buckets import bucket_list, nearest_bucket
-
-    w, h = (max(multiple, v // multiple * multiple) for v in (res.width, res.height))
-    sizes = bucket_list(w, h, multiple=multiple)
-    out = []
-    for v in views:
-        w, h = v.load().size
-        bucket = Resolution(*nearest_bucket(w, h, sizes))
-        if not allow_upscale and (w < bucket.width or h < bucket.height):
-            raise UserInputError(
-                f"{v.path} is {w}x{h}, smaller than its training size {bucket} (the aspect bucket nearest its shape "
-                f"at about {res} pixels): pass a lower --resolution, or --allow-upscale (the photo is enlarged: "
-                "blurrier targets), or use a larger photo.")
-        out.append(bucket)
-    return out
+    """The aspect bucket of each view (core/denoising/latent_cache.photo_buckets)."""
+    return photo_buckets(views, res, multiple, allow_upscale, "--resolution")[1]
 
 
 def _face_map(box, res: Resolution, latent: torch.Tensor) -> torch.Tensor | None:
@@ -190,17 +175,10 @@ def _encode(views, buckets, work: Path, qi_dir, family, device, dtype, want_face
             state["faces"] = FaceEmbedder(detector=run.face_detector)
         return state["faces"]
 
-    latents: list[torch.Tensor | None] = [None] * len(views)
-    boxes: list[Any] = [None] * len(views)
-    for res in sorted(set(buckets), key=str):
-        idx = [i for i, b in enumerate(buckets) if b == res]
-        key = vae_key(vae_src, res, dtype_name(dtype))
-        lat, faces = latents_for([views[i] for i in idx], res, cache_path(work / "cache", key), key, load_vae,
-                                 want_faces, face_embedder, run.allow_upscale, say,
-                                 info={"vae": vae_src, "resolution": str(res), "dtype": dtype_name(dtype)})
-        for j, i in enumerate(idx):
-            latents[i] = lat[j]
-            boxes[i] = None if faces is None else faces[j]
+    info = (lambda res: {"vae": vae_src, "resolution": str(res), "dtype": dtype_name(dtype)})
+    latents, boxes = latents_per_bucket(views, buckets, work / "cache",
+                                        lambda res: vae_key(vae_src, res, dtype_name(dtype)), load_vae, want_faces,
+                                        face_embedder, run.allow_upscale, say, info_of=info)
     state.clear()
     return latents, boxes
 

@@ -188,3 +188,50 @@ def latents_for(views: Sequence[PhotoView], res: Resolution, cache_file: Path, k
     lat = torch.stack([cached[f"{v.key}/latent"] for v in views])
     faces = torch.stack([cached[f"{v.key}/face"] for v in views]) if want_faces else None
     return lat, faces
+
+
+def photo_buckets(views: Sequence[PhotoView], res: Resolution, multiple: int, allow_upscale: bool,
+                  option: str = "--train-resolution") -> tuple[list[Resolution], list[Resolution]]:
+    """(the bucket list, each view's bucket): the aspect buckets (core/denoising/aspect_buckets.py) of about
+    res's pixel count with sides multiples of the model family's `multiple` (VAE factor x patch: 16 for
+    Qwen-Image 1.x, 32 for 2.1), and for each view the one nearest its shape. A photo smaller than its
+    bucket is refused here, before any model loads, unless allow_upscale."""
+    from .aspect_buckets import bucket_list, nearest_bucket
+
+    w, h = (max(multiple, v // multiple * multiple) for v in (res.width, res.height))
+    sizes = [Resolution(*s) for s in bucket_list(w, h, multiple=multiple)]
+    out = []
+    for v in views:
+        w, h = v.load().size
+        bucket = Resolution(*nearest_bucket(w, h, [(s.width, s.height) for s in sizes]))
+        if not allow_upscale and (w < bucket.width or h < bucket.height):
+            raise UserInputError(
+                f"{v.path} is {w}x{h}, smaller than the training resolution {bucket} of its aspect bucket (the "
+                f"bucket nearest its shape at about {res} pixels). Either lower {option} (sharp targets, fewer tokens "
+                "per face) or pass --allow-upscale (the photo is enlarged: blurry targets the head may learn to ask "
+                "for); or use a larger photo.")
+        out.append(bucket)
+    return sizes, out
+
+
+def latents_per_bucket(views: Sequence[PhotoView], buckets: Sequence[Resolution], cache_dir: Path,
+                       key_of: Callable[[Resolution], str], load_vae: Callable[[], Any], want_faces: bool,
+                       face_embedder: Callable[[], Any] | None = None, allow_upscale: bool = False,
+                       say: Callable[[str], None] = lambda m: None, map_fn=None, write: bool = True,
+                       info_of: Callable[[Resolution], dict[str, Any]] = lambda r: {}
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """`latents_for` per bucket (one cache file per bucket, keyed on its resolution by `key_of`):
+    each view's latent [C, h, w] at its own bucket, and its face box (None when faces are not wanted).
+    `load_vae` / `face_embedder` may be called once per bucket that needs encoding: let them reuse."""
+    latents: list[Any] = [None] * len(views)
+    boxes: list[Any] = [None] * len(views)
+    for res in sorted(set(buckets), key=lambda r: (r.width / r.height, r.width)):
+        idx = [i for i, b in enumerate(buckets) if b == res]
+        key = key_of(res)
+        lat, faces = latents_for([views[i] for i in idx], res, cache_path(cache_dir, key), key, load_vae,
+                                 want_faces, face_embedder, allow_upscale, say, map_fn=map_fn, write=write,
+                                 info=info_of(res))
+        for j, i in enumerate(idx):
+            latents[i] = lat[j]
+            boxes[i] = None if faces is None else faces[j]
+    return latents, boxes

@@ -61,31 +61,43 @@ def photo_losses(transformer, latents: torch.Tensor, img_shape, embeds: torch.Te
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """Loss [len(residuals), M] averaged over the fixed pairs, one row per conditioning (None = no residual).
 
-    latents [M, N, 4C] (packed x0); embeds [M, S, H], mask [M, S] (each photo's prompt); residuals: tensors
-    [M, K, H] or None; token_weights [M, N] or None."""
-    m = latents.shape[0]
+    latents [M, N, 4C] (packed x0) with img_shape every photo's (1, h/2, w/2); or, with aspect buckets, a
+    list of M tensors [N_i, 4C] with img_shape a list of M shapes (photos are batched per shape);
+    embeds [M, S, H], mask [M, S] (each photo's prompt); residuals: tensors [M, K, H] or None;
+    token_weights [M, N] (or a list of [N_i]) or None."""
+    m = len(latents)
     photo_ids = list(range(m)) if photo_ids is None else list(photo_ids)
     sig = fixed_sigmas(pairs, logit_mean, logit_std)
     out = torch.zeros(len(residuals), m, dtype=torch.float64)
     dev = torch.device(device)
-    for start in range(0, m, batch_size):
-        idx = list(range(start, min(m, start + batch_size)))
-        x0 = latents[idx].float()
-        eps = torch.stack([fixed_noise(photo_ids[i], pairs, x0.shape[1:], seed) for i in idx])  # [b, pairs, N, C]
-        b = len(idx)
-        x0r = x0.unsqueeze(1).expand(-1, pairs, -1, -1).reshape(b * pairs, *x0.shape[1:]).to(dev)
-        epsr = eps.reshape(b * pairs, *x0.shape[1:]).to(dev)
-        sigr = sig.repeat(b).to(dev)
-        e = embeds[idx].float().repeat_interleave(pairs, 0).to(dev)
-        mk = mask[idx].repeat_interleave(pairs, 0).to(dev)
-        tw = None if token_weights is None else token_weights[idx].repeat_interleave(pairs, 0).to(dev)
-        for r_i, res in enumerate(residuals):
-            cond = e if res is None else condition_with_residual(
-                e, mk, res[idx].float().repeat_interleave(pairs, 0).to(dev), alpha)
-            loss = flow_matching_loss(transformer, x0r, epsr, sigr, cond, mk, [tuple(img_shape)] * (b * pairs),
-                                      token_weights=tw)
-            out[r_i, idx] = loss.double().view(b, pairs).mean(1).cpu()
+    per_photo = len(img_shape) > 0 and not isinstance(img_shape[0], int)  # aspect buckets: a shape per photo
+    groups: dict[tuple, list[int]] = {}
+    for i in range(m):
+        groups.setdefault(tuple(img_shape[i]) if per_photo else tuple(img_shape), []).append(i)
+    for shape, members in groups.items():  # a batch holds one shape; ε and σ are per photo, so batching is free
+        for start in range(0, len(members), batch_size):
+            idx = members[start:start + batch_size]
+            x0 = _rows(latents, idx).float()
+            eps = torch.stack([fixed_noise(photo_ids[i], pairs, x0.shape[1:], seed) for i in idx])  # [b, pairs, N, C]
+            b = len(idx)
+            x0r = x0.unsqueeze(1).expand(-1, pairs, -1, -1).reshape(b * pairs, *x0.shape[1:]).to(dev)
+            epsr = eps.reshape(b * pairs, *x0.shape[1:]).to(dev)
+            sigr = sig.repeat(b).to(dev)
+            e = embeds[idx].float().repeat_interleave(pairs, 0).to(dev)
+            mk = mask[idx].repeat_interleave(pairs, 0).to(dev)
+            tw = None if token_weights is None else _rows(token_weights, idx).repeat_interleave(pairs, 0).to(dev)
+            for r_i, res in enumerate(residuals):
+                cond = e if res is None else condition_with_residual(
+                    e, mk, res[idx].float().repeat_interleave(pairs, 0).to(dev), alpha)
+                loss = flow_matching_loss(transformer, x0r, epsr, sigr, cond, mk, [shape] * (b * pairs),
+                                          token_weights=tw)
+                out[r_i, idx] = loss.double().view(b, pairs).mean(1).cpu()
     return out
+
+
+def _rows(x, idx: list[int]) -> torch.Tensor:
+    """x[idx] of a tensor, or the stacked rows of a per-photo list of one shape."""
+    return x[idx] if torch.is_tensor(x) else torch.stack([x[i] for i in idx])
 
 
 def _bootstrap_ci(groups: list[list[float]], seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
