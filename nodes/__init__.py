@@ -21,6 +21,7 @@ NODE_MODULES: list[str] = [
     "accelerate_nodes",
     "grid_nodes",
     "eval_nodes",
+    "tune_nodes",
 ]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}

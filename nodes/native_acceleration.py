@@ -10,12 +10,23 @@ Because ComfyUI's KSampler, SamplerCustom and every other sampler call `apply_mo
 What keeps working, and why:
 - LoRA and other weight patches, applied before or after: ComfyUI patches the blocks' weights in place or
   swaps their Parameters; compiled code reads parameters as inputs (PyTorch inlines nn.Module parameters),
-  so a patched weight is used without a recompile.
+  so a patched weight is used without a recompile. The accelerator's state is shared by every clone of the
+  accelerated MODEL (ComfyUI's clone deep-copies model_options; the state's deep copy is itself), so a LoRA
+  loader after QwenImageAccelerate never copies the compiled blocks and their weights.
 - fp8 weight dtypes (UNETLoader's fp8_e4m3fn / fp8_e5m2): ComfyUI's cast-on-use layers are traced into
   the compiled block like any other operation.
-- Partial loading (low VRAM): when ComfyUI left part of the weights off the compute device
-  (`model_lowvram`, or a block parameter on another device), the call runs eager and says so in one log
-  line; compiling the streaming code would gain nothing and recompile for every weight move.
+- Where compiling cannot pay, the call runs eager and says so in one log line per reason: ComfyUI loaded
+  the weights only partly (`model_lowvram`, --lowvram/--novram, a card too small), a block parameter sits on
+  another device, LoRA patches are applied on the fly (weight functions), or the blocks store their weights
+  differently (some cast on use, as partial loading leaves them).
+- Never a recompile per step: the compiled code depends on the blocks' weight layout (which layers cast on
+  use, the stored dtypes) and the input shapes. Each layout is compiled at most once (at most MAX_LAYOUTS of
+  them), and dynamo's own compile counter is read around every call: a compile on inputs and a layout that
+  were compiled before means something the compiled code guards on changes between steps; after
+  MAX_UNEXPECTED_RECOMPILES of those the MODEL runs eager until it is loaded again (one log line) instead
+  of recompiling up to dynamo's limit and then running slower than eager.
+- One set of compiled blocks per loaded transformer and settings: running QwenImageAccelerate again, or
+  QwenImageSampleFromEmbeds with speed "fast" on every queue, reuses them.
 - Resolution / batch changes: `dynamic="auto"` lets PyTorch recompile once with dynamic sizes after the
   first size change, so recompiles stay bounded (no recompile-limit failures); "static" recompiles per
   size, "dynamic" compiles size-generic code from the start.
@@ -58,17 +69,33 @@ log = logging.getLogger("qwen_identity")
 
 @dataclass
 class AccelerationState:
-    """What one accelerated MODEL has done (read by the bench and the tests)."""
+    """What one accelerated MODEL has done (read by the bench and the tests), and its compiled blocks.
+
+    One state belongs to one QwenImageAccelerate output and to every clone made of it afterwards: ComfyUI's
+    `ModelPatcher.clone()` deep-copies `model_options`, and a deep copy of the state would copy the compiled
+    blocks with their weights (a LoRA loader after QwenImageAccelerate then held the transformer twice on the
+    GPU). `__deepcopy__` therefore returns the state itself."""
 
     backend: object
     mode: str
     dynamic: str
     calls: int = 0                 # accelerated apply_model calls
-    eager_calls: int = 0           # calls that fell back to eager (partial loading)
+    eager_calls: int = 0           # calls that ran eager (weights not resident, or compiling stopped paying)
     first_call_s: float | None = None   # the first accelerated call, compile included
     fallback_reason: str | None = None
+    compiles: int = 0              # dynamo frames compiled during this model's accelerated calls
+    unexpected_recompiles: int = 0  # compiles on a call whose inputs and weight layout had been compiled before
+    disabled_reason: str | None = None  # set once compiling stopped paying: every later call runs eager
     _compiled: "weakref.WeakKeyDictionary" = field(default_factory=weakref.WeakKeyDictionary, repr=False)
-    _logged: bool = field(default=False, repr=False)
+    _seen: set = field(default_factory=set, repr=False)      # (weight layout, input shapes) compiled before
+    _layouts: set = field(default_factory=set, repr=False)   # weight layouts compiled for
+    _logged: set = field(default_factory=set, repr=False)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
 
     def compile_kwargs(self, all_cuda: bool) -> dict:
         mode = self.mode
@@ -89,11 +116,31 @@ class AccelerationState:
         return per_block[key]
 
     def eager(self, reason: str) -> None:
+        """This call runs eager: one log line per distinct reason, not one per step."""
         self.eager_calls += 1
-        if not self._logged or reason != self.fallback_reason:
-            log.warning("QwenImageAccelerate: %s; this model call runs eager (uncompiled).", reason)
-            self._logged = True
+        if reason not in self._logged:
+            log.warning("QwenImageAccelerate: %s; running eager (uncompiled).", reason)
+            self._logged.add(reason)
         self.fallback_reason = reason
+
+    def disable(self, reason: str) -> None:
+        self.disabled_reason = reason
+        self.eager(reason)
+
+
+# A weight layout may be compiled for at most this many times (e.g. bf16 resident, then cast-on-use after a
+# reload): past it ComfyUI is moving weights between calls and compiling would not pay.
+MAX_LAYOUTS = 3
+# Compiles on repeated, already-compiled inputs tolerated before the model runs eager for good (a guard that
+# fails on every step would otherwise recompile until dynamo's recompile limit and run slower than eager).
+MAX_UNEXPECTED_RECOMPILES = 1
+
+
+def dynamo_compiles() -> int:
+    """Frames dynamo has compiled in this process so far (its own counter; a recompile counts as one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _blocks(diffusion_model):
@@ -103,20 +150,59 @@ def _blocks(diffusion_model):
     return blocks
 
 
-def _partly_loaded(base_model, blocks, device: torch.device) -> str | None:
-    """Why the weights are not all on the compute device (None when they are)."""
+def _block_layout(block: torch.nn.Module) -> tuple:
+    """What the compiled code of one block depends on besides the input shapes: for each of ComfyUI's
+    cast-on-use layers, whether it casts its weights on use and the stored weight dtype."""
+    out = []
+    for m in block.modules():
+        if hasattr(m, "comfy_cast_weights"):
+            w = getattr(m, "weight", None)
+            out.append((bool(m.comfy_cast_weights), None if w is None else w.dtype))
+    return tuple(out)
+
+
+def _why_eager(base_model, blocks, device: torch.device) -> tuple[str | None, tuple | None]:
+    """(why this call cannot gain from compiling, None) or (None, the blocks' common weight layout)."""
     if getattr(base_model, "model_lowvram", False):
-        return "ComfyUI loaded the model only partly (low VRAM: weights stream in per layer)"
+        return "ComfyUI loaded the model only partly (low VRAM: weights stream in per layer)", None
     for p in blocks.parameters():
         if p.device != device:
-            return f"some weights are on {p.device}, the computation on {device}"
-    return None
+            return f"some weights are on {p.device}, the computation on {device}", None
+    layout = None
+    for block in blocks:
+        for m in block.modules():
+            if getattr(m, "weight_function", None) or getattr(m, "bias_function", None):
+                return "ComfyUI applies weight patches on the fly (a LoRA on weights that are not resident)", None
+        this = _block_layout(block)
+        if layout is None:
+            layout = this
+        elif this != layout:
+            return ("the transformer blocks store their weights differently (some cast on use, as after "
+                    "ComfyUI's partial loading)"), None
+    return None, layout
+
+
+def _input_key(args, kwargs) -> tuple:
+    """Shapes and dtypes of the model call's tensors (the compiled code is specialised on them)."""
+    def sig(v):
+        return (tuple(v.shape), v.dtype, v.device.type) if torch.is_tensor(v) else None
+
+    items = [sig(a) for a in args] + [(k, sig(v)) for k, v in sorted(kwargs.items()) if torch.is_tensor(v)]
+    c = kwargs.get("c") if isinstance(kwargs.get("c"), dict) else None
+    if c is None:
+        c = next((a for a in args if isinstance(a, dict)), None)
+    if c is not None:
+        items += [(k, sig(v)) for k, v in sorted(c.items()) if torch.is_tensor(v)]
+    return tuple(items)
 
 
 def _wrapper(state: AccelerationState):
     """The APPLY_MODEL wrapper: compiled blocks in place for the duration of one model call."""
 
     def apply_model_wrapper(executor, *args, **kwargs):
+        if state.disabled_reason:
+            state.eager(state.disabled_reason)
+            return executor(*args, **kwargs)
         base_model = executor.class_obj
         diffusion = getattr(base_model, "diffusion_model", None)
         blocks = _blocks(diffusion) if diffusion is not None else None
@@ -124,13 +210,19 @@ def _wrapper(state: AccelerationState):
         if blocks is None or not torch.is_tensor(x):
             state.eager("the model is not ComfyUI's Qwen-Image transformer")
             return executor(*args, **kwargs)
-        reason = _partly_loaded(base_model, blocks, x.device)
+        reason, layout = _why_eager(base_model, blocks, x.device)
         if reason:
             state.eager(reason)
             return executor(*args, **kwargs)
+        if layout not in state._layouts and len(state._layouts) >= MAX_LAYOUTS:
+            state.disable(f"the weights changed layout {len(state._layouts) + 1} times (ComfyUI moved or recast "
+                          f"them between calls), so compiling no longer pays")
+            return executor(*args, **kwargs)
+        key = (layout, _input_key(args, kwargs))
         all_cuda = x.device.type == "cuda"
         originals = list(blocks)
         first = state.calls == 0
+        before = dynamo_compiles()
         t = time.perf_counter()
         try:
             for i, block in enumerate(originals):
@@ -140,6 +232,16 @@ def _wrapper(state: AccelerationState):
             for i, block in enumerate(originals):
                 blocks[i] = block
         state.calls += 1
+        compiled_now = dynamo_compiles() - before
+        state.compiles += compiled_now
+        if compiled_now and key in state._seen:
+            state.unexpected_recompiles += 1
+            if state.unexpected_recompiles > MAX_UNEXPECTED_RECOMPILES:
+                state.disable("the compiled blocks recompiled on repeated calls with unchanged inputs (ComfyUI "
+                              "changes something they depend on between steps), so compiling would be slower "
+                              "than eager")
+        state._seen.add(key)
+        state._layouts.add(layout)
         if first:
             if x.device.type == "cuda":
                 torch.cuda.synchronize(x.device)
@@ -170,11 +272,26 @@ def accelerate(model, backend: str = "inductor", mode: str = "default", dynamic:
                                  "Qwen-Image file, optionally through LoRA loaders); this MODEL has no Qwen-Image "
                                  "transformer blocks.")
     m = model.clone()
-    state = AccelerationState(backend=backend, mode=mode, dynamic=dynamic)
+    state = _shared_state(diffusion, backend, mode, dynamic)
     m.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _wrapper(state))
     m.model_options[INFO_KEY] = state
     return m
+
+
+# One state per loaded transformer and settings: a re-run of QwenImageAccelerate (an upstream widget changed)
+# and every run of QwenImageSampleFromEmbeds with speed "fast" reuse the compiled blocks instead of wrapping
+# the blocks in new compiled modules each time. Weak keys: an unloaded transformer takes its state with it.
+_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _shared_state(diffusion, backend, mode: str, dynamic: str) -> AccelerationState:
+    per_model = _STATES.setdefault(diffusion, {})
+    key = (backend if isinstance(backend, str) else id(backend), mode, dynamic)
+    state = per_model.get(key)
+    if state is None or (not isinstance(backend, str) and state.backend is not backend):
+        state = per_model[key] = AccelerationState(backend=backend, mode=mode, dynamic=dynamic)
+    return state
 
 
 def acceleration_state(model) -> AccelerationState | None:

@@ -13,7 +13,8 @@ under the committed workflows' real file names:
   identity_heads/tiny_diffusers_head.safetensors       random head (tiny Qwen3-VL D -> tiny pipeline H)
 Substitutions made in copies of the API workflows (the committed files keep the real names):
 CLIPLoader -> TinyQwenImageCLIPLoader (CLIPLoader always builds the full 7B encoder), the diffusers
-workflow's head -> tiny_diffusers_head.safetensors, and 32x32 images with 2 steps.
+workflow's head -> tiny_diffusers_head.safetensors, 32x32 images with 2 steps, and TrainIdentityHead
+at 64x64 pixels with 2 steps.
 Run with the venv from scripts/setup_comfyui.sh (ComfyUI's requirements, playwright, comfy-cli) and
 Debian's chromium.
 """
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,8 @@ TINY_DIFFUSERS_HEAD = "tiny_diffusers_head.safetensors"
 TINY_21_HEAD = "tiny_21_head.safetensors"   # for the tiny Qwen-Image 2.1 pipeline (its own text width and family)
 EXPECTED_IMAGES = {"qwen_identity_alpha_grid": 1, "qwen_identity_native_ksampler": 1,
                    "qwen_identity_diffusers": 1, "qwen_identity_multi_photo": 2, "qwen_identity_two_people": 1,
-                   "qwen_identity_lightning": 1, "qwen_identity_accelerated": 1}
+                   "qwen_identity_lightning": 1, "qwen_identity_accelerated": 1, "qwen_identity_personalize": 1}
+TRAIN_RESOLUTION = "64x64"     # TrainIdentityHead's training size on the tiny stand-ins
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -132,9 +135,11 @@ def _photos(input_dir: Path):
     views = [face, face.transpose(Image.Transpose.FLIP_LEFT_RIGHT), face.crop((16, 0, 256, 300))]
     for view, name in zip(views, bw.PHOTOS):
         view.save(input_dir / name)
-    for view, name in zip(views, bw.PEOPLE_PHOTOS):
-        if name not in bw.PHOTOS:   # person A is the example person, written above
-            view.save(input_dir / name)
+    # person A is written above (Grace Hopper); person B is another real person: the shipped example photo
+    other = Image.open(ROOT / "examples" / "photos" / bw.PHOTOS[1]).convert("RGB")
+    for name in bw.PEOPLE_PHOTOS:
+        if name not in bw.PHOTOS:
+            other.save(input_dir / name)
 
 
 def _server_env(base: Path) -> dict:
@@ -178,6 +183,8 @@ def tiny_api(path: Path) -> dict:
             inputs["width"] = inputs["height"] = SIZE
         if "steps" in inputs:
             inputs["steps"] = STEPS
+        if t == "TrainIdentityHead":
+            inputs["resolution"] = TRAIN_RESOLUTION
         if t == "QwenImageAccelerate":
             inputs["backend"] = "eager"   # compiling on 2 CPU cores costs minutes; the hook path stays the same
     if any(n["class_type"] == "LoadQwenImageDiffusers" for n in wf.values()):
@@ -270,6 +277,25 @@ def test_api_workflow_runs_and_writes_images(server, path):
 
         with Image.open(server.base_dir / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
             assert im.width >= 3 * SIZE and im.height >= 3 * SIZE
+
+
+def test_personalize_saves_the_head_and_a_requeue_does_not_train_again(server, models_dir):
+    """TrainIdentityHead writes models/identity_heads/my_person.safetensors, LoadResidualHead lists it, and the
+    same prompt queued again is answered from ComfyUI's cache (the node is not run, the file not rewritten)."""
+    wf = tiny_api(WF_DIR / "api" / "qwen_identity_personalize_api.json")
+    train_id = next(k for k, n in wf.items() if n["class_type"] == "TrainIdentityHead")
+    _assert_ok(queue_prompt(server.url, wf, timeout=600))
+    saved = models_dir / "identity_heads" / f"{bw.PERSONAL_HEAD}.safetensors"
+    assert saved.is_file()
+    stamp = saved.stat().st_mtime_ns
+    again = queue_prompt(server.url, copy.deepcopy(wf), timeout=600)
+    _assert_ok(again)
+    cached = [n for m in again.body["status"]["messages"] if m[0] == "execution_cached" for n in m[1]["nodes"]]
+    assert train_id in cached, again.body["status"]["messages"]
+    assert saved.stat().st_mtime_ns == stamp
+    info = json.loads(urllib.request.urlopen(server.url + "/object_info/LoadResidualHead", timeout=30).read())
+    names = info["LoadResidualHead"]["input"]["required"]["head_name"][0]
+    assert f"{bw.PERSONAL_HEAD}.safetensors" in names
 
 
 def _comfy_cli(server, args: list, cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:

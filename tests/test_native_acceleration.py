@@ -70,8 +70,8 @@ def comfy_native():
     torch._dynamo.reset()
 
 
-def _sample(model, vae, pos=None, neg=None, seeds=(3,), size=32, cfg=2.5, **kw):
-    return ns.sample_native(model, vae, pos or _cond(seed=1), neg or _cond(seed=2), list(seeds), 1, cfg, size, size,
+def _sample(model, vae, pos=None, neg=None, seeds=(3,), size=32, cfg=2.5, steps=1, **kw):
+    return ns.sample_native(model, vae, pos or _cond(seed=1), neg or _cond(seed=2), list(seeds), steps, cfg, size, size,
                             progress=lambda d, t: None, **kw)
 
 
@@ -283,3 +283,125 @@ def test_sample_node_native_options(comfy_native):
                               model=model, vae=vae, true_cfg_norm=True, speed="fast")
     assert seeds == "3"
     assert torch.allclose(imgs, _sample(na.set_true_cfg(model), vae, cfg=4.5), atol=1e-5)
+
+
+# ---- never slower than eager: no recompile per step, no second copy of the weights -------------------
+
+def _compiles() -> int:
+    return na.dynamo_compiles()
+
+
+def test_clones_of_an_accelerated_model_share_its_state_and_hold_no_copy_of_the_weights(comfy_native, lora_name):
+    """ComfyUI's clone() deep-copies model_options: a deep copy of the state copied the compiled blocks with
+    their weights, so a LoRA loader after QwenImageAccelerate held the transformer twice (measured: 77.8 GiB
+    against 39.8 eager on the GPU)."""
+    import copy
+
+    model, vae, _ = comfy_native
+    fast = na.accelerate(model, backend=CountingBackend())
+    _sample(fast, vae)
+    state = na.acceleration_state(fast)
+    assert len(state._compiled) >= 1
+    assert copy.deepcopy(fast.model_options)[na.INFO_KEY] is state
+    lora_after = _lora(fast, lora_name)
+    assert na.acceleration_state(lora_after) is state and na.acceleration_state(fast.clone()) is state
+    blocks = model.get_model_object("diffusion_model").transformer_blocks
+    for block, per_config in state._compiled.items():
+        assert any(block is b for b in blocks)
+        for compiled in per_config.values():
+            assert compiled._orig_mod is block   # the compiled stand-in wraps the model's own block
+    # a second QwenImageAccelerate (or speed "fast") on the same transformer and settings reuses the compiled blocks
+    again = na.accelerate(model, backend=state.backend)
+    assert na.acceleration_state(again) is state
+
+
+def test_repeated_steps_never_recompile_with_lora_and_fp8(comfy_native, lora_name):
+    """The measured failure: a recompile per step until dynamo's limit. Counted with dynamo's own counter:
+    once a model call's inputs and weight layout have been compiled, more steps, more calls, a LoRA patched
+    in after compiling or fp8 weights add no compile."""
+    import comfy.sd
+
+    model, vae, files = comfy_native
+    torch._dynamo.reset()
+    fast = na.accelerate(model, backend=CountingBackend())
+    lora_after = _lora(fast, lora_name)
+    _sample(lora_after, vae)
+    settled = _compiles()
+    _sample(lora_after, vae, steps=3, pos=_cond(seed=9))
+    _sample(fast, vae, steps=2)   # LoRA unpatched again: same layout and shapes
+    assert _compiles() == settled, "a repeated step recompiled"
+    state = na.acceleration_state(fast)
+    assert state.unexpected_recompiles == 0 and state.eager_calls == 0 and state.calls >= 6
+    fp8 = _gpu_attention(comfy.sd.load_diffusion_model(str(files.transformer),
+                                                       model_options={"dtype": torch.float8_e4m3fn}))
+    fp8_lora = _lora(na.accelerate(fp8, backend=CountingBackend()), lora_name)
+    with torch.inference_mode():   # as ComfyUI's executor runs nodes (its fp8 LoRA rounding needs it)
+        _sample(fp8_lora, vae)
+        settled = _compiles()
+        _sample(fp8_lora, vae, steps=3)
+    assert _compiles() == settled
+    assert na.acceleration_state(fp8_lora).unexpected_recompiles == 0
+    del fp8, fp8_lora
+
+
+def _cast_modules(model):
+    return [m for m in model.get_model_object("diffusion_model").transformer_blocks.modules()
+            if hasattr(m, "comfy_cast_weights")]
+
+
+def test_cast_weights_toggling_compiles_once_per_layout_and_on_the_fly_patches_run_eager(comfy_native, caplog):
+    """ComfyUI's partial loading flips `comfy_cast_weights` (the guard the compiled code failed on every step) and
+    moves LoRA patches into per-call weight functions: each weight layout compiles at most once, and weights
+    patched on the fly run eager with one log line."""
+    model, vae, _ = comfy_native
+    torch._dynamo.reset()
+    fast = na.accelerate(model, backend=CountingBackend())
+    mods = _cast_modules(fast)
+    try:
+        counts = []
+        for flag in (False, True, False, True, False):
+            for m in mods:
+                m.comfy_cast_weights = flag
+            _sample(fast, vae)
+            counts.append(_compiles())
+        assert counts[2:] == [counts[1]] * 3, "a layout seen before compiled again"
+        state = na.acceleration_state(fast)
+        assert state.eager_calls == 0 and state.disabled_reason is None
+        mods[0].weight_function = [lambda w: w]   # what ComfyUI installs for a LoRA on non-resident weights
+        with caplog.at_level(logging.WARNING, logger="qwen_identity"):
+            before = _compiles()
+            _sample(fast, vae)
+            _sample(fast, vae)
+        assert _compiles() == before and state.eager_calls >= 2 and "on the fly" in state.fallback_reason
+        assert len([r for r in caplog.records if "QwenImageAccelerate" in r.getMessage()]) == 1
+    finally:
+        for m in mods:
+            m.comfy_cast_weights = False
+        mods[0].weight_function = []
+
+
+def test_a_guard_failing_every_step_turns_eager_after_a_bounded_number_of_compiles(comfy_native, monkeypatch):
+    """ComfyUI's CPU attention reads the free memory inside the block: compiled code guards on that number, so a
+    number that moves every step recompiles every step. The accelerator notices the recompiles on inputs it has
+    compiled before and runs eager from then on, so compiles stay bounded (not one per step to the limit)."""
+    import comfy.model_management as mm
+
+    model, vae, _ = comfy_native
+    cpu_attention = model.clone()
+    cpu_attention.model_options["transformer_options"].pop("optimized_attention_override", None)
+    torch._dynamo.reset()
+    free = iter(range(10 ** 9, 10 ** 9 + 10 ** 6, 4096))
+    def moving_free_memory(dev=None, torch_free_too=False):
+        n = next(free)
+        return (n, n) if torch_free_too else n
+
+    monkeypatch.setattr(mm, "get_free_memory", moving_free_memory)
+    fast = na.accelerate(cpu_attention, backend=CountingBackend())
+    _sample(fast, vae, steps=4)
+    state = na.acceleration_state(fast)
+    if state.unexpected_recompiles == 0:
+        pytest.skip("this ComfyUI's CPU attention does not read the free memory inside the compiled block")
+    stopped = _compiles()
+    _sample(fast, vae, steps=3)
+    assert state.disabled_reason and "recompiled" in state.disabled_reason
+    assert _compiles() == stopped and state.compiles <= 2 + na.MAX_UNEXPECTED_RECOMPILES + 1

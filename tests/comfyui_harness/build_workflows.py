@@ -72,6 +72,7 @@ WORKFLOW_FILES = {
     "qwen_identity_two_people": "two people in one picture, one region each",
     "qwen_identity_lightning": "one image in 4 steps: the Lightning LoRA, CFG 1",
     "qwen_identity_accelerated": "one image, QwenImageAccelerate + QwenImageTrueCFG before KSampler",
+    "qwen_identity_personalize": "a personal head trained on your photos, then an α grid",
     "qwen_identity_21_references": "Qwen-Image 2.1 (diffusers): its reference images beside the head, one grid",
 }
 
@@ -472,10 +473,67 @@ def references_21(defs):
     return b.graph("qwen_identity_21_references")
 
 
+TRAIN_PROMPT = "a photo of a person"
+PERSONAL_HEAD = "my_person"               # saved as models/identity_heads/my_person.safetensors
+
+
+def personalize(defs):
+    """Photos -> TrainIdentityHead (through the loaded Qwen-Image) -> InjectResidual -> α grid."""
+    b = _Builder(defs)
+    loads = [b.add("LoadImage", (0, 330 * i), size=(280, 320), image=p) for i, p in enumerate(PHOTOS)]
+    images = loads[0]
+    for k, nxt in enumerate(loads[1:]):
+        batch = b.add("ImageBatch", (320, 200 + 120 * k), size=(200, 50))
+        b.link(images, 0, batch, "image1")
+        b.link(nxt, 0, batch, "image2")
+        images = batch
+    vl = b.add("LoadQwen3VL", (300, -340), size=(300, 220), model=QWEN3VL)
+    model, vae, pos, neg = _native_loaders(b, y=1050)
+    train_prompt = b.add("CLIPTextEncode", (340, 1500), size=(380, 100), title="Training prompt", text=TRAIN_PROMPT)
+    clip = next(src for src, _, dst, name in b.links if dst == pos and name == "clip")
+    b.link(clip, 0, train_prompt, "clip")
+    train = b.add("TrainIdentityHead", (620, 300), size=(340, 330), save_name=PERSONAL_HEAD)
+    b.link(model, 0, train, "model")
+    b.link(vae, 0, train, "vae")
+    b.link(train_prompt, 0, train, "conditioning")
+    b.link(images, 0, train, "photos")
+    b.link(vl, 0, train, "qwen3vl")
+    curve = b.add("PreviewImage", (620, 700), size=(330, 260), title="Loss curve")
+    b.link(train, 1, curve, "images")
+    feats = b.add("ExtractIdentityFeatures", (620, -60), size=(330, 200))
+    b.link(vl, 0, feats, "qwen3vl")
+    b.link(images, 0, feats, "images")
+    inj = _inject(b, pos, train, feats, alphas=ALPHAS)
+    samp = _pack_sampler(b, inj, neg, {"model": model, "vae": vae}, seeds=SEEDS, sampler_name="euler",
+                         scheduler="simple")
+    grid = b.add("AlphaGrid", (1740, 300), size=(300, 130))
+    b.link(samp, 0, grid, "images")
+    b.link(inj, 1, grid, "alphas")
+    b.link(samp, 1, grid, "seeds")
+    save = b.add("SaveImage", (2080, 300), size=(420, 480), filename_prefix="qwen_identity/personalize")
+    b.link(grid, 0, save, "images")
+    b.note("## Your photos → a personal head → an α grid\n"
+           "TrainIdentityHead trains a head on the photos through the Qwen-Image model loaded below (no "
+           "other download), saves it as `identity_heads/my_person.safetensors` (then LoadResidualHead lists "
+           "it after a refresh) and hands it to InjectResidual; the sampler draws every α with the same noise "
+           "per seed, so the rows compare strengths fairly.\n\n"
+           "**Photos**: 3 to 20 of ONE person, different angles and light (with 3 or more one is held out to "
+           "pick the best step); add LoadImage nodes to the ImageBatch chain. One photo works too.\n\n"
+           "**Steps**: 200 is a good start (a few minutes on a recent GPU); watch the loss curve: the orange "
+           "held-out loss should fall. Queue again with the same inputs and the head comes from the cache.\n\n"
+           "**Memory**: training runs through the same weights the sampler uses. On a 24 GB card use the fp8 "
+           "model, turn `gradient_checkpointing` on and keep `resolution` at 512.\n\n"
+           + MODELS_NOTE.replace("- `identity_heads/" + HEAD + "` (a head from `qwen-identity train`, trained on "
+                                 "the same Qwen3-VL)\n", ""),
+           (980, -420), (560, 640))
+    return b.graph("qwen_identity_personalize")
+
+
 BUILDERS = {"qwen_identity_alpha_grid": alpha_grid, "qwen_identity_native_ksampler": native_ksampler,
             "qwen_identity_diffusers": diffusers_single, "qwen_identity_multi_photo": multi_photo,
             "qwen_identity_two_people": two_people, "qwen_identity_lightning": lightning,
-            "qwen_identity_accelerated": accelerated, "qwen_identity_21_references": references_21}
+            "qwen_identity_accelerated": accelerated, "qwen_identity_personalize": personalize,
+            "qwen_identity_21_references": references_21}
 
 
 def render_all() -> dict[Path, str]:
