@@ -54,7 +54,8 @@ TINY_DIFFUSERS_HEAD = "tiny_diffusers_head.safetensors"
 TINY_21_HEAD = "tiny_21_head.safetensors"   # for the tiny Qwen-Image 2.1 pipeline (its own text width and family)
 EXPECTED_IMAGES = {"qwen_identity_alpha_grid": 1, "qwen_identity_native_ksampler": 1,
                    "qwen_identity_diffusers": 1, "qwen_identity_multi_photo": 2, "qwen_identity_two_people": 1,
-                   "qwen_identity_lightning": 1, "qwen_identity_accelerated": 1, "qwen_identity_personalize": 1}
+                   "qwen_identity_lightning": 1, "qwen_identity_accelerated": 1, "qwen_identity_personalize": 1,
+                   "qwen_identity_21_references": 1}
 TRAIN_RESOLUTION = "64x64"     # TrainIdentityHead's training size on the tiny stand-ins
 
 
