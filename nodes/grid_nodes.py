@@ -8,8 +8,11 @@ from ..core.errors import UserInputError
 from ..core.generation.grid import make_grid
 from ..core.files.images import comfy_to_pil, pil_to_comfy
 from ..core.residual.injection import parse_alphas
+from ..core.generation.reference_rows import ROW_CHOICES, comparison_labels
 from ..core.generation.sampling import DEFAULT_SEEDS, parse_seeds
 from ..core.measurement.identity_scores import score_identity
+
+GRID_ROWS = ("alphas", *ROW_CHOICES)
 
 
 class AlphaGrid:
@@ -35,14 +38,21 @@ class AlphaGrid:
             "optional": {
                 "cell_notes": ("STRING", {"default": "", "multiline": True, "tooltip": "Optional text under each "
                                "cell, one line per image in α-major order (e.g. identity scores). Empty = none."}),
+                "rows": (list(GRID_ROWS), {"default": "alphas", "tooltip": "alphas: one row per α. The other "
+                         "choices label the rows of QwenImageSampleFromEmbeds with reference_images: set the same "
+                         "choice as its reference_rows (compare = 'references only', then 'head α=…' rows, then "
+                         "'both α=…' rows)."}),
                 "reference": ("IMAGE", {"tooltip": "Optional photos of the person: each cell's face distance to them "
                               "is written under it ('d=0.31'; below 0.6 = same person for dlib's face model; 'no face' "
                               "when none is found), after any cell_notes. Needs dlib-bin + face_recognition_models."}),
             },
         }
 
-    def grid(self, images, alphas, seeds, cell_notes="", reference=None):
+    def grid(self, images, alphas, seeds, cell_notes="", reference=None, rows="alphas"):
         alpha_list, seed_list = parse_alphas(alphas), parse_seeds(seeds)
+        labels = None
+        if rows != "alphas":   # reference images beside the head: the rows comparison_rows samples
+            alpha_list, labels = comparison_labels(rows, alpha_list)
         notes = None
         if (cell_notes or "").strip():
             notes = cell_notes.splitlines()
@@ -54,7 +64,8 @@ class AlphaGrid:
             scored = score_identity(comfy_to_pil(images), comfy_to_pil(reference))
             notes = scored["notes"] if notes is None else [f"{a} {b}".strip() for a, b in zip(notes, scored["notes"])]
             extra = {"identity_scores": scored["summary"], "cell_scores": scored["notes"]}
-        g = make_grid(comfy_to_pil(images), alpha_list, seed_list, cell_notes=notes, extra_meta=extra)
+        g = make_grid(comfy_to_pil(images), alpha_list, seed_list, cell_notes=notes, extra_meta=extra,
+                      row_labels=labels)
         return (pil_to_comfy([g.image]), json.dumps(g.meta, ensure_ascii=False))
 
 

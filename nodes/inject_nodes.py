@@ -81,9 +81,12 @@ class QwenImageTextEncodeDiffusers:
         }
 
     def encode(self, pipeline, text):
+        from ..core.generation.reference_rows import PROMPT_KEY
         from ..core.generation.sampling import encode_text
 
-        return (encode_text(pipeline, text),)
+        cond = encode_text(pipeline, text)
+        cond[0][1][PROMPT_KEY] = text   # QwenImageSampleFromEmbeds' reference_images read the prompt again
+        return (cond,)
 
 
 NODE_CLASS_MAPPINGS = {"InjectResidual": InjectResidual, "QwenImageTextEncodeDiffusers": QwenImageTextEncodeDiffusers}

@@ -13,6 +13,7 @@ from ..core.runtime.devices import DEVICE_CHOICES, DTYPE_CHOICES
 from ..core.errors import UserInputError
 from ..core.generation.sampling import (DEFAULT_CFG, DEFAULT_HEIGHT, DEFAULT_MAX_BATCH, DEFAULT_SEEDS, DEFAULT_STEPS,
                              DEFAULT_WIDTH, OFFLOAD_CHOICES, QwenImageBundle, check_size, parse_seeds)
+from ..core.generation.reference_rows import ROW_CHOICES as REFERENCE_ROW_CHOICES
 from .comfy_runtime import comfy_progress, model_management
 from ..core.runtime.model_folders import NO_FOLDER, chosen_model_source, list_model_folders, model_dirs
 
@@ -108,7 +109,8 @@ class QwenImageSampleFromEmbeds:
     FUNCTION = "sample"
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("images", "seeds")
-    OUTPUT_TOOLTIPS = ("The images, α-major (for each conditioning item, for each seed).",
+    OUTPUT_TOOLTIPS = ("The images, α-major (for each conditioning item, for each seed); with reference_images, "
+                       "row group after row group (see reference_rows).",
                        "The seeds used, comma-separated (connect to AlphaGrid).")
 
     @classmethod
@@ -157,13 +159,23 @@ class QwenImageSampleFromEmbeds:
                                   "(as diffusers' QwenImagePipeline and the diffusers path: the guided prediction "
                                   "rescaled per token to the conditional one's norm) instead of ComfyUI's plain CFG. "
                                   "Off: the same image as ComfyUI's KSampler. The diffusers path always rescales."}),
+                "reference_images": ("IMAGE", {"tooltip": "Diffusers path, Qwen-Image 2.1 only: photos of the person "
+                                     "(up to 10), given to Qwen-Image 2.1 as its own reference images as well, "
+                                     "to compare with the head (see reference_rows). The prompts must come from "
+                                     "QwenImageTextEncodeDiffusers (they are read again with the photos) and the "
+                                     "positive through InjectResidual. Refused on Qwen-Image 1.x."}),
+                "reference_rows": (list(REFERENCE_ROW_CHOICES), {"default": "compare", "tooltip": "With "
+                                   "reference_images, which rows to sample for the same seeds: compare = a "
+                                   "'references only' row, then one 'head' row per α (no references), then one "
+                                   "'both' row per α (references plus the head); or only one of them. Rows come "
+                                   "out in that order; set AlphaGrid's rows to the same choice."}),
             },
         }
 
     def sample(self, positive, negative, seeds=DEFAULT_SEEDS, steps=DEFAULT_STEPS, cfg=DEFAULT_CFG,
                width=DEFAULT_WIDTH, height=DEFAULT_HEIGHT, max_batch=MAX_BATCH_AUTO, pipeline=None, model=None,
                vae=None, sampler_name=DEFAULT_SAMPLER, scheduler=DEFAULT_SCHEDULER, speed="standard",
-               true_cfg_norm=False, **kwargs):
+               true_cfg_norm=False, reference_images=None, reference_rows="compare", **kwargs):
         seed_list = parse_seeds(seeds)
         max_batch = int(max_batch)
         if max_batch < 0:
@@ -179,11 +191,21 @@ class QwenImageSampleFromEmbeds:
             from ..core.generation.sampling import sample
 
             progress, interrupt = _progress_and_interrupt()
-            result = sample(pipeline, positive, negative, seed_list, steps=int(steps), cfg=float(cfg),
-                            width=int(width), height=int(height), max_batch=max_batch or DEFAULT_MAX_BATCH,
-                            progress=progress,
-                            interrupt=interrupt, **speed_options(pipeline, speed == "fast"))
-            return (result.images, seeds_text)
+
+            def run(pos, neg):
+                return sample(pipeline, pos, neg, seed_list, steps=int(steps), cfg=float(cfg), width=int(width),
+                              height=int(height), max_batch=max_batch or DEFAULT_MAX_BATCH, progress=progress,
+                              interrupt=interrupt, **speed_options(pipeline, speed == "fast")).images
+
+            if reference_images is None:
+                return (run(positive, negative), seeds_text)
+            images, _labels = sample_with_references(pipeline, run, positive, negative, reference_images,
+                                                     reference_rows, guided=float(cfg) > 1.0)
+            return (images, seeds_text)
+        if reference_images is not None:
+            raise UserInputError("reference_images work on the diffusers path only (a Qwen-Image 2.1 pipeline from "
+                                 "LoadQwenImageDiffusers); on the native path give the photos to ComfyUI's "
+                                 "TextEncodeQwenImage21 instead.")
         if model is None or vae is None:
             raise UserInputError("nothing to sample with: connect a pipeline (LoadQwenImageDiffusers), or both a "
                                  "native Qwen-Image MODEL and its VAE.")
@@ -199,6 +221,45 @@ class QwenImageSampleFromEmbeds:
         if not isinstance(images, torch.Tensor):
             raise UserInputError("the native sampler returned no IMAGE tensor.")
         return (images, seeds_text)
+
+
+def _prompt_of(conditioning, side: str) -> str:
+    from ..core.generation.reference_rows import PROMPT_KEY
+
+    texts = {item[1].get(PROMPT_KEY) for item in conditioning if isinstance(item, (list, tuple)) and len(item) > 1}
+    if len(texts) != 1 or None in texts:
+        raise UserInputError(f"reference_images: the {side} conditioning must come from ONE "
+                             "QwenImageTextEncodeDiffusers node (its prompt is read again together with the photos).")
+    return texts.pop()
+
+
+def sample_with_references(pipeline, run, positive, negative, reference_images, rows: str, guided: bool):
+    """(images, row labels): `core.generation.reference_rows.comparison_rows` (what `qwen-identity sweep
+    --references compare` runs) with the node's inputs: the prompts' texts recorded by
+    QwenImageTextEncodeDiffusers, the residual re-added as InjectResidual recorded it."""
+    from ..core.files.images import comfy_to_pil
+    from ..core.generation.reference_rows import comparison_rows, row_groups
+    from ..core.generation.sampling import encode_text
+    from ..core.residual.injection import recorded_injections, reinject
+
+    groups = row_groups(rows)
+    photos = comfy_to_pil(reference_images)
+    alphas = []
+    if "head" in groups or "both" in groups:
+        recipes = recorded_injections(positive)
+        if len(recipes) != 1:
+            raise UserInputError("reference_images: the positive went through InjectResidual more than once; "
+                                 "compare rows take one residual.")
+        alphas = recipes[0]["alphas"]
+
+    def encode_with_references():
+        pos = encode_text(pipeline, _prompt_of(positive, "positive"), references=photos)
+        neg = encode_text(pipeline, _prompt_of(negative, "negative"), references=photos) if guided else negative
+        return pos, neg
+
+    images, _, labels = comparison_rows(run, positive, negative, encode_with_references,
+                                        lambda cond: reinject(positive, cond), alphas, rows)
+    return images, labels
 
 
 def native_model_options(model, fast: bool, true_cfg: bool):

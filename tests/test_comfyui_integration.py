@@ -51,9 +51,11 @@ API_FILES = sorted((WF_DIR / "api").glob("*_api.json"))
 UI_FILES = sorted(WF_DIR.glob("*.json"))
 SIZE, STEPS = 32, 2
 TINY_DIFFUSERS_HEAD = "tiny_diffusers_head.safetensors"
+TINY_21_HEAD = "tiny_21_head.safetensors"   # for the tiny Qwen-Image 2.1 pipeline (its own text width and family)
 EXPECTED_IMAGES = {"qwen_identity_alpha_grid": 1, "qwen_identity_native_ksampler": 1,
                    "qwen_identity_diffusers": 1, "qwen_identity_multi_photo": 2, "qwen_identity_two_people": 1,
-                   "qwen_identity_lightning": 1, "qwen_identity_accelerated": 1, "qwen_identity_personalize": 1}
+                   "qwen_identity_lightning": 1, "qwen_identity_accelerated": 1, "qwen_identity_personalize": 1,
+                   "qwen_identity_21_references": 1}
 TRAIN_RESOLUTION = "64x64"     # TrainIdentityHead's training size on the tiny stand-ins
 
 
@@ -71,13 +73,14 @@ def _tiny_lora(path: Path, width: int = 3072, rank: int = 4):
                f"{key}.lora_B.weight": torch.randn(width, rank, generator=g) * 0.01}, str(path))
 
 
-def _random_head(path: Path, feature_dim: int, hidden: int, tokens: int = 4, seed: int = 0):
+def _random_head(path: Path, feature_dim: int, hidden: int, tokens: int = 4, seed: int = 0, family: str = ""):
     import torch
 
     from qwen_identity.core.residual.head import HeadMeta, ResidualHead, save_head
 
     head = ResidualHead(feature_dim, tokens, hidden, HeadMeta(feature_dim=feature_dim, tokens=tokens,
-                                                              hidden_size=hidden, qwen3_vl_model="tiny-qwen3-vl"))
+                                                              hidden_size=hidden, qwen3_vl_model="tiny-qwen3-vl",
+                                                              family=family))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         head.proj.weight.copy_(torch.randn(head.proj.weight.shape, generator=g) * 0.05)
@@ -114,6 +117,10 @@ def models_dir(tmp_path_factory):
     (root / "identity_heads").mkdir()
     _random_head(root / "identity_heads" / bw.HEAD, d, 3584)
     _random_head(root / "identity_heads" / TINY_DIFFUSERS_HEAD, d, h_tiny, seed=1)
+    tiny21 = build_tiny_models(tmp_path_factory.mktemp("tiny_models_21"), family="qwen-image-2.1")
+    (root / "diffusers" / bw.DIFFUSERS_21).symlink_to(tiny21.qwen_image)
+    h21 = _config_width(tiny21.qwen_image / "text_encoder", "text_config")
+    _random_head(root / "identity_heads" / TINY_21_HEAD, d, h21, seed=2, family="qwen-image-2.1")
     return root
 
 
@@ -182,9 +189,11 @@ def tiny_api(path: Path) -> dict:
         if t == "QwenImageAccelerate":
             inputs["backend"] = "eager"   # compiling on 2 CPU cores costs minutes; the hook path stays the same
     if any(n["class_type"] == "LoadQwenImageDiffusers" for n in wf.values()):
+        is_21 = any(n["inputs"].get("model") == bw.DIFFUSERS_21 for n in wf.values()
+                    if n["class_type"] == "LoadQwenImageDiffusers")
         for node in wf.values():
             if node["class_type"] == "LoadResidualHead":
-                node["inputs"]["head_name"] = TINY_DIFFUSERS_HEAD
+                node["inputs"]["head_name"] = TINY_21_HEAD if is_21 else TINY_DIFFUSERS_HEAD
     return wf
 
 

@@ -37,8 +37,8 @@ FILE_PICKERS = {
     ("VAELoader", "vae_name"): {bw.VAE},
     ("LoadImage", "image"): set(bw.PHOTOS) | set(bw.PEOPLE_PHOTOS),
     ("LoadQwen3VL", "model"): {bw.QWEN3VL},
-    ("LoadResidualHead", "head_name"): {bw.HEAD},
-    ("LoadQwenImageDiffusers", "model"): {bw.DIFFUSERS},
+    ("LoadResidualHead", "head_name"): {bw.HEAD, bw.HEAD_21},
+    ("LoadQwenImageDiffusers", "model"): {bw.DIFFUSERS, bw.DIFFUSERS_21},
 }
 
 

@@ -34,6 +34,7 @@ from ..files.images import comfy_to_pil, load_image
 from ..generation import sampling
 from ..generation.acceleration import speed_options
 from ..generation.grid import make_grid
+from ..generation.reference_rows import comparison_rows
 from ..identity import qwen3vl as qwen3vl_loader
 from ..identity.features import FeatureSettings, IdentityFeatures, extract_features, load_feature_cache, \
     save_feature_cache, settings_from_meta
@@ -224,7 +225,7 @@ def _head_summary(head: ResidualHead) -> dict:
             "validation_identities": (m.metrics or {}).get("val_identity_names")}
 
 
-REFERENCE_MODES = ("off", "compare")
+REFERENCE_MODES = ("off", "compare")   # sweep --references
 
 
 def _sample_rows(bundle, positive, negative, head, feats, sd: SeedDir, settings: RunSettings, bar, warn):
@@ -243,17 +244,16 @@ def _sample_rows(bundle, positive, negative, head, feats, sd: SeedDir, settings:
             warn(w)
         return out
 
-    head_rows = run(injected(positive), negative)
     if settings.references == "off":
-        return head_rows, settings.alphas, None
+        return run(injected(positive), negative), settings.alphas, None
     photos = [load_image(p) for p in sd.photos]
-    ref_pos = sampling.encode_text(bundle, settings.base_prompt, references=photos)
-    ref_neg = sampling.encode_text(bundle, settings.negative_prompt, references=photos)
-    refs_only = run(ref_pos, ref_neg)
-    both = run(injected(ref_pos), ref_neg)
-    labels = (["references only"] + [f"head α={a:g}" for a in settings.alphas]
-              + [f"both α={a:g}" for a in settings.alphas])
-    return torch.cat([refs_only, head_rows, both]), [0.0, *settings.alphas, *settings.alphas], labels
+
+    def encode_with_references():
+        return (sampling.encode_text(bundle, settings.base_prompt, references=photos),
+                sampling.encode_text(bundle, settings.negative_prompt, references=photos))
+
+    return comparison_rows(run, injected(positive), negative, encode_with_references, injected, settings.alphas,
+                           rows="compare")
 
 
 def run_identities(identities: Sequence[SeedDir], settings: RunSettings, out_dir: Path,

@@ -42,6 +42,7 @@ from .length_policy import expand_to_tokens
 MODES = ("absolute", "relative")
 DEFAULT_MODE = "absolute"
 REFERENCE_RMS_KEY = "text_token_rms"
+INJECTIONS_KEY = "qwen_identity_injections"   # in a CONDITIONING entry's dict: how its residuals were added
 
 
 def parse_number_list(text: str | Iterable, convert=float, what: str = "alphas",
@@ -184,6 +185,8 @@ def inject(conditioning: list, residual: torch.Tensor, alphas: Sequence[float], 
     if residual.ndim != 3 or residual.shape[0] != 1:
         raise UserInputError(f"the residual must be [1, K, H]; got shape {tuple(residual.shape)}.")
     n = len(alphas)
+    recipe = {"residual": residual.detach().float().cpu(), "alphas": list(alphas), "start_at": float(start_at),
+              "end_at": float(end_at), "mode": mode, "rho": rho}
     out: list = []
     for item in conditioning:
         try:
@@ -198,12 +201,45 @@ def inject(conditioning: list, residual: torch.Tensor, alphas: Sequence[float], 
         r = token_residual(residual, embeds, mask, mode, rho)
         base = embeds.float()
         injected = torch.cat([(base + a * r).to(embeds.dtype) if a != 0 else embeds.clone() for a in alphas])
+        extra = dict(extra)
+        extra[INJECTIONS_KEY] = [*extra.get(INJECTIONS_KEY, ()), recipe]
         outside, inside = _split_window(extra, start_at, end_at)
         if inside is not None:
             out.append([injected, _with_window(_repeat_extra(extra, n, batch), inside)])
         for w in outside:
             out.append([embeds.repeat(n, 1, 1), _with_window(_repeat_extra(extra, n, batch), w)])
     return out
+
+
+def _same_recipes(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        x is y or (x["alphas"] == y["alphas"] and x["mode"] == y["mode"] and x["rho"] == y["rho"]
+                   and (x["start_at"], x["end_at"]) == (y["start_at"], y["end_at"])
+                   and torch.equal(x["residual"], y["residual"])) for x, y in zip(a, b))
+
+
+def recorded_injections(conditioning: list) -> list[dict]:
+    """The residuals `inject` added to a CONDITIONING (in order), as it records them in each entry. Entries
+    that disagree (e.g. two injected prompts combined) are refused: the residual cannot be added again."""
+    recipes = None
+    for item in conditioning if isinstance(conditioning, list) else []:
+        found = list(item[1].get(INJECTIONS_KEY, ()))
+        if recipes is None:
+            recipes = found
+        elif not _same_recipes(recipes, found):
+            raise UserInputError("the conditioning combines entries with different identity residuals; adding them "
+                                 "again to other prompt embeddings needs ONE prompt through InjectResidual.")
+    if not recipes:
+        raise UserInputError("the positive conditioning has no identity residual: connect InjectResidual's output "
+                             "(the head's residual is added again to the prompt read with the reference images).")
+    return recipes
+
+
+def reinject(source: list, target: list) -> list:
+    """`target` with the same residuals, strengths, step windows and mode that `inject` gave `source`."""
+    for r in recorded_injections(source):
+        target = inject(target, r["residual"], r["alphas"], r["start_at"], r["end_at"], r["mode"], rho=r["rho"])
+    return target
 
 
 def format_alphas(alphas: Sequence[float]) -> str:

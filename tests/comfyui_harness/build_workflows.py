@@ -73,6 +73,7 @@ WORKFLOW_FILES = {
     "qwen_identity_lightning": "one image in 4 steps: the Lightning LoRA, CFG 1",
     "qwen_identity_accelerated": "one image, QwenImageAccelerate + QwenImageTrueCFG before KSampler",
     "qwen_identity_personalize": "a personal head trained on your photos, then an α grid",
+    "qwen_identity_21_references": "Qwen-Image 2.1 (diffusers): its reference images beside the head, one grid",
 }
 
 
@@ -422,6 +423,56 @@ def accelerated(defs):
     return b.graph("qwen_identity_accelerated")
 
 
+# ---- Qwen-Image 2.1 ----------------------------------------------------------------------------------
+DIFFUSERS_21 = "Qwen-Image-2.1"           # models/diffusers/Qwen-Image-2.1/ (hub Qwen/Qwen-Image-2.1)
+HEAD_21 = "v1_21_head.safetensors"        # a head trained with --qwen-image-model Qwen/Qwen-Image-2.1 (H = 4096)
+STEPS_21, CFG_21, SIZE_21 = 40, 1.0, (1024, 1024)   # QwenImage21Pipeline's defaults: guidance off
+
+DIFFUSERS_21_NOTE = f"""## Files this workflow needs
+**ComfyUI/models/**
+- `diffusers/{DIFFUSERS_21}/` (the whole [Qwen/Qwen-Image-2.1](https://huggingface.co/Qwen/Qwen-Image-2.1) folder, with model_index.json)
+- `qwen3_vl/{QWEN3VL}/` (the whole [Qwen/{QWEN3VL}](https://huggingface.co/Qwen/{QWEN3VL}) folder)
+- `identity_heads/{HEAD_21}` (a Qwen-Image 2.1 head: `qwen-identity train --qwen-image-model Qwen/Qwen-Image-2.1`;
+  a 1.x head is refused)
+
+**ComfyUI/input/**: photos of ONE person; the same photos go to the features and to 2.1 as references.
+"""
+
+
+def references_21(defs):
+    """Qwen-Image 2.1 on the diffusers path: the person's photos as 2.1's own reference images AND through the
+    head, one grid: a 'references only' row, 'head α' rows, 'both α' rows, for the same seeds."""
+    b = _Builder(defs)
+    feats, head = _identity(b, PHOTOS[:2])
+    photos = next(n.id for n in b.nodes if n.type == "ImageBatch")   # the photos, batched for the features
+    b.node_widgets(head, head_name=HEAD_21)
+    pipe = b.add("LoadQwenImageDiffusers", (0, 1000), size=(340, 200), model=DIFFUSERS_21)
+    pos = b.add("QwenImageTextEncodeDiffusers", (380, 1000), size=(380, 130), title="Prompt", text=PROMPT)
+    neg = b.add("QwenImageTextEncodeDiffusers", (380, 1170), size=(380, 110), title="Negative prompt", text=NEGATIVE)
+    b.link(pipe, 0, pos, "pipeline")
+    b.link(pipe, 0, neg, "pipeline")
+    inj = _inject(b, pos, head, feats, alphas=ALPHAS)
+    samp = b.add("QwenImageSampleFromEmbeds", (1360, 300), size=(340, 380), seeds=SEEDS, steps=STEPS_21, cfg=CFG_21,
+                 width=SIZE_21[0], height=SIZE_21[1], reference_rows="compare")
+    b.link(inj, 0, samp, "positive")
+    b.link(neg, 0, samp, "negative")
+    b.link(pipe, 0, samp, "pipeline")
+    b.link(photos, 0, samp, "reference_images")
+    grid = b.add("AlphaGrid", (1740, 300), size=(300, 160), rows="compare")
+    b.link(samp, 0, grid, "images")
+    b.link(inj, 1, grid, "alphas")
+    b.link(samp, 1, grid, "seeds")
+    save = b.add("SaveImage", (2080, 300), size=(420, 480), filename_prefix="qwen_identity/references_21")
+    b.link(grid, 0, save, "images")
+    b.note("## Qwen-Image 2.1: its reference images beside the head\nThe same photos go to the features (→ head → "
+           "InjectResidual) and to Qwen-Image 2.1 as its own reference images. With reference_rows `compare` the "
+           "sampler makes, for the same seeds, a 'references only' row, one 'head α' row per α (no references) and "
+           "one 'both α' row per α; AlphaGrid's `rows` is set to `compare` to label them. 2.1's defaults: 1024x1024, "
+           "40 steps, guidance off (cfg 1: the negative is not used).\n\n" + DIFFUSERS_21_NOTE, (980, -300),
+           (560, 560))
+    return b.graph("qwen_identity_21_references")
+
+
 TRAIN_PROMPT = "a photo of a person"
 PERSONAL_HEAD = "my_person"               # saved as models/identity_heads/my_person.safetensors
 
@@ -481,7 +532,8 @@ def personalize(defs):
 BUILDERS = {"qwen_identity_alpha_grid": alpha_grid, "qwen_identity_native_ksampler": native_ksampler,
             "qwen_identity_diffusers": diffusers_single, "qwen_identity_multi_photo": multi_photo,
             "qwen_identity_two_people": two_people, "qwen_identity_lightning": lightning,
-            "qwen_identity_accelerated": accelerated, "qwen_identity_personalize": personalize}
+            "qwen_identity_accelerated": accelerated, "qwen_identity_personalize": personalize,
+            "qwen_identity_21_references": references_21}
 
 
 def render_all() -> dict[Path, str]:
