@@ -1,8 +1,8 @@
 """The pack's example photos in ComfyUI's input folder, so the shipped workflows open with no missing image.
 
 LoadImage lists only ComfyUI's `input/` folder. When ComfyUI imports the pack, each photo in
-examples/photos/ is copied there unless a file of that name already exists (never overwritten; an
-unwritable folder only logs a warning). Source and licence: examples/photos/SOURCES.md.
+example_photos/ is copied there unless a file of that name already exists (never overwritten; an
+unwritable folder only logs a warning). Source and licence: example_photos/SOURCES.md.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..core.files.atomic import atomic_write_bytes
 
-EXAMPLE_PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
+EXAMPLE_PHOTOS = Path(__file__).resolve().parents[1] / "example_photos"
 _log = logging.getLogger(__name__)
 
 

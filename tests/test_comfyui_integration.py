@@ -137,7 +137,7 @@ def _photos(input_dir: Path):
     for view, name in zip(views, bw.PHOTOS):
         view.save(input_dir / name)
     # person A is written above (Grace Hopper); person B is another real person: the shipped example photo
-    other = Image.open(ROOT / "examples" / "photos" / bw.PHOTOS[1]).convert("RGB")
+    other = Image.open(ROOT / "example_photos" / bw.PHOTOS[1]).convert("RGB")
     for name in bw.PEOPLE_PHOTOS:
         if name not in bw.PHOTOS:
             other.save(input_dir / name)
@@ -512,6 +512,6 @@ def test_a_fresh_comfyui_lists_the_example_photos_the_workflows_open_with(tmp_pa
         listed = srv.object_info["LoadImage"]["input"]["required"]["image"][0]
         assert set(bw.PHOTOS) <= set(listed), listed
         for name in bw.PHOTOS:
-            assert (base / "input" / name).read_bytes() == (ROOT / "examples" / "photos" / name).read_bytes()
+            assert (base / "input" / name).read_bytes() == (ROOT / "example_photos" / name).read_bytes()
     finally:
         srv.stop()

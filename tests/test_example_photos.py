@@ -1,4 +1,4 @@
-"""nodes/example_photos.py and examples/photos/: the photos the workflows open with ship with the pack,
+"""nodes/example_photos.py and example_photos/: the photos the workflows open with ship with the pack,
 with their source and licence, and reach ComfyUI's input folder without overwriting anything."""
 
 from __future__ import annotations
@@ -69,3 +69,10 @@ def test_the_face_crop_the_workflows_use_finds_one_face_in_each_photo():
         with Image.open(EXAMPLE_PHOTOS / name) as im:
             _, info = crop_region(im.convert("RGB"), "face")
         assert info.faces_found == 1, (name, info)
+
+
+def test_no_folder_shadows_the_workflow_templates():
+    """ComfyUI's template browser serves the FIRST of example_workflows, example, examples, workflow, workflows
+    that a pack has (0.3.64's order); a folder of photos named `examples` hid every workflow once."""
+    shadowing = [name for name in ("example_workflows", "example", "examples", "workflow") if (ROOT / name).exists()]
+    assert not shadowing, f"{shadowing} would be served instead of workflows/: rename it"

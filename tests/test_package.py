@@ -163,7 +163,7 @@ def test_cli_unknown_subcommand_exits_2(cli_env):
 
 # ---------------------------------------------------------------------------- the built wheel
 # Folders whose every file ships as package data (what ComfyUI and the CLI read at run time).
-DATA_DIRS = ["workflows", "web", "examples"]
+DATA_DIRS = ["workflows", "web", "example_photos"]
 _NOT_SOURCE = {".git", ".venv", ".comfyui", "build", "dist", "tests", "bench", "__pycache__", "outputs", "demo_output"}
 
 

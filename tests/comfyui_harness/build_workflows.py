@@ -44,8 +44,8 @@ MODEL_LINKS = {UNET: ("diffusion_models", f"{HF}/diffusion_models/{UNET}"),
 QWEN3VL = "Qwen3-VL-2B-Instruct"          # models/qwen3_vl/Qwen3-VL-2B-Instruct/ (hub Qwen/Qwen3-VL-2B-Instruct)
 HEAD = "v1_head.safetensors"              # models/identity_heads/ (`qwen-identity train --out-dir runs/v1`)
 DIFFUSERS = "Qwen-Image"                  # models/diffusers/Qwen-Image/ (hub Qwen/Qwen-Image)
-# The example photos the pack ships (examples/photos/, copied into ComfyUI/input/ when the pack loads;
-# three crops of ONE public-domain NASA photograph: examples/photos/SOURCES.md). Replace them with yours.
+# The example photos the pack ships (example_photos/, copied into ComfyUI/input/ when the pack loads;
+# three crops of ONE public-domain NASA photograph: example_photos/SOURCES.md). Replace them with yours.
 PHOTOS = ["qwen_identity_eileen_collins_1.jpg", "qwen_identity_eileen_collins_2.jpg",
           "qwen_identity_eileen_collins_3.jpg"]
 # one photo of EACH of two people: the first is the example person; no second openly licensed person ships
