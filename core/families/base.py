@@ -58,6 +58,15 @@ class Denoiser:
         return self.family.unpack_latents(v.float(), shapes[0])
 
 
+def single_frame(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w], or the VAE's one-frame [B, C, 1, h, w] -> [B, C, h, w]."""
+    if latents.ndim == 5:
+        if latents.shape[2] != 1:
+            raise ValueError(f"expected one frame, got latents of shape {tuple(latents.shape)}")
+        latents = latents[:, :, 0]
+    return latents
+
+
 def vae_normalise(vae, z: torch.Tensor) -> torch.Tensor:
     """(z - latents_mean) / latents_std over the channel axis of [B, C, 1, h, w] (float32, on z's device)."""
     c = z.shape[1]

@@ -21,16 +21,13 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserInputError
-from .base import FamilyDefaults, ModelFamily
+from .base import FamilyDefaults, ModelFamily, single_frame
 
 
 def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """latents [B, C, H, W] or [B, C, 1, H, W] (the VAE's layout) -> packed [B, (H/2)(W/2), 4C] and
     img_shapes [(1, H/2, W/2)] * B, exactly as QwenImagePipeline._pack_latents."""
-    if latents.ndim == 5:
-        if latents.shape[2] != 1:
-            raise ValueError(f"expected one frame, got latents of shape {tuple(latents.shape)}")
-        latents = latents[:, :, 0]
+    latents = single_frame(latents)
     b, c, h, w = latents.shape
     if h % 2 or w % 2:
         raise ValueError(f"latent height and width must be even (got {h}x{w})")

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserInputError
-from .base import FamilyDefaults, ModelFamily
+from .base import FamilyDefaults, ModelFamily, single_frame
 
 
 REFERENCES_KEY = "qwen_image_21_references"   # in a CONDITIONING entry's dict: the reference images
@@ -39,10 +39,7 @@ MAX_REFERENCES = 10                             # the model card's limit
 def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """[B, C, h, w] or [B, C, 1, h, w] -> tokens [B, h·w, C] (QwenImage21Pipeline._pack_latents: a plain
     spatial flatten) and img_shapes [(1, h, w)] * B."""
-    if latents.ndim == 5:
-        if latents.shape[2] != 1:
-            raise ValueError(f"expected one frame, got latents of shape {tuple(latents.shape)}")
-        latents = latents[:, :, 0]
+    latents = single_frame(latents)
     b, c, h, w = latents.shape
     if h % 2 or w % 2:
         raise ValueError(f"latent height and width must be even for Qwen-Image 2.1 (got {h}x{w}): image sides "
