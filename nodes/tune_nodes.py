@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ..core.denoising.aspect_buckets import bucket_list, nearest_bucket
 from ..core.denoising.latent_cache import NO_FACE, Resolution, crop_to, face_box
@@ -28,6 +28,7 @@ from ..core.files.images import comfy_to_pil
 from ..core.identity.face_crop import CROP_FALLBACKS, CROP_HELP, CROPS, DEFAULT_CROP, DEFAULT_CROP_FALLBACK, FALLBACK_HELP
 from ..core.identity.features import FeatureSettings, extract_features, prepare_photos, settings_from_meta
 from ..core.identity.qwen3vl import Qwen3VLBundle
+from ..core.measurement.loss_curve import draw_loss_chart, per_index
 from ..core.residual.head import ResidualHead, check_head_family, describe_feature_width, save_head
 from ..core.runtime.model_folders import model_dirs
 from .comfy_runtime import ensure_on_device, model_management
@@ -123,45 +124,10 @@ def head_file_for(save_name: str) -> Path | None:
 
 def loss_curve_image(history: list[float], evals: list[dict], size=(640, 400)) -> torch.Tensor:
     """The training loss per step and the held-out loss per evaluation as an IMAGE [1, H, W, 3]."""
+    series = {"training loss": per_index(history),
+              "held-out loss": [(e["step"], e.get("held_out_loss")) for e in evals]}
+    img = draw_loss_chart(series, "personal head tuning", xlabel="step", size=size)
     w, h = size
-    left, right, top, bottom = 70, 20, 40, 50
-    img = Image.new("RGB", size, (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    series = {"training loss": [(i + 1, v) for i, v in enumerate(history) if math.isfinite(v)],
-              "held-out loss": [(e["step"], e["held_out_loss"]) for e in evals
-                                if e.get("held_out_loss") is not None and math.isfinite(e["held_out_loss"])]}
-    colors = {"training loss": (31, 119, 180), "held-out loss": (255, 127, 14)}
-    d.text((left, 12), "personal head tuning", fill=(0, 0, 0), font=font)
-    d.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
-    pts_all = [p for pts in series.values() for p in pts]
-    if pts_all:
-        x0, x1 = 0, max(max(p[0] for p in pts_all), 1)
-        y0, y1 = min(p[1] for p in pts_all), max(p[1] for p in pts_all)
-        if y1 - y0 < 1e-12:
-            y0, y1 = y0 - 0.5 * (abs(y0) or 1), y1 + 0.5 * (abs(y1) or 1)
-        pad = 0.05 * (y1 - y0)
-        y0, y1 = y0 - pad, y1 + pad
-
-        def px(x, y):
-            return (left + (x - x0) / (x1 - x0) * (w - left - right),
-                    h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
-
-        for i in range(5):
-            y = y0 + (y1 - y0) * i / 4
-            d.text((4, px(x0, y)[1] - 6), f"{y:.3g}", fill=(0, 0, 0), font=font)
-        d.text((left, h - bottom + 8), "0", fill=(0, 0, 0), font=font)
-        d.text((w - right - 30, h - bottom + 8), str(x1), fill=(0, 0, 0), font=font)
-        d.text(((w - left - right) // 2 + left - 10, h - 20), "step", fill=(0, 0, 0), font=font)
-        for j, (name, pts) in enumerate(series.items()):
-            xy = [px(x, y) for x, y in pts]
-            if len(xy) > 1:
-                d.line(xy, fill=colors[name], width=2 if j else 1)
-            if j or len(xy) == 1:
-                for x, y in xy:
-                    d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colors[name])
-            d.line([w - right - 150, top + 12 + 14 * j, w - right - 130, top + 12 + 14 * j], fill=colors[name], width=2)
-            d.text((w - right - 125, top + 6 + 14 * j), name, fill=(0, 0, 0), font=font)
     arr = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
     return (arr.float() / 255.0).unsqueeze(0)
 

@@ -113,6 +113,31 @@ def cli_env() -> dict:
     return env
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test (CLI training runs on the tiny models: the machine's cores are
+    shared, and one thread keeps runs byte-identical); the previous count restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """run_cli(argv) -> (exit code, stdout, stderr) of `qwen-identity` run in this process."""
+    from qwen_identity.cli import main
+
+    def run(argv: list[str]):
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Paths of the tiny Qwen3-VL and Qwen-Image checkpoints (built once per session)."""

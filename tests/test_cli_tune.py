@@ -20,12 +20,7 @@ FAST = ["--resolution", "48x48", "--steps", "4", "--eval-every", "2", "--device"
         "--lr", "1e-2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -42,15 +37,13 @@ def photos(tmp_path):
 
 
 @pytest.fixture
-def tune(tiny_models, capsys, tmp_path, monkeypatch):
+def tune(tiny_models, run_cli, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))   # the default --work-dir
 
     def run(photo_dir, out, *args):
         argv = ["tune", str(photo_dir), "--out", str(out), "--qwen3-vl-model", str(tiny_models.qwen3vl),
                 "--qwen-image-model", str(tiny_models.qwen_image), *FAST, *args]
-        code = main(argv)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        return run_cli(argv)
 
     return run
 

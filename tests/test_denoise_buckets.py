@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 
-from qwen_identity.cli import main
 from qwen_identity.core.residual.model_card import head_path
 
 BASE = ["--objective", "denoise", "--train-resolution", "48x48", "--batch-size", "2", "--lr", "1e-2",
@@ -18,12 +17,7 @@ SQUARE, WIDE, TALL = (48, 48), (96, 48), (48, 96)   # buckets at 48x48 pixels: 4
 BUCKET_OF = {SQUARE: "48x48", WIDE: "64x32", TALL: "32x64"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -44,13 +38,11 @@ def people(tmp_path):
 
 
 @pytest.fixture
-def train(tiny_models, capsys):
+def train(tiny_models, run_cli):
     def run(*args, out, epochs=2):
         argv = ["train", "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model",
                 str(tiny_models.qwen_image), "--epochs", str(epochs), *BASE, "--out-dir", str(out), *args]
-        code = main(argv)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        return run_cli(argv)
 
     return run
 

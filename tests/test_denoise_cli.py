@@ -17,22 +17,15 @@ BASE = ["--objective", "denoise", "--train-resolution", "32x32", "--batch-size",
         "--device", "cpu", "--val-fraction", "0.34", "--gain-pairs", "2", "--crop", "center"]  # synthetic: no faces
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def train(tiny_models, capsys):
+def train(tiny_models, run_cli):
     def run(*args, out, epochs=2, qwen_image=None):
         argv = ["train", "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model",
                 str(qwen_image or tiny_models.qwen_image), "--epochs", str(epochs), *BASE, "--out-dir", str(out), *args]
-        code = main(argv)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        return run_cli(argv)
 
     return run
 

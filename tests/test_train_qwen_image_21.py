@@ -5,29 +5,21 @@ moves, the held-out gain is measured, and `eval --denoise-gain` refuses a 1.x he
 import json
 
 import pytest
-import torch
 
 from qwen_identity.cli import main
 from qwen_identity.core.residual.model_card import head_path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def train(tiny_models, tiny_qwenimage21_dir, capsys):
+def train(tiny_models, tiny_qwenimage21_dir, run_cli):
     def run(*args, out, epochs=2):
         argv = ["train", "--qwen3-vl-model", str(tiny_models.qwen3vl), "--qwen-image-model",
                 str(tiny_qwenimage21_dir), "--epochs", str(epochs), "--device", "cpu", "--out-dir", str(out),
                 "--crop", "center", *args]   # the synthetic photos have no face
-        code = main(argv)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
+        return run_cli(argv)
 
     return run
 

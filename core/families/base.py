@@ -58,6 +58,23 @@ class Denoiser:
         return self.family.unpack_latents(v.float(), shapes[0])
 
 
+def single_frame(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w], or the VAE's one-frame [B, C, 1, h, w] -> [B, C, h, w]."""
+    if latents.ndim == 5:
+        if latents.shape[2] != 1:
+            raise ValueError(f"expected one frame, got latents of shape {tuple(latents.shape)}")
+        latents = latents[:, :, 0]
+    return latents
+
+
+def vae_normalise(vae, z: torch.Tensor) -> torch.Tensor:
+    """(z - latents_mean) / latents_std over the channel axis of [B, C, 1, h, w] (float32, on z's device)."""
+    c = z.shape[1]
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1)
+    return (z.float() - mean.to(z.device)) / std.to(z.device)
+
+
 class ModelFamily:
     """One image-model family. Subclasses set the class attributes and implement the methods."""
 
@@ -114,20 +131,44 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ VAE and latents
     def load_vae(self, folder: Path, device, dtype):
-        raise NotImplementedError
+        """The folder's vae/ as this family's diffusers VAE class (`vae_classes[0]`, safetensors only)."""
+        import diffusers
 
+        vae_cls = getattr(diffusers, self.vae_classes[0])
+        return vae_cls.from_pretrained(Path(folder) / "vae", torch_dtype=dtype, use_safetensors=True).to(device).eval()
+
+    def vae_input(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB pixels [B, 3, 1, H, W] in [-1, 1] -> what this family's VAE reads (the hook for a family whose
+        VAE takes other channels, e.g. RGBA); RGB as given by default."""
+        return x
+
+    def vae_output_pixels(self, decoded: torch.Tensor) -> torch.Tensor:
+        """The VAE's decoded [B, C, H, W] in [-1, 1] -> its RGB channels (a hook like `vae_input`)."""
+        return decoded
+
+    @torch.no_grad()
     def encode_vae_input(self, vae, x: torch.Tensor) -> torch.Tensor:
-        """x [B, 3, 1, H, W] in [-1, 1] (the VAE's input layout) -> normalised latents [B, C, h, w] float32 (CPU)."""
-        raise NotImplementedError
+        """x [B, 3, 1, H, W] in [-1, 1] (the VAE's input layout) -> normalised latents [B, C, h, w] float32 (CPU):
+        the distribution's mode, normalised with the VAE config's latents_mean/std."""
+        p = next(vae.parameters())
+        z = vae.encode(self.vae_input(x).to(device=p.device, dtype=p.dtype)).latent_dist.mode()  # [B, C, 1, h, w]
+        return vae_normalise(vae, z.cpu())[:, :, 0].contiguous()
 
     def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] in 0..1 -> latents [B, C, h, w] float32, normalised as the transformer expects
         (the distribution's mode: deterministic)."""
-        raise NotImplementedError
+        return self.encode_vae_input(vae, (pixels.float() * 2.0 - 1.0)[:, :, None])
 
+    @torch.no_grad()
     def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, C, h, w] (normalised) -> pixels [B, 3, H, W] in 0..1."""
-        raise NotImplementedError
+        c = latents.shape[1]
+        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1)
+        lat = latents[:, :, None].to(vae.dtype)
+        lat = lat * std.to(lat.device, lat.dtype) + mean.to(lat.device, lat.dtype)
+        decoded = vae.decode(lat, return_dict=False)[0][:, :, 0]
+        return (self.vae_output_pixels(decoded) / 2 + 0.5).clamp(0, 1).float()
 
     def pack_latents(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         """[B, C, h, w] (or the VAE's [B, C, 1, h, w]) -> (tokens [B, N, F], img_shapes per sample)."""
@@ -142,7 +183,12 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ transformer
     def load_transformer(self, folder: Path, device, dtype):
-        raise NotImplementedError
+        """The folder's transformer/ as this family's diffusers class (`transformer_classes[0]`, safetensors only)."""
+        import diffusers
+
+        transformer_cls = getattr(diffusers, self.transformer_classes[0])
+        return transformer_cls.from_pretrained(Path(folder) / "transformer", torch_dtype=dtype,
+                                               use_safetensors=True).to(device)
 
     def transformer_text_width(self, config: dict[str, Any]) -> int:
         """The text width H a transformer config takes."""
@@ -159,8 +205,12 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ pipeline
     def load_pipeline(self, folder: Path, dtype):
-        """The stock diffusers pipeline of this family from a folder (safetensors only)."""
-        raise NotImplementedError
+        """The stock diffusers pipeline of this family from a folder (`pipeline_classes[0]`, safetensors only:
+        no pickles)."""
+        import diffusers
+
+        pipeline_cls = getattr(diffusers, self.pipeline_classes[0])
+        return pipeline_cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
 
     def pipeline_text_stack(self, pipe) -> tuple[Any, Any]:
         """(text_encoder, tokenizer or processor) of a loaded pipeline, as `encode_prompts` takes them."""

@@ -21,16 +21,13 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserInputError
-from .base import FamilyDefaults, ModelFamily
+from .base import FamilyDefaults, ModelFamily, single_frame
 
 
 def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """latents [B, C, H, W] or [B, C, 1, H, W] (the VAE's layout) -> packed [B, (H/2)(W/2), 4C] and
     img_shapes [(1, H/2, W/2)] * B, exactly as QwenImagePipeline._pack_latents."""
-    if latents.ndim == 5:
-        if latents.shape[2] != 1:
-            raise ValueError(f"expected one frame, got latents of shape {tuple(latents.shape)}")
-        latents = latents[:, :, 0]
+    latents = single_frame(latents)
     b, c, h, w = latents.shape
     if h % 2 or w % 2:
         raise ValueError(f"latent height and width must be even (got {h}x{w})")
@@ -53,14 +50,6 @@ def _accepts(fn, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params
-
-
-def vae_normalise(vae, z: torch.Tensor) -> torch.Tensor:
-    """(z - latents_mean) / latents_std over the channel axis of [B, C, 1, h, w] (float32, on z's device)."""
-    c = z.shape[1]
-    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, c, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, c, 1, 1, 1)
-    return (z.float() - mean.to(z.device)) / std.to(z.device)
 
 
 class QwenImage1(ModelFamily):
@@ -120,33 +109,7 @@ class QwenImage1(ModelFamily):
         embeds, mask = embeds[:, :max_sequence_length], mask[:, :max_sequence_length]
         return PromptEmbeds(embeds=embeds, mask=mask.to(torch.long))
 
-    # ------------------------------------------------------------------ VAE and latents
-    def load_vae(self, folder: Path, device, dtype):
-        from diffusers import AutoencoderKLQwenImage
-
-        return AutoencoderKLQwenImage.from_pretrained(Path(folder) / "vae", torch_dtype=dtype,
-                                                      use_safetensors=True).to(device).eval()
-
-    @torch.no_grad()
-    def encode_vae_input(self, vae, x: torch.Tensor) -> torch.Tensor:
-        """x [B, 3, 1, H, W] in [-1, 1] -> normalised latents [B, C, h, w] float32 on the CPU."""
-        p = next(vae.parameters())
-        z = vae.encode(x.to(device=p.device, dtype=p.dtype)).latent_dist.mode()  # [B, C, 1, h, w]
-        return vae_normalise(vae, z.cpu())[:, :, 0].contiguous()
-
-    def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encode_vae_input(vae, (pixels.float() * 2.0 - 1.0)[:, :, None])
-
-    @torch.no_grad()
-    def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        c = latents.shape[1]
-        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1)
-        lat = latents[:, :, None].to(vae.dtype)
-        lat = lat * std.to(lat.device, lat.dtype) + mean.to(lat.device, lat.dtype)
-        decoded = vae.decode(lat, return_dict=False)[0][:, :, 0]
-        return (decoded / 2 + 0.5).clamp(0, 1).float()
-
+    # ------------------------------------------------------------------ VAE and latents (ModelFamily's, RGB)
     def pack_latents(self, latents):
         return pack_latents(latents)
 
@@ -154,12 +117,6 @@ class QwenImage1(ModelFamily):
         return unpack_latents(packed, img_shape)
 
     # ------------------------------------------------------------------ transformer
-    def load_transformer(self, folder: Path, device, dtype):
-        from diffusers import QwenImageTransformer2DModel
-
-        return QwenImageTransformer2DModel.from_pretrained(Path(folder) / "transformer", torch_dtype=dtype,
-                                                           use_safetensors=True).to(device)
-
     def transformer_text_width(self, config: dict[str, Any]) -> int:
         return int(config.get("joint_attention_dim", -1))
 
@@ -183,13 +140,7 @@ class QwenImage1(ModelFamily):
             kwargs["txt_seq_lens"] = [int(v) for v in lens]
         return transformer(**kwargs)[0]
 
-    # ------------------------------------------------------------------ pipeline
-    def load_pipeline(self, folder: Path, dtype):
-        from diffusers import QwenImagePipeline
-
-        return QwenImagePipeline.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)  # no pickles
-
-
+    # ------------------------------------------------------------------ pipeline (ModelFamily.load_pipeline)
     def sample(self, bundle, positive, negative, **options):
         from ..generation.sampling import sample_qwen_image_1
 

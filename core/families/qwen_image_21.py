@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserInputError
-from .base import FamilyDefaults, ModelFamily
+from .base import FamilyDefaults, ModelFamily, single_frame
 
 
 REFERENCES_KEY = "qwen_image_21_references"   # in a CONDITIONING entry's dict: the reference images
@@ -39,10 +39,7 @@ MAX_REFERENCES = 10                             # the model card's limit
 def pack_latents(latents: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """[B, C, h, w] or [B, C, 1, h, w] -> tokens [B, h·w, C] (QwenImage21Pipeline._pack_latents: a plain
     spatial flatten) and img_shapes [(1, h, w)] * B."""
-    if latents.ndim == 5:
-        if latents.shape[2] != 1:
-            raise ValueError(f"expected one frame, got latents of shape {tuple(latents.shape)}")
-        latents = latents[:, :, 0]
+    latents = single_frame(latents)
     b, c, h, w = latents.shape
     if h % 2 or w % 2:
         raise ValueError(f"latent height and width must be even for Qwen-Image 2.1 (got {h}x{w}): image sides "
@@ -129,32 +126,13 @@ class QwenImage21(ModelFamily):
         return PromptEmbeds(embeds=embeds, mask=mask.to(torch.long))
 
     # ------------------------------------------------------------------ VAE and latents
-    def load_vae(self, folder: Path, device, dtype):
-        from diffusers import AutoencoderKLQwenImage21
+    def vae_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The VAE reads RGBA: an RGB photo gets an opaque alpha channel."""
+        return _to_rgba(x)
 
-        return AutoencoderKLQwenImage21.from_pretrained(Path(folder) / "vae", torch_dtype=dtype,
-                                                        use_safetensors=True).to(device).eval()
-
-    @torch.no_grad()
-    def encode_vae_input(self, vae, x: torch.Tensor) -> torch.Tensor:
-        from .qwen_image_1 import vae_normalise
-
-        p = next(vae.parameters())
-        z = vae.encode(_to_rgba(x).to(device=p.device, dtype=p.dtype)).latent_dist.mode()  # [B, C, 1, h, w]
-        return vae_normalise(vae, z.cpu())[:, :, 0].contiguous()
-
-    def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encode_vae_input(vae, (pixels.float() * 2.0 - 1.0)[:, :, None])
-
-    @torch.no_grad()
-    def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
-        c = latents.shape[1]
-        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1)
-        lat = latents[:, :, None].to(vae.dtype)
-        lat = lat * std.to(lat.device, lat.dtype) + mean.to(lat.device, lat.dtype)
-        decoded = vae.decode(lat, return_dict=False)[0][:, :, 0]
-        return (decoded[:, :3] / 2 + 0.5).clamp(0, 1).float()
+    def vae_output_pixels(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Decoded images keep RGB (the alpha channel is dropped)."""
+        return decoded[:, :3]
 
     def pack_latents(self, latents):
         return pack_latents(latents)
@@ -166,12 +144,6 @@ class QwenImage21(ModelFamily):
         return 2 * (height // (self.vae_scale_factor * 2)), 2 * (width // (self.vae_scale_factor * 2))
 
     # ------------------------------------------------------------------ transformer
-    def load_transformer(self, folder: Path, device, dtype):
-        from diffusers import QwenImage21Transformer2DModel
-
-        return QwenImage21Transformer2DModel.from_pretrained(Path(folder) / "transformer", torch_dtype=dtype,
-                                                             use_safetensors=True).to(device)
-
     def transformer_text_width(self, config: dict[str, Any]) -> int:
         return int(config.get("context_in_dim", -1))
 
@@ -197,11 +169,6 @@ class QwenImage21(ModelFamily):
         return out[:, -n:]
 
     # ------------------------------------------------------------------ pipeline
-    def load_pipeline(self, folder: Path, dtype):
-        from diffusers import QwenImage21Pipeline
-
-        return QwenImage21Pipeline.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)  # no pickles
-
     def pipeline_text_stack(self, pipe):
         return pipe.text_encoder, pipe.processor
 

@@ -302,12 +302,7 @@ def sample_qwen_image_1(bundle, positive: list, negative: list | None, seeds: st
     t_start = time.perf_counter()
     seeds = parse_seeds(seeds)
     check_size(width, height)
-    if int(steps) != steps or steps < 1:
-        raise UserInputError(f"steps={steps} must be a whole number of at least 1.")
-    if int(max_batch) != max_batch or max_batch < 1:
-        raise UserInputError(f"max_batch={max_batch} must be at least 1 (cells per transformer batch).")
-    if not math.isfinite(cfg):
-        raise UserInputError(f"cfg={cfg} must be a finite number.")
+    check_sampling_options(steps, max_batch, cfg)
     pipe, device = _pipe_and_device(bundle)
     transformer, vae = pipe.transformer, pipe.vae
     if transformer is None or vae is None:
@@ -321,19 +316,8 @@ def sample_qwen_image_1(bundle, positive: list, negative: list | None, seeds: st
     lat_h, lat_w = 2 * (height // (vsf * 2)), 2 * (width // (vsf * 2))
     channels = transformer.config.in_channels // 4
     latent = (lat_h, lat_w, channels)
-    pos, n_items = _entries(positive, "positive", device, dtype, text_width, latent)
-    do_cfg = cfg > 1 and negative is not None
-    neg, n_neg = _entries(negative, "negative", device, dtype, text_width, latent) if do_cfg else ([], 1)
-    if do_cfg and n_neg not in (1, n_items):
-        raise UserInputError(f"the negative conditioning has batch {n_neg} but the positive has {n_items}: give one "
-                             "negative prompt, or one per positive item.")
-    for side, entries in (("positive", pos), ("negative", neg)):
-        for i in range(steps if entries else 0):
-            active = active_entries(entries, i, steps)
-            if not active:
-                raise UserInputError(f"no {side} conditioning is active at step {i + 1} of {steps} (percent "
-                                     f"{step_percent(i, steps):.3f}): the start_percent/end_percent windows leave a gap.")
-            _check_coverage(entries, active, side, i, steps)
+    pos, neg, n_items, do_cfg = conditioning_entries(positive, negative, cfg, steps, device, dtype, text_width,
+                                                     latent)
 
     if compile:
         compile_transformer(transformer)
@@ -447,6 +431,39 @@ def _forward(transformer, plan: _Plan, rows: torch.Tensor, timestep: torch.Tenso
         return transformer(hidden_states=rows, timestep=timestep / 1000, guidance=None,
                            encoder_hidden_states_mask=plan.mask, encoder_hidden_states=plan.text,
                            img_shapes=plan.img_shapes, attention_kwargs={}, return_dict=False)[0]
+
+
+def check_sampling_options(steps, max_batch, cfg) -> None:
+    """The loop options every family's sampler takes: whole steps and max_batch of at least 1, a finite cfg."""
+    if int(steps) != steps or steps < 1:
+        raise UserInputError(f"steps={steps} must be a whole number of at least 1.")
+    if int(max_batch) != max_batch or max_batch < 1:
+        raise UserInputError(f"max_batch={max_batch} must be at least 1 (cells per transformer batch).")
+    if not math.isfinite(cfg):
+        raise UserInputError(f"cfg={cfg} must be a finite number.")
+
+
+def conditioning_entries(positive: list, negative: list | None, cfg: float, steps: int, device, dtype,
+                         text_width: int, latent: tuple[int, int, int] | None = None
+                         ) -> tuple[list[_Entry], list[_Entry], int, bool]:
+    """(positive entries, negative entries, positive items, true CFG on) for any family's sampler, checked before
+    any work: the negative side is read only with true CFG (cfg > 1) and must have one item or as many as the
+    positive; on each side some entry is active at every step, and with region masks every latent pixel is
+    covered. `latent` = (lat_h, lat_w, channels) to read region masks (families without them pass None)."""
+    pos, n_items = _entries(positive, "positive", device, dtype, text_width, latent)
+    do_cfg = cfg > 1 and negative is not None
+    neg, n_neg = _entries(negative, "negative", device, dtype, text_width, latent) if do_cfg else ([], 1)
+    if do_cfg and n_neg not in (1, n_items):
+        raise UserInputError(f"the negative conditioning has batch {n_neg} but the positive has {n_items}: give one "
+                             "negative prompt, or one per positive item.")
+    for side, entries in (("positive", pos), ("negative", neg)):
+        for i in range(steps if entries else 0):
+            active = active_entries(entries, i, steps)
+            if not active:
+                raise UserInputError(f"no {side} conditioning is active at step {i + 1} of {steps} (percent "
+                                     f"{step_percent(i, steps):.3f}): the start_percent/end_percent windows leave a gap.")
+            _check_coverage(entries, active, side, i, steps)
+    return pos, neg, n_items, do_cfg
 
 
 def _check_coverage(entries: list[_Entry], active: tuple, side: str, i: int, steps: int) -> None:

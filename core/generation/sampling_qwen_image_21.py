@@ -29,7 +29,6 @@ they are cached with the text (they are modulated at t = 0 too).
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Callable, Sequence
 
@@ -86,19 +85,14 @@ def sample_qwen_image_21(bundle, positive: list, negative: list | None, seeds: s
 
     from ..denoising.flow_matching import attention_mask_or_none
     from ..families.qwen_image_21 import QWEN_IMAGE_21, target_slot_mask
-    from .sampling import (SampleResult, _check_coverage, _entries, _pipe_and_device, _raise_out_of_memory,
-                           active_entries, parse_seeds, step_percent)
+    from .sampling import (SampleResult, _pipe_and_device, _raise_out_of_memory, active_entries,
+                           check_sampling_options, conditioning_entries, parse_seeds)
 
     family = QWEN_IMAGE_21
     t_start = time.perf_counter()
     seeds = parse_seeds(seeds)
     _check_size(family, width, height)
-    if int(steps) != steps or steps < 1:
-        raise UserInputError(f"steps={steps} must be a whole number of at least 1.")
-    if int(max_batch) != max_batch or max_batch < 1:
-        raise UserInputError(f"max_batch={max_batch} must be at least 1 (cells per transformer batch).")
-    if not math.isfinite(cfg):
-        raise UserInputError(f"cfg={cfg} must be a finite number.")
+    check_sampling_options(steps, max_batch, cfg)
     if compile or cuda_graphs:
         raise UserInputError("the compile / CUDA-graph speed options are not available for Qwen-Image 2.1 on the "
                              "diffusers path yet: turn them off (fast=False).")
@@ -110,19 +104,7 @@ def sample_qwen_image_21(bundle, positive: list, negative: list | None, seeds: s
     text_width = transformer.config.context_in_dim
     lat_h, lat_w = family.latent_size(width, height)
     channels = transformer.config.in_channels
-    pos, n_items = _entries(positive, "positive", device, dtype, text_width)
-    do_cfg = cfg > 1 and negative is not None
-    neg, n_neg = _entries(negative, "negative", device, dtype, text_width) if do_cfg else ([], 1)
-    if do_cfg and n_neg not in (1, n_items):
-        raise UserInputError(f"the negative conditioning has batch {n_neg} but the positive has {n_items}: give one "
-                             "negative prompt, or one per positive item.")
-    for side, entries in (("positive", pos), ("negative", neg)):
-        for i in range(steps if entries else 0):
-            active = active_entries(entries, i, steps)
-            if not active:
-                raise UserInputError(f"no {side} conditioning is active at step {i + 1} of {steps} (percent "
-                                     f"{step_percent(i, steps):.3f}): the start_percent/end_percent windows leave a gap.")
-            _check_coverage(entries, active, side, i, steps)
+    pos, neg, n_items, do_cfg = conditioning_entries(positive, negative, cfg, steps, device, dtype, text_width)
     pos_refs = _references(positive, pos, "positive", device, dtype)
     neg_refs = _references(negative, neg, "negative", device, dtype) if do_cfg else []
     cache_on = bool(transformer.config.causal_condition)
