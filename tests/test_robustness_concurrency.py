@@ -96,6 +96,9 @@ WRITERS = {
     "eval": ["eval", "--seed-dirs", "{data}/seed_*", "--head", "{head}", "--out-dir", "{out}"],
     "demo": ["demo", "--out-dir", "{out}"],
     "prepare": ["prepare", "--photos", "{data}", "--out-dir", "{out}"],
+    # tune writes one named head (atomically, with its card, metrics and plot beside it) and holds its work folder
+    "tune": ["tune", "{data}/seed_100", "--out", "{out}.head.safetensors", "--work-dir", "{out}", "--crop", "center",
+             "--qwen3-vl-model", "m", "--qwen-image-model", "m"],
 }
 
 

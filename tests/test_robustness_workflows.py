@@ -103,18 +103,29 @@ def _outside(type_, opts, value) -> bool:
 
 # ------------------------------------------------------------------------------- the mini executor
 @pytest.fixture(scope="module")
-def standins(tiny_qwen3vl_dir, tiny_qwenimage_dir):
+def standins(tiny_qwen3vl_dir, tiny_qwenimage_dir, tiny_qwenimage21_dir):
+    """Tiny models for each family: a workflow whose diffusers loader names Qwen-Image 2.1 gets the 2.1 ones."""
     from qwen_identity.nodes import NODE_CLASS_MAPPINGS as N
 
     (vl,) = N["LoadQwen3VL"]().load("(none)", str(tiny_qwen3vl_dir), dtype="fp32", device="cpu")
-    (pipe,) = N["LoadQwenImageDiffusers"]().load("", str(tiny_qwenimage_dir), dtype="fp32", device="cpu")
     d = vl.feature_dim
-    h = pipe.pipeline.transformer.config.joint_attention_dim
-    torch.manual_seed(0)
-    head = ResidualHead(d, 2, h, meta=HeadMeta(feature_dim=d, tokens=2, hidden_size=h))
-    with torch.no_grad():
-        head.proj.weight.normal_(0, 1.0)
-    return {"vl": vl, "pipe": pipe, "head": head}
+    out = {"vl": vl}
+    for suffix, folder, family in (("", tiny_qwenimage_dir, "qwen-image"), ("21", tiny_qwenimage21_dir, "qwen-image-2.1")):
+        (pipe,) = N["LoadQwenImageDiffusers"]().load("", str(folder), dtype="fp32", device="cpu")
+        cfg = pipe.pipeline.transformer.config
+        h = cfg.get("joint_attention_dim") or cfg.get("context_in_dim")
+        torch.manual_seed(0)
+        head = ResidualHead(d, 2, h, meta=HeadMeta(feature_dim=d, tokens=2, hidden_size=h, family=family))
+        with torch.no_grad():
+            head.proj.weight.normal_(0, 1.0)
+        out["pipe" + suffix], out["head" + suffix] = pipe, head
+    return out
+
+
+def _for_family(api: dict, s: dict) -> dict:
+    """The stand-ins of the family the workflow's diffusers loader names (Qwen-Image 2.1 or 1.x)."""
+    names_21 = any(n["class_type"] == "LoadQwenImageDiffusers" and "2.1" in json.dumps(n["inputs"]) for n in api.values())
+    return {**s, "pipe": s["pipe21"], "head": s["head21"]} if names_21 else s
 
 
 def _topo(api: dict) -> list[str]:
@@ -134,6 +145,7 @@ def _topo(api: dict) -> list[str]:
 
 
 def execute(api: dict, s: dict, mutated: str | None = None) -> list[torch.Tensor]:
+    s = _for_family(api, s)
     """Run a prompt with the pack's nodes; returns the IMAGE tensors that reach Save/PreviewImage."""
     from qwen_identity.nodes import NODE_CLASS_MAPPINGS as N
 
@@ -164,6 +176,8 @@ def execute(api: dict, s: dict, mutated: str | None = None) -> list[torch.Tensor
         elif t == "MaskPreview":
             assert torch.isfinite(inputs["mask"]).all()
             results[nid] = ()
+        elif t == "TrainIdentityHead":   # needs ComfyUI's MODEL: trained on a real one in tests/test_tune_nodes.py
+            results[nid] = (s["head"], torch.zeros(1, 32, 32, 3))
         elif t in LOADERS:
             if nid == mutated:   # the loader must cope with the value; the tiny stand-in is used either way
                 cls = N[t]

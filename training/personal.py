@@ -205,110 +205,112 @@ def run_personal_tuning(run: PersonalRun, progress=None, say: Callable[[str], No
     photos, hashes = read_photos(run.photo_dir, warn)
     impostor = read_photos(run.impostor_dir, warn, "--impostor-dir") if run.impostor_dir else None
     init = load_head(run.init_head) if run.init_head else None
-    models = _Models(cfg, device)
-    qi_dir = models.qwen_image_dir()
-    family = detect_family(qi_dir, "Qwen-Image model")
-    if init is not None:
-        check_head_family(init, family)
-    dtype = resolve_dtype(cfg.dtype, device)
-    res = Resolution.parse(run.resolution)
-    views = [PhotoView(p, h) for p, h in zip(photos, hashes)]
-    sources = list(range(len(views)))
-    if len(views) == 1:
-        warn(f"only one photo ({photos[0].name}): its mirror image is the other view the head is conditioned on; "
-             "3 or more photos give a held-out check and a better head.")
-        views.append(PhotoView(photos[0], hashes[0], flip=True))
-        sources.append(0)
-    buckets = _buckets(views, res, family.size_multiple, run.allow_upscale)
-    work.mkdir(parents=True, exist_ok=True)
-    with OutDirLock(work):
-        # 1. latents and face boxes (sizes are checked before any model loads)
-        want_faces = run.options.face_weight > 0
-        latents, boxes = _encode(views, buckets, work, qi_dir, family, device, dtype, want_faces, run, say)
-        face_maps = None
-        if want_faces:
-            face_maps = [_face_map(b, r, lat) for b, r, lat in zip(boxes, buckets, latents)]
-            for v, m in zip(views, face_maps):
-                if m is None and not v.flip:
-                    warn(f"no face found in {v.path.name}: its loss is not face-weighted.")
-        imp_latents = []
-        if impostor:
-            imp_views = [PhotoView(p, h) for p, h in zip(*impostor)]
-            imp_latents, _ = _encode(imp_views, _buckets(imp_views, res, family.size_multiple, run.allow_upscale), work, qi_dir, family, device, dtype,
-                                     False, run, say)
-        # 2. features of every view (Qwen3-VL with the chosen crop, cached)
-        person = Identity(run.photo_dir.name, run.photo_dir, photos, hashes, None)
-        feats, feature_meta = _features(cfg, [_ViewIdentity(person, views)], models, dist, progress, say)
-        models._vl = None
+    # the work folder is held before any model is resolved or loaded: a second run on it is refused at once
+    with OutDirLock(work, allow_nested=True):
+        models = _Models(cfg, device)
+        qi_dir = models.qwen_image_dir()
+        family = detect_family(qi_dir, "Qwen-Image model")
         if init is not None:
-            for w in check_head_features(init, feature_meta):
-                warn(f"--init-head: {w}")
-        # 3. the prompt (text encoder, cached)
-        te_src = _model_key(str(qi_dir / "text_encoder"))
-        embeds, mask, _ = prompt_embeddings([run.prompt], work / "cache",
-                                            prompt_key(te_src, dtype_name(dtype), [run.prompt]),
-                                            models.text_encoder, say)
-        models.release()
-        hidden = int(embeds.shape[-1])
-        n = len(views)
-        names = [v.path.name + (" (mirrored)" if v.flip else "") for v in views]
-        data = PersonalData(latents, feats[0], [embeds[0]] * n, [mask[0]] * n, face_maps, names, sources)
-        impostors = None
-        if imp_latents:
-            k = len(imp_latents)
-            impostors = PersonalData(imp_latents, torch.zeros(k, data.feature_dim), [embeds[0]] * k, [mask[0]] * k,
-                                     names=[p.name for p in impostor[0]])
-        # 4. the transformer, frozen, as the family's Denoiser
-        transformer = _load_transformer(qi_dir, device, dtype, hidden, run.gradient_checkpointing, run.fp8_storage,
-                                        run.compile_backend if run.compile else None)
-        bar = progress("tuning")
+            check_head_family(init, family)
+        dtype = resolve_dtype(cfg.dtype, device)
+        res = Resolution.parse(run.resolution)
+        views = [PhotoView(p, h) for p, h in zip(photos, hashes)]
+        sources = list(range(len(views)))
+        if len(views) == 1:
+            warn(f"only one photo ({photos[0].name}): its mirror image is the other view the head is conditioned on; "
+                 "3 or more photos give a held-out check and a better head.")
+            views.append(PhotoView(photos[0], hashes[0], flip=True))
+            sources.append(0)
+        buckets = _buckets(views, res, family.size_multiple, run.allow_upscale)
+        work.mkdir(parents=True, exist_ok=True)
+        with OutDirLock(work):
+            # 1. latents and face boxes (sizes are checked before any model loads)
+            want_faces = run.options.face_weight > 0
+            latents, boxes = _encode(views, buckets, work, qi_dir, family, device, dtype, want_faces, run, say)
+            face_maps = None
+            if want_faces:
+                face_maps = [_face_map(b, r, lat) for b, r, lat in zip(boxes, buckets, latents)]
+                for v, m in zip(views, face_maps):
+                    if m is None and not v.flip:
+                        warn(f"no face found in {v.path.name}: its loss is not face-weighted.")
+            imp_latents = []
+            if impostor:
+                imp_views = [PhotoView(p, h) for p, h in zip(*impostor)]
+                imp_latents, _ = _encode(imp_views, _buckets(imp_views, res, family.size_multiple, run.allow_upscale), work, qi_dir, family, device, dtype,
+                                         False, run, say)
+            # 2. features of every view (Qwen3-VL with the chosen crop, cached)
+            person = Identity(run.photo_dir.name, run.photo_dir, photos, hashes, None)
+            feats, feature_meta = _features(cfg, [_ViewIdentity(person, views)], models, dist, progress, say)
+            models._vl = None
+            if init is not None:
+                for w in check_head_features(init, feature_meta):
+                    warn(f"--init-head: {w}")
+            # 3. the prompt (text encoder, cached)
+            te_src = _model_key(str(qi_dir / "text_encoder"))
+            embeds, mask, _ = prompt_embeddings([run.prompt], work / "cache",
+                                                prompt_key(te_src, dtype_name(dtype), [run.prompt]),
+                                                models.text_encoder, say)
+            models.release()
+            hidden = int(embeds.shape[-1])
+            n = len(views)
+            names = [v.path.name + (" (mirrored)" if v.flip else "") for v in views]
+            data = PersonalData(latents, feats[0], [embeds[0]] * n, [mask[0]] * n, face_maps, names, sources)
+            impostors = None
+            if imp_latents:
+                k = len(imp_latents)
+                impostors = PersonalData(imp_latents, torch.zeros(k, data.feature_dim), [embeds[0]] * k, [mask[0]] * k,
+                                         names=[p.name for p in impostor[0]])
+            # 4. the transformer, frozen, as the family's Denoiser
+            transformer = _load_transformer(qi_dir, device, dtype, hidden, run.gradient_checkpointing, run.fp8_storage,
+                                            run.compile_backend if run.compile else None)
+            bar = progress("tuning")
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            bar(step, total)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss:.4g}")
+            def on_step(step: int, total: int, loss: float) -> None:
+                bar(step, total)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{loss:.4g}")
 
-        try:
-            with training_rope(run.compile):
-                result = tune_head(data, family.denoiser(transformer), run.options, init_head=init,
-                                   progress=on_step, should_stop=should_stop,
-                                   impostors=impostors)
-        except RuntimeError as e:
-            _check_memory_error(e)
-            raise
-        finally:
-            if hasattr(bar, "close"):
-                bar.close()
-        del transformer
-        head, metrics = result.head, dict(result.metrics)
-        fingerprint = dataset_fingerprint([(run.photo_dir.name, hashes, run.prompt)])
-        meta = head.meta
-        meta.family = family.name
-        meta.qwen3_vl_model = str(feature_meta.get("model_id") or cfg.qwen3_vl_model)
-        meta.text_encoder_model = f"{Path(str(cfg.qwen_image_model)).name}/text_encoder"
-        meta.feature_settings = {k: v for k, v in feature_meta.items()
-                                 if k not in ("model_id", "feature_dim", "pack_version")}
-        meta.base_prompt = run.prompt
-        meta.dataset_fingerprint = fingerprint
-        meta.pack_version = __version__
-        init_info = None
-        if run.init_head:
-            init_info = {"name": Path(run.init_head).name, "sha256": file_sha256(run.init_head),
-                         **(meta.training_args.get("init_head") or {})}
-        meta.training_args.update({
-            "init_head": init_info, "resolution": str(res), "buckets": sorted({str(b) for b in buckets}),
-            "photos": len(photos), "qwen_image_model": str(cfg.qwen_image_model), "family": family.name,
-            "crop": feature_meta.get("crop", cfg.feature_settings.get("crop")), "dtype": dtype_name(dtype),
-            "gradient_checkpointing": run.gradient_checkpointing, "fp8_storage": run.fp8_storage})
-        report = {**metrics, "head": str(run.out), "model_card": str(card_path(run.out)),
-                  "photo_fingerprint": fingerprint, "family": family.name,
-                  "qwen3_vl_model": meta.qwen3_vl_model, "qwen_image_model": str(cfg.qwen_image_model),
-                  "init_head": init_info, "loss_history": result.history, "pack_version": __version__,
-                  "training_args": meta.training_args}
-        save_head_with_card(head, run.out, steps=int(metrics["steps_done"]), persons=1)
-        atomic_write_json(run.metrics_path(), json.loads(json.dumps(report, default=str)))
-        _plot(run.plot_path(), result.history, metrics)
-    return report
+            try:
+                with training_rope(run.compile):
+                    result = tune_head(data, family.denoiser(transformer), run.options, init_head=init,
+                                       progress=on_step, should_stop=should_stop,
+                                       impostors=impostors)
+            except RuntimeError as e:
+                _check_memory_error(e)
+                raise
+            finally:
+                if hasattr(bar, "close"):
+                    bar.close()
+            del transformer
+            head, metrics = result.head, dict(result.metrics)
+            fingerprint = dataset_fingerprint([(run.photo_dir.name, hashes, run.prompt)])
+            meta = head.meta
+            meta.family = family.name
+            meta.qwen3_vl_model = str(feature_meta.get("model_id") or cfg.qwen3_vl_model)
+            meta.text_encoder_model = f"{Path(str(cfg.qwen_image_model)).name}/text_encoder"
+            meta.feature_settings = {k: v for k, v in feature_meta.items()
+                                     if k not in ("model_id", "feature_dim", "pack_version")}
+            meta.base_prompt = run.prompt
+            meta.dataset_fingerprint = fingerprint
+            meta.pack_version = __version__
+            init_info = None
+            if run.init_head:
+                init_info = {"name": Path(run.init_head).name, "sha256": file_sha256(run.init_head),
+                             **(meta.training_args.get("init_head") or {})}
+            meta.training_args.update({
+                "init_head": init_info, "resolution": str(res), "buckets": sorted({str(b) for b in buckets}),
+                "photos": len(photos), "qwen_image_model": str(cfg.qwen_image_model), "family": family.name,
+                "crop": feature_meta.get("crop", cfg.feature_settings.get("crop")), "dtype": dtype_name(dtype),
+                "gradient_checkpointing": run.gradient_checkpointing, "fp8_storage": run.fp8_storage})
+            report = {**metrics, "head": str(run.out), "model_card": str(card_path(run.out)),
+                      "photo_fingerprint": fingerprint, "family": family.name,
+                      "qwen3_vl_model": meta.qwen3_vl_model, "qwen_image_model": str(cfg.qwen_image_model),
+                      "init_head": init_info, "loss_history": result.history, "pack_version": __version__,
+                      "training_args": meta.training_args}
+            save_head_with_card(head, run.out, steps=int(metrics["steps_done"]), persons=1)
+            atomic_write_json(run.metrics_path(), json.loads(json.dumps(report, default=str)))
+            _plot(run.plot_path(), result.history, metrics)
+        return report
 
 
 def _plot(path: Path, history: list[float], metrics: dict) -> None:
