@@ -75,14 +75,22 @@ if [ "$(cat "$WORK/ComfyUI/.extracted-from" 2>/dev/null)" != "$tar_sha" ]; then
   rm -rf "$WORK/extract.tmp"
 fi
 
-# 2. the ComfyUI test venv
+# 2. the ComfyUI test venv, layered on the pack's venv when $QWEN_IDENTITY_BASE_VENV names one (./run test does:
+#    torch and the other shared pins are then installed once; scripts/setup_comfyui.sh says how)
+base=${QWEN_IDENTITY_BASE_VENV:-}
+if [ -n "$base" ] && [ ! -x "$base/bin/python" ]; then
+  log "QWEN_IDENTITY_BASE_VENV=$base is not a venv; making a standalone one"
+  base=
+fi
+[ -z "$base" ] || base=$(cd "$base" && pwd)
 venv_stamp=$( { echo "$tar_sha"; "$PY" -c 'import sys; print(sys.version)'; \
-                cat constraints.txt requirements.txt scripts/setup_comfyui.sh; } | sha256sum | cut -c1-16)
+                cat constraints.txt requirements.txt scripts/setup_comfyui.sh; \
+                echo "base=$base"; [ -z "$base" ] || cat "$base/.setup-stamp" 2>/dev/null; } | sha256sum | cut -c1-16)
 if [ ! -x "$WORK/venv/bin/python" ] || [ "$(cat "$WORK/venv/.setup-stamp" 2>/dev/null)" != "$venv_stamp" ]; then
   log "setting up $WORK/venv (ComfyUI's requirements; a few minutes once)"
   rm -rf "$WORK/venv"
   set +e
-  bash scripts/setup_comfyui.sh "$WORK/ComfyUI" "$WORK/venv" 2>&1 | { grep -v "^WARNING: Location" >&2 || true; }
+  bash scripts/setup_comfyui.sh "$WORK/ComfyUI" "$WORK/venv" ${base:+"$base"} 2>&1 | { grep -v "^WARNING: Location" >&2 || true; }
   rc=${PIPESTATUS[0]}
   set -e
   [ "$rc" -eq 0 ] || { log "scripts/setup_comfyui.sh failed for $name (exit $rc)"; exit 1; }

@@ -12,7 +12,8 @@
 # one combined closing line:
 #   1. the pack's suite in VENV (the pack's own pins), the tests marked `comfyui` deselected; while
 #      collecting, tests/conftest.py writes the files that hold `comfyui`-marked tests;
-#   2. for each ComfyUI release: those files' `comfyui` tests in that release's venv
+#   2. for each ComfyUI release: those files' `comfyui` tests in that release's venv (those also marked
+#      `newest_comfyui_only`, which test the pack's tooling rather than its nodes, only on the newest release)
 #      (scripts/comfyui_env.sh TARBALL) with COMFYUI_DIR set and QWEN_IDENTITY_REQUIRE_COMFYUI=1, so a test
 #      that would skip for want of ComfyUI fails instead;
 #   3. `total: N passed, N failed, N skipped` over all of them (scripts/test_summary.py reads their JUnit XML).
@@ -45,7 +46,7 @@ fi
 dirs=() pythons=() versions=()
 for tarball in "${tarballs[@]}"; do
   echo "[run] ComfyUI test environment for $tarball" >&2
-  env_out=$(bash scripts/comfyui_env.sh "$tarball") || { echo "[run] could not make the ComfyUI test environment for $tarball (see above)" >&2; exit 1; }
+  env_out=$(QWEN_IDENTITY_BASE_VENV="$VENV" bash scripts/comfyui_env.sh "$tarball") || { echo "[run] could not make the ComfyUI test environment for $tarball (see above)" >&2; exit 1; }
   dirs+=("$(sed -n 's/^COMFYUI_DIR=//p' <<<"$env_out")")
   pythons+=("$(sed -n 's/^COMFYUI_PYTHON=//p' <<<"$env_out")")
   versions+=("$(sed -n 's/^COMFYUI_VERSION=//p' <<<"$env_out")")
@@ -75,8 +76,11 @@ fi
 for ((i = 0; i < n; i++)); do
   echo "[run] $((i + 2 - ${only_comfyui:-0}))/$((n + 1 - ${only_comfyui:-0})) the real-ComfyUI tests on ComfyUI ${versions[$i]}" \
        "(COMFYUI_DIR=${dirs[$i]}, ${pythons[$i]})" >&2
+  # tests of the pack's own tooling against ComfyUI (marked newest_comfyui_only) run on the newest release only
+  marks=comfyui
+  [ "$i" -eq $((n - 1)) ] || marks="comfyui and not newest_comfyui_only"
   COMFYUI_DIR="${dirs[$i]}" QWEN_IDENTITY_REQUIRE_COMFYUI=1 \
-    "${pythons[$i]}" -m pytest -m comfyui --junitxml="$reports/comfyui-${versions[$i]}.xml" "${files[@]}"
+    "${pythons[$i]}" -m pytest -m "$marks" --junitxml="$reports/comfyui-${versions[$i]}.xml" "${files[@]}"
   [ $? -eq 0 ] || rc_all=1
   summary+=("$reports/comfyui-${versions[$i]}.xml")
 done

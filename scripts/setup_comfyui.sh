@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Make a ComfyUI test environment for this pack's integration suite (tests/test_comfyui_integration.py).
 #
-#   scripts/setup_comfyui.sh COMFYUI_DIR VENV
+#   scripts/setup_comfyui.sh COMFYUI_DIR VENV [BASE_VENV]
 #
 # COMFYUI_DIR: an existing ComfyUI checkout (git clone https://github.com/Comfy-Org/ComfyUI).
 # VENV:        a virtual environment to create (or reuse) for ComfyUI + the pack's test deps. It is kept
 #              apart from the pack's own ./.venv so ComfyUI's requirements never change the pack's pins.
+# BASE_VENV:   optional, the pack's own venv (same Python): VENV then sees its packages *behind* its own
+#              (a .pth line appends BASE_VENV's site-packages to sys.path), so torch and everything else
+#              both need at the same pinned version is installed once, not once per ComfyUI (about 6 GB
+#              and a minute or two each). Whatever ComfyUI needs at another version is installed into VENV
+#              and shadows the base copy; nothing is ever installed into or removed from BASE_VENV.
 #
 # Installs: torch/torchvision pinned by constraints.txt and torchaudio (below), ComfyUI's requirements.txt
 # minus torch/torchvision/torchaudio, the pack's runtime deps, pytest, the Playwright *Python package*
@@ -15,13 +20,14 @@
 # copy is beside the checkout). Then the integration suite runs with
 #   COMFYUI_DIR=... VENV/bin/python -m pytest tests/test_comfyui_integration.py
 set -euo pipefail
-if [ $# -ne 2 ]; then
-  echo "usage: $0 COMFYUI_DIR VENV" >&2
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then
+  echo "usage: $0 COMFYUI_DIR VENV [BASE_VENV]" >&2
   exit 2
 fi
 PACK=$(cd "$(dirname "$0")/.." && pwd)
 COMFYUI_DIR=$(cd "$1" && pwd)
 VENV=$2
+BASE_VENV=${3:-}
 PY=${PYTHON:-python3}
 [ -f "$COMFYUI_DIR/main.py" ] && [ -f "$COMFYUI_DIR/requirements.txt" ] || {
   echo "error: $COMFYUI_DIR is not a ComfyUI checkout (no main.py/requirements.txt); clone ComfyUI there first" >&2
@@ -32,6 +38,16 @@ PY=${PYTHON:-python3}
 # ("including all future releases"), so it is the one that runs beside the pinned torch 2.14.1.
 TORCHAUDIO="torchaudio==2.11.1"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+site_of() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+if [ -n "$BASE_VENV" ]; then
+  [ -x "$BASE_VENV/bin/python" ] || { echo "error: $BASE_VENV is not a venv (no bin/python)" >&2; exit 2; }
+  same=$("$BASE_VENV/bin/python" -c 'import sys; print(sys.version_info[:2])')
+  [ "$same" = "$("$VENV/bin/python" -c 'import sys; print(sys.version_info[:2])')" ] || {
+    echo "error: $BASE_VENV runs Python $same, $VENV another; make both with the same python3" >&2; exit 2; }
+  base_site=$(cd "$(site_of "$BASE_VENV")" && pwd)
+  echo "$base_site" > "$(site_of "$VENV")/_qwen_identity_base_venv.pth"
+  echo "[setup_comfyui] packages of $BASE_VENV are seen behind this venv's own ($base_site)" >&2
+fi
 PIP=("$VENV/bin/python" -m pip install -q -c "$PACK/constraints.txt")
 req=$(mktemp)
 trap 'rm -f "$req"' EXIT

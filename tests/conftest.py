@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import ast
+import atexit
 import functools
 import inspect
 import os
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -33,6 +35,7 @@ import netguard_core  # noqa: E402
 netguard_core.install()
 
 _PKG_ROOT = Path(tempfile.mkdtemp(prefix="qwen_identity_pkg_"))
+atexit.register(shutil.rmtree, _PKG_ROOT, True)
 (_PKG_ROOT / "qwen_identity").symlink_to(ROOT, target_is_directory=True)
 sys.path.insert(0, str(_PKG_ROOT))
 
@@ -70,6 +73,12 @@ def _needs_real_comfyui(item) -> bool:
 
 
 @pytest.hookimpl(tryfirst=True)   # before `-m` deselects
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "newest_comfyui_only: a real-ComfyUI test of the pack's own tooling (the bench), which "
+                   "./run test runs against the newest vendored ComfyUI only")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("comfyui") is None and _needs_real_comfyui(item):

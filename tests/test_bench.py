@@ -75,6 +75,7 @@ def _errors(tree, path=""):
     return []
 
 
+@pytest.mark.newest_comfyui_only   # the bench is a measuring tool: checked against the newest ComfyUI
 def test_comfy_stage_times_comfyuis_sampler_and_the_pack_on_the_same_model(tmp_path):
     """Against a real ComfyUI (COMFYUI_DIR): ComfyUI's KSampler path and the pack's nodes as ComfyUI loaded them
     (QwenImageSampleFromEmbeds, QwenImageAccelerate with the aot_eager backend on the CPU), the Lightning setting

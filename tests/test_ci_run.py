@@ -198,6 +198,9 @@ def test_run_tests_runs_the_comfyui_tests_once_per_release_and_sums_them(tmp_pat
     for call, version in zip(calls[1:], ("0.3.64", "0.33.0")):   # oldest first, each in its own tree
         assert call.startswith(f"COMFYUI_DIR=/fake/{version} REQUIRE=1 ARGS=-m pytest -m comfyui"), call
         assert f"comfyui-{version}.xml" in call and call.endswith("tests/test_x.py"), call
+    # the tests of the pack's own tooling (the bench) run against the newest release only
+    assert "-m comfyui and not newest_comfyui_only --junitxml" in calls[1], calls[1]
+    assert "-m comfyui --junitxml" in calls[2], calls[2]
     lines = out.stdout.strip().splitlines()
     assert lines[-4:] == ["pack.xml: 3 passed, 0 failed, 0 skipped", "comfyui-0.3.64.xml: 3 passed, 0 failed, 0 skipped",
                           "comfyui-0.33.0.xml: 3 passed, 0 failed, 0 skipped", "total: 9 passed, 0 failed, 0 skipped"]

@@ -13,8 +13,10 @@ Comfy-Org/Qwen-Image_ComfyUI release names and the pack's folder names documente
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -83,6 +85,7 @@ def _import_pack():
     if mod is None or Path(mod.__file__).resolve().parent != ROOT:
         sys.modules.pop("qwen_identity", None)
         pkg_root = Path(tempfile.mkdtemp(prefix="qwen_identity_pkg_"))
+        atexit.register(shutil.rmtree, pkg_root, True)
         (pkg_root / "qwen_identity").symlink_to(ROOT, target_is_directory=True)
         sys.path.insert(0, str(pkg_root))
     if str(HERE.parent) not in sys.path:

@@ -11,7 +11,9 @@ draws text, hides the canvas toolbar, clips to the nodes and writes the PNG quan
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +52,7 @@ def render(workflow: Path, out: Path, viewport=(2600, 1400), colors: int = 128) 
     from playwright.sync_api import sync_playwright
 
     base = Path(tempfile.mkdtemp(prefix="comfy_render_"))
+    atexit.register(shutil.rmtree, base, True)
     prepare_base_dir(base, {PACK: ROOT})
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
     raw = out.with_suffix(".raw.png")

@@ -21,10 +21,12 @@ Gotchas handled here:
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,7 +100,11 @@ def start(comfy_dir, packs=(), base_dir=None, models_dir=None, port: int = 0, py
           timeout: float = 240.0, extra_args=(), env: Optional[dict] = None) -> ComfyServer:
     """Start `main.py --cpu` and wait for /object_info. Raises RuntimeError (log tail) on failure."""
     comfy_dir = Path(comfy_dir).resolve()
-    base_dir = Path(base_dir or tempfile.mkdtemp(prefix="comfy_base_")).resolve()
+    if base_dir is None:
+        # a folder of our own: removed when the test process ends (its log is still readable until then)
+        base_dir = Path(tempfile.mkdtemp(prefix="comfy_base_"))
+        atexit.register(shutil.rmtree, base_dir, True)
+    base_dir = Path(base_dir).resolve()
     prepare_base_dir(base_dir, packs, models_dir)
     port = port or free_port()
     log_path = base_dir / "server.log"
@@ -180,7 +186,9 @@ def main(argv=None) -> int:
         stop(a.pid)
         return 0
     try:
-        srv = start(a.comfy_dir, a.pack, a.base_dir, a.models_dir, a.port, timeout=a.timeout)
+        # the server outlives this command, so its folder must too (start() removes only its own at exit)
+        base_dir = a.base_dir or tempfile.mkdtemp(prefix="comfy_base_")
+        srv = start(a.comfy_dir, a.pack, base_dir, a.models_dir, a.port, timeout=a.timeout)
     except RuntimeError as e:
         print(json.dumps({"ok": False, "error": str(e)}))
         return 1

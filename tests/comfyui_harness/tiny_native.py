@@ -11,11 +11,19 @@
       real width (3584, full vocabulary); loaded by the test pack's TinyQwenImageCLIPLoader.
 Weights are drawn from fixed seeds. The result is memoised per process (one build per test session).
 Needs comfy importable (COMFYUI_DIR): the shapes come from ComfyUI's own classes (built on the meta device).
+
+Where they live (`session_models_root`): by default in the checkout's ignored `.comfyui/native_models/<key>/`,
+`<key>` a hash of the files' shapes, this module's source and torch's version: ~2 GB written once and then
+reused by every ComfyUI release whose classes give the same shapes and by every later run. A folder in /tmp
+per process would be written again by each session (a minute of CPU) and, when a process is killed before
+its exit handlers run, left behind, 2 GB each time, until the disk is full.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -52,9 +60,16 @@ def _save(sd: dict, path: Path, dtype=torch.bfloat16) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in sd.items()}, str(tmp))
-    os.replace(tmp, path)
+    # a name of its own: two test processes may write the same file at once; the last rename wins, and
+    # both wrote the same bytes
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to(dtype).contiguous() for k, v in sd.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def random_weights(shapes: dict, seed: int, gains: dict | None = None) -> dict:
@@ -86,49 +101,81 @@ def _meta_shapes(build) -> dict:
     return {k: v.shape for k, v in module.state_dict().items()}
 
 
-def write_transformer(path: Path) -> None:
+def _transformer_shapes() -> dict:
     import comfy.ldm.qwen_image.model
     import comfy.ops
 
-    shapes = _meta_shapes(lambda: comfy.ldm.qwen_image.model.QwenImageTransformer2DModel(
+    return _meta_shapes(lambda: comfy.ldm.qwen_image.model.QwenImageTransformer2DModel(
         num_layers=1, operations=comfy.ops.disable_weight_init))
-    # a small output projection keeps the random velocity (and so the decoded image) unsaturated
-    _save(random_weights(shapes, seed=0, gains={"proj_out.weight": 0.01}), path)
 
 
-def write_vae(path: Path) -> None:
+def _vae_shapes() -> dict:
     import comfy.ldm.wan.vae
 
-    shapes = _meta_shapes(lambda: comfy.ldm.wan.vae.WanVAE(
+    return _meta_shapes(lambda: comfy.ldm.wan.vae.WanVAE(
         dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
         temperal_downsample=[False, True, True], dropout=0.0))
-    _save(random_weights(shapes, seed=1), path)
 
 
-def write_text_encoder(path: Path) -> None:
+def _text_encoder_shapes() -> dict:
     import comfy.ops
     import comfy.text_encoders.llama as llama
 
     from .test_pack import TINY_TE_CONFIG
 
     shapes = _meta_shapes(lambda: llama.Qwen25_7BVLI(TINY_TE_CONFIG, torch.float32, "meta", comfy.ops.manual_cast))
-    shapes = {k: v for k, v in shapes.items() if not k.startswith("visual.")}
-    _save(random_weights(shapes, seed=2), path)
+    return {k: v for k, v in shapes.items() if not k.startswith("visual.")}
+
+
+def write_transformer(path: Path) -> None:
+    # a small output projection keeps the random velocity (and so the decoded image) unsaturated
+    _save(random_weights(_transformer_shapes(), seed=0, gains={"proj_out.weight": 0.01}), path)
+
+
+def write_vae(path: Path) -> None:
+    _save(random_weights(_vae_shapes(), seed=1), path)
+
+
+def write_text_encoder(path: Path) -> None:
+    _save(random_weights(_text_encoder_shapes(), seed=2), path)
+
+
+def _content_key() -> str:
+    """What the written files depend on: the three models' shapes (from this ComfyUI's classes), this
+    module's source (seeds, gains, layer counts) and torch's version (its random generator)."""
+    shapes = [[name, [[k, list(v)] for k, v in fn().items()]] for name, fn in   # in order: it draws the values
+              (("transformer", _transformer_shapes), ("vae", _vae_shapes), ("text_encoder", _text_encoder_shapes))]
+    h = hashlib.sha256(json.dumps(shapes).encode())
+    h.update(Path(__file__).read_bytes())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
 
 
 def session_models_root() -> Path:
-    """One temporary models/ folder per process (removed at exit), shared by every test module.
+    """The models/ folder every test module of this process shares (see the module docstring).
 
-    QWEN_IDENTITY_NATIVE_MODELS=DIR keeps the files in DIR instead, for quick re-runs while developing.
+    QWEN_IDENTITY_NATIVE_MODELS=DIR puts the files in DIR instead. Where the checkout's `.comfyui/` cannot
+    be written, a temporary folder removed at exit.
     """
     if "root" not in _ROOT:
         keep = os.environ.get("QWEN_IDENTITY_NATIVE_MODELS")
+        cache = Path(__file__).resolve().parents[2] / ".comfyui" / "native_models"
         if keep:
             _ROOT["root"] = Path(keep)
+        elif _writable(cache):
+            _ROOT["root"] = cache / _content_key()
         else:
             _ROOT["root"] = Path(tempfile.mkdtemp(prefix="qwen_identity_native_models_"))
             atexit.register(shutil.rmtree, _ROOT["root"], True)
     return _ROOT["root"]
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return os.access(folder, os.W_OK)
+    except OSError:
+        return False
 
 
 def build_native_models(root: Path | None = None, text_encoder: bool = True) -> NativeModels:
