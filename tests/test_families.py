@@ -126,3 +126,81 @@ def test_a_head_of_another_family_is_refused_naming_both():
     assert head_family(tiny) is QWEN_IMAGE_1
     assert head_family(ResidualHead(4, 1, H)) is None     # unknown width, no record: nothing to check
     check_head_family(ResidualHead(4, 1, H), Other())
+
+
+@pytest.mark.parametrize("which", ["qwen-image", "qwen-image-2.1"])
+def test_fp8_storage_load_equals_loading_then_casting(which, tiny_qwenimage_dir, tiny_qwenimage21_dir, tmp_path):
+    """Loading with fp8 storage reads the weights one tensor at a time into an empty model that already has
+    layerwise casting (so the bf16 model is never whole on the device); it must give exactly the model that
+    `from_pretrained` then `enable_layerwise_casting` gives: names, dtypes, values and the forward pass.
+    Checked with the index of a sharded folder too (the real checkpoints are sharded)."""
+    import shutil
+
+    import diffusers
+    from safetensors.torch import load_file, save_file
+
+    from qwen_identity.core.families import detect_family
+
+    folder = tiny_qwenimage_dir if which == "qwen-image" else tiny_qwenimage21_dir
+    family = detect_family(folder, "test")
+    cls = getattr(diffusers, family.transformer_classes[0])
+    ref = cls.from_pretrained(folder / "transformer", torch_dtype=torch.bfloat16, use_safetensors=True)
+    ref.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(folder, sharded, ignore=shutil.ignore_patterns("diffusion_pytorch_model*.safetensors*"),
+                    symlinks=True)
+    sd = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    keys = sorted(sd)
+    halves = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in halves.items():
+        save_file({k: sd[k] for k in part}, str(sharded / "transformer" / name))
+    (sharded / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, part in halves.items() for k in part}}))
+
+    for source in (folder, sharded):
+        got = family.load_transformer(source, "cpu", torch.bfloat16, torch.float8_e4m3fn)
+        want = dict(ref.named_parameters())
+        have = dict(got.named_parameters())
+        assert list(have) == list(want)
+        assert {p.dtype for p in have.values()} == {torch.float8_e4m3fn, torch.bfloat16}
+        for name, p in want.items():
+            assert have[name].dtype == p.dtype and torch.equal(have[name].float(), p.float()), name
+        assert not any(p.is_meta for p in got.parameters()) and not any(b.is_meta for b in got.buffers())
+        g = torch.Generator().manual_seed(0)
+        latents, sigmas, embeds, mask = _denoiser_inputs(family, got, g)
+        torch.testing.assert_close(family.denoiser(got)(latents, sigmas, embeds, mask),
+                                   family.denoiser(ref)(latents, sigmas, embeds, mask), rtol=0, atol=0)
+
+
+def test_fp8_storage_load_names_a_foreign_or_missing_weight(tiny_qwenimage_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qwen_identity.core.families import detect_family
+
+    family = detect_family(tiny_qwenimage_dir, "test")
+    for case in ("foreign", "missing"):
+        broken = tmp_path / case
+        shutil.copytree(tiny_qwenimage_dir, broken, symlinks=True)
+        f = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+        sd = load_file(str(f))
+        if case == "foreign":
+            sd["not_a_layer.weight"] = torch.zeros(2)
+        else:
+            sd.pop(sorted(sd)[0])
+        f.unlink()
+        save_file(sd, str(f))
+        with pytest.raises(ValueError, match="not_a_layer" if case == "foreign" else "missing"):
+            family.load_transformer(broken, "cpu", torch.bfloat16, torch.float8_e4m3fn)
+
+
+def _denoiser_inputs(family, transformer, g):
+    """x_t [1, C, 4, 4], σ, prompt embeddings and mask in the shapes `transformer` (of `family`) takes."""
+    cfg = transformer.config
+    channels = cfg.in_channels // family.patch_size ** 2
+    width = family.transformer_text_width(dict(cfg))
+    return (torch.randn(1, channels, 4, 4, generator=g), torch.tensor([0.6]),
+            torch.randn(1, 5, width, generator=g), torch.ones(1, 5, dtype=torch.long))

@@ -292,8 +292,8 @@ def _load_transformer(qi_dir: Path, device, dtype, hidden: int, gradient_checkpo
             f"{qi_dir}: its transformer takes text of width {width} ({describe_text_width(width)}) but its text "
             f"encoder (and the head) has H={hidden} ({describe_text_width(hidden)}): the folder mixes two Qwen-Image "
             "generations. Use a complete Qwen-Image folder.")
-    try:
-        tr = family.load_transformer(qi_dir, device, dtype)
+    try:   # fp8: stored fp8 as it loads (a 24 GB card never holds the bf16 weights)
+        tr = family.load_transformer(qi_dir, device, dtype, torch.float8_e4m3fn if fp8_storage else None)
     except RuntimeError as e:
         _check_memory_error(e)
         raise
@@ -306,7 +306,7 @@ def prepare_transformer(tr, device, dtype, gradient_checkpointing: bool = False,
     layerwise casting: weights stored float8_e4m3fn, each layer cast to `dtype` when it runs; the step
     reads that compute dtype, `flow_matching.compute_dtype_of`) and the blocks compiled with
     `compile_backend` (None: not compiled). Train a compiled one inside `training_rope()`."""
-    if fp8_storage:
+    if fp8_storage and not any(p.dtype == torch.float8_e4m3fn for p in tr.parameters()):  # (not loaded as fp8)
         tr.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     tr = freeze_transformer(tr, gradient_checkpointing)
     if compile_backend:

@@ -182,13 +182,21 @@ class ModelFamily:
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
     # ------------------------------------------------------------------ transformer
-    def load_transformer(self, folder: Path, device, dtype):
-        """The folder's transformer/ as this family's diffusers class (`transformer_classes[0]`, safetensors only)."""
+    def load_transformer(self, folder: Path, device, dtype, storage_dtype: torch.dtype | None = None):
+        """The folder's transformer/ as this family's diffusers class (`transformer_classes[0]`, safetensors only).
+
+        `storage_dtype` (float8_e4m3fn): weights stored in it and cast to `dtype` layer by layer when they run
+        (diffusers' layerwise casting). They are then read one tensor at a time, cast, and put on `device`, so
+        neither the GPU nor the CPU ever holds the whole model in `dtype`: Qwen-Image's 38 GiB of bf16 weights
+        would not fit a 24 GB card even for the moment between loading and casting.
+        """
         import diffusers
 
         transformer_cls = getattr(diffusers, self.transformer_classes[0])
-        return transformer_cls.from_pretrained(Path(folder) / "transformer", torch_dtype=dtype,
-                                               use_safetensors=True).to(device)
+        if storage_dtype is None:
+            return transformer_cls.from_pretrained(Path(folder) / "transformer", torch_dtype=dtype,
+                                                   use_safetensors=True).to(device)
+        return _load_cast_per_tensor(transformer_cls, Path(folder) / "transformer", device, dtype, storage_dtype)
 
     def transformer_text_width(self, config: dict[str, Any]) -> int:
         """The text width H a transformer config takes."""
@@ -230,3 +238,50 @@ class ModelFamily:
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"
+
+
+def _load_cast_per_tensor(transformer_cls, folder: Path, device, dtype, storage_dtype):
+    """`transformer_cls` from `folder` with layerwise casting, built empty and filled tensor by tensor.
+
+    The empty model (parameters on the meta device) is put in `dtype` and given layerwise casting first, so
+    each parameter's dtype there is the one it is stored in (`storage_dtype`, or `dtype` for the layers
+    diffusers keeps uncast: norms, position embeddings); every tensor read from the safetensors files is cast
+    to that and moved to `device` before the next is read. Same parameters, dtypes and hooks as
+    `from_pretrained(torch_dtype=dtype)` followed by `enable_layerwise_casting`.
+    """
+    import json
+
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    with init_empty_weights():
+        model = transformer_cls.from_config(transformer_cls.load_config(folder))
+    # parameters (still on meta) to `dtype`; buffers stay as built (from_pretrained does not cast them either:
+    # 2.1's timestep frequencies stay float32)
+    model._apply(lambda t: t.to(dtype) if t.is_meta and t.is_floating_point() else t)
+    model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=dtype)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [folder / "diffusion_pytorch_model.safetensors"]
+    expected = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for f in files:
+        part = {}
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                target = expected.get(key)
+                if target is None:
+                    raise ValueError(f"{f}: tensor {key!r} is not a parameter of {transformer_cls.__name__}; the "
+                                     "folder does not hold this model. Use a complete diffusers folder.")
+                # through `dtype` first, as from_pretrained(torch_dtype=dtype) then casting would round it
+                part[key] = sf.get_tensor(key).to(dtype).to(device=device, dtype=target.dtype)
+        model.load_state_dict(part, strict=False, assign=True)
+        loaded.update(part)
+        del part
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise ValueError(f"{folder}: {len(missing)} weights of {transformer_cls.__name__} are missing (first: "
+                         f"{missing[0]}). Use a complete diffusers folder.")
+    return model.to(device).eval()
