@@ -456,6 +456,10 @@ class PersonalTuningBench:
                 parts.append(f"tune_head {r['tune_head_s']:.1f} s")
             if r.get("step_s_median") is not None:
                 parts.append(f"{r['step_s_median']:.3f} s/step (median)")
+            elif r.get("step_s_median_all") is not None:
+                parts.append(f"{r['step_s_median_all']:.3f} s/step (median, every step evaluated)")
+            if r.get("weights_gib") is not None:
+                parts.append(f"weights {r['weights_gib']:.2f} GiB")
             if r.get("first_step_s") is not None:
                 parts.append(f"first {r['first_step_s']:.2f} s")
             if r.get("held_out_eval_s_estimate") is not None:
