@@ -19,9 +19,9 @@ Stages (in order; a stage starts only while the time budget leaves --min-stage-s
   bf16      the CLI's defaults on one GPU (bf16, no gradient checkpointing, no fp8, not compiled).
   fp8_24gb  `--fp8-storage --gradient-checkpointing` (what docs/personalize.md gives for 24 GB cards),
             the allocator capped at --cap-gib (24 GiB) with torch.cuda.set_per_process_memory_fraction;
-            an out-of-memory is a result (fits: false), not a crash. The weights are cast to fp8 before
-            the cap is set; `cli_load_path` records whether the CLI's own load path (all bf16 weights on
-            the GPU before prepare_transformer casts them) fits under the same cap.
+            an out-of-memory is a result (fits: false), not a crash. The random weights are built in bf16
+            and cast to fp8 before the cap is set (the CLI's loader reads them one tensor at a time into a
+            model that already stores fp8, so it never holds the bf16 weights whole).
 A stage still running when the budget ends is stopped through tune_head's own `should_stop` (the CLI's
 Ctrl-C path: the best head so far is kept) and recorded as partial with the steps it did.
 
@@ -206,33 +206,6 @@ class PersonalTuningBench:
         return tr
 
     # ---------------------------------------------------------------- one stage
-    def cli_load_check(self, rec: dict, cap_gib: float):
-        """Under the same cap: can the bf16 weights be resident on the GPU at all? The CLI's load path
-        (family.load_transformer: from_pretrained(bf16).to(device), then prepare_transformer casts to fp8)
-        holds every bf16 weight on the GPU first; building the bf16 model on the GPU allocates the same."""
-        t = time.perf_counter()
-        tr = None
-        with self.memory_cap(cap_gib):
-            try:
-                with torch.no_grad(), default_dtype_device(self.dtype, self.device):
-                    from diffusers import QwenImageTransformer2DModel
-
-                    tr = QwenImageTransformer2DModel(**self.cfg)
-                self.sync()
-                out = {"fits": True, "bf16_weights_gib": self.gib(torch.cuda.memory_allocated(self.device))}
-            except Exception as e:  # noqa: BLE001
-                if not is_oom(e):
-                    raise
-                out = {"fits": False, "oom": describe_exc(e)}
-            finally:
-                del tr
-                self.free()
-        out["what"] = ("all bf16 weights resident on the GPU under the cap, as family.load_transformer's "
-                       ".to(device) holds them before prepare_transformer casts them to fp8")
-        out["s"] = round(time.perf_counter() - t, 2)
-        rec["cli_load_path"] = out
-        self.log(f"  CLI load path under {cap_gib} GiB: {'fits' if out['fits'] else 'out of memory'}")
-
     def memory_cap(self, gib: float):
         bench = self
 
@@ -264,8 +237,6 @@ class PersonalTuningBench:
         rec["cap_gib"] = cap if (cap and self.cuda) else None
         if cap and not self.cuda:
             rec["cap_note"] = "no allocator cap on the CPU"
-        if cap and self.cuda and self.args.load_check:
-            self.cli_load_check(rec, cap)
         s = self.results["inputs"]
         data = self.make_data(s, opts.face_weight)
 
@@ -468,8 +439,6 @@ class PersonalTuningBench:
                 parts.append(f"peak {r['peak_allocated_gib']:.2f} GiB alloc / {r.get('peak_reserved_gib', 0):.2f} reserved")
             if r.get("cap_gib"):
                 parts.append(f"cap {r['cap_gib']} GiB: {'fits' if r.get('fits') else 'OOM'}")
-            if r.get("cli_load_path"):
-                parts.append(f"CLI bf16 load under cap: {'fits' if r['cli_load_path']['fits'] else 'OOM'}")
             if r.get("held_out_loss") is not None:
                 parts.append(f"held-out {r['held_out_loss']:.4f} (prompt alone {r['held_out_loss_none']:.4f})")
             if r.get("full_run_s_estimate"):
@@ -502,8 +471,6 @@ def main(argv=None) -> int:
     p.add_argument("--cap-gib", type=float, default=24.0, help="allocator cap of the fp8_24gb stage (GiB)")
     p.add_argument("--min-stage-s", type=float, default=None,
                    help="a stage starts only with this many seconds of budget left (default 45; tiny 0)")
-    p.add_argument("--no-load-check", dest="load_check", action="store_false",
-                   help="fp8_24gb: skip the check of the CLI's bf16 load path under the cap")
     p.add_argument("--tiny", action="store_true", help="the tiny test transformer (for the CPU test)")
     p.add_argument("--layers", type=int, default=None,
                    help="fewer transformer blocks (a CPU check of the real widths; never for timings)")

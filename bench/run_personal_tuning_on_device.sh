@@ -43,6 +43,6 @@ grep -E "^\[|^personal tuning|^  (bf16|fp8_24gb)|Error|error" "$OUT/personal_tun
   | grep -v "should be kept in float32" | tail -40
 [ -f "$J" ] && "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); keys = ('status', 'steps_done', \
 'tune_head_s', 'step_s_median', 'step_s_median_all', 'eval_step_s_median', 'first_step_s', 'weights_gib', \
-'peak_allocated_gib', 'peak_reserved_gib', 'fits', 'cli_load_path', 'held_out_loss', 'full_run_s_estimate', 'reason'); \
+'peak_allocated_gib', 'peak_reserved_gib', 'fits', 'held_out_loss', 'full_run_s_estimate', 'reason'); \
 print(json.dumps({k: {x: v.get(x) for x in keys if x in v} for k, v in d['stages'].items()}, indent=1)); \
 print('errors', d['errors'], 'total_s', d.get('total_s'))" "$J"
