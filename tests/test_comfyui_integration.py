@@ -15,6 +15,10 @@ Substitutions made in copies of the API workflows (the committed files keep the 
 CLIPLoader -> TinyQwenImageCLIPLoader (CLIPLoader always builds the full 7B encoder), the diffusers
 workflow's head -> tiny_diffusers_head.safetensors, 32x32 images with 2 steps, and TrainIdentityHead
 at 64x64 pixels with 2 steps.
+A workflow that needs a newer ComfyUI than the one under test (build_workflows.NEEDS_COMFYUI: the Qwen-Image 2.1
+native workflow needs 0.38's TextEncodeQwenImage21) is not loaded into a server that lacks those nodes: those
+tests skip with the reason, the template-browser test still serves it, and tests/test_workflows.py checks it
+against the newer release's node definitions written from its source.
 Run with the venv from scripts/setup_comfyui.sh (ComfyUI's requirements, playwright, comfy-cli) and
 Debian's chromium.
 """
@@ -55,7 +59,7 @@ TINY_21_HEAD = "tiny_21_head.safetensors"   # for the tiny Qwen-Image 2.1 pipeli
 EXPECTED_IMAGES = {"qwen_identity_alpha_grid": 1, "qwen_identity_native_ksampler": 1,
                    "qwen_identity_diffusers": 1, "qwen_identity_multi_photo": 2, "qwen_identity_two_people": 1,
                    "qwen_identity_lightning": 1, "qwen_identity_accelerated": 1, "qwen_identity_personalize": 1,
-                   "qwen_identity_21_references": 1}
+                   "qwen_identity_21_references": 1, "qwen_identity_21_native": 1}
 TRAIN_RESOLUTION = "64x64"     # TrainIdentityHead's training size on the tiny stand-ins
 
 
@@ -201,6 +205,23 @@ def _assert_ok(res: QueueResult):
     assert res.ok, res.summary()
 
 
+def skip_if_server_lacks_what_it_needs(server, stem: str):
+    """Skip, saying why, when workflow `stem` needs a newer ComfyUI (build_workflows.NEEDS_COMFYUI) whose nodes
+    this server does not have. Only those workflows may skip: for any other, a missing node is a failure."""
+    if stem not in bw.NEEDS_COMFYUI:
+        return
+    from comfyui_harness.core_snapshot import comfyui_version
+
+    release, nodes = bw.NEEDS_COMFYUI[stem]
+    missing = [n for n in nodes if n not in server.object_info]
+    if missing:
+        reason = (f"{stem} needs ComfyUI >= {release}: this ComfyUI {comfyui_version(comfyui_dir())} has no "
+                  f"{', '.join(missing)}, so it is not loaded here; tests/test_workflows.py checks it against "
+                  f"ComfyUI {release}'s node definitions written from its source")
+        print(reason)
+        pytest.skip(reason)
+
+
 # ---- the server and the pack ----------------------------------------------------------------------
 
 def test_pack_imports_without_failure(server):
@@ -262,6 +283,36 @@ def test_core_node_snapshot_matches_the_live_server(server):
                 assert got == spec, (name, inp)
 
 
+def test_autogrow_input_of_the_0_38_definitions_is_laid_out_as_a_live_server_serves_one(server):
+    """The hand-written TextEncodeQwenImage21 (comfyui_0.38_nodes_from_source.json) describes its Autogrow
+    `images` input as ComfyUI's /object_info does: where this server has TextEncodeQwenImage21 itself, the whole
+    entry must match; else every Autogrow input built from the same template (IMAGE sockets image_1..image_16,
+    min 0: in ComfyUI 0.33.0 TextEncodeMageFlowEdit.images and TextEncodeBooguEdit.images) must be served exactly as
+    written there, tooltip aside. A ComfyUI without Autogrow inputs (0.3.64) skips, saying so."""
+    from comfyui_harness.workflow_format import AUTOGROW, source_node_defs
+
+    ours = source_node_defs("0.38")["TextEncodeQwenImage21"]
+    info = server.object_info
+    if "TextEncodeQwenImage21" in info:
+        live = info["TextEncodeQwenImage21"]
+        for key in ("input_order", "output", "output_name", "output_is_list"):
+            assert live[key] == ours[key], key
+        assert live["input"] == ours["input"]
+        return
+    spec = ours["input"]["required"]["images"]
+    grow = {(name, inp): (sec, live_spec) for name, d in info.items() for sec in ("required", "optional")
+            for inp, live_spec in (d.get("input", {}).get(sec) or {}).items() if live_spec[0] == AUTOGROW}
+    if not grow:
+        pytest.skip("this ComfyUI has no Autogrow (COMFY_AUTOGROW_V3) input to compare the 0.38 definitions with")
+    same = {k: v for k, v in grow.items() if len(v[1]) > 1 and v[1][1].get("template") == spec[1]["template"]}
+    assert same, f"no live Autogrow input has the template {spec[1]['template']}; live ones: {sorted(grow)}"
+    print(f"Autogrow inputs with TextEncodeQwenImage21.images' template here: {sorted(same)}")
+    for (name, inp), (sec, live_spec) in same.items():
+        assert sec == "required" and live_spec[0] == spec[0], (name, inp, sec)
+        assert {k: v for k, v in live_spec[1].items() if k != "tooltip"} == {
+            k: v for k, v in spec[1].items() if k != "tooltip"}, (name, inp)
+
+
 def test_ui_workflows_are_in_the_template_browser_and_api_twins_are_not(server):
     listed = server.get_json("/workflow_templates")
     assert sorted(listed.get(PACK_LINK, [])) == sorted(bw.WORKFLOW_FILES)
@@ -274,6 +325,7 @@ def test_ui_workflows_are_in_the_template_browser_and_api_twins_are_not(server):
 
 @pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.stem)
 def test_api_workflow_runs_and_writes_images(server, path):
+    skip_if_server_lacks_what_it_needs(server, path.stem.removesuffix("_api"))
     res = queue_prompt(server.url, tiny_api(path), timeout=600)
     _assert_ok(res)
     stem = path.stem.removesuffix("_api")
@@ -318,6 +370,7 @@ def _comfy_cli(server, args: list, cwd: Path, timeout: int = 400) -> subprocess.
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_comfy_cli_converts_each_ui_file_to_its_api_twin(server, path, tmp_path):
+    skip_if_server_lacks_what_it_needs(server, path.stem)
     out = _comfy_cli(server, ["--workflow", str(path), "--print-prompt"], tmp_path, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     printed = json.loads(out.stdout[out.stdout.index("{"):])
@@ -413,7 +466,8 @@ def frontend(server):
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
-def test_ui_workflow_drops_onto_the_canvas_without_missing_nodes(frontend, path, tmp_path):
+def test_ui_workflow_drops_onto_the_canvas_without_missing_nodes(server, frontend, path, tmp_path):
+    skip_if_server_lacks_what_it_needs(server, path.stem)
     rep = frontend.load_workflow(path, via="drop", screenshot=tmp_path / f"{path.stem}.png", export_api=True)
     summary = {k: rep.get(k) for k in ("missing_node_types", "missing_dialog", "schema_alert", "dialogs",
                                        "toasts", "unexpected_errors")}

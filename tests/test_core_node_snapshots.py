@@ -5,7 +5,11 @@ newer release has its own (comfyui_core_nodes_<version>.json, checked against th
 tests/test_comfyui_integration.py). Releases may add outputs, search aliases or combo options; what a
 committed workflow relies on must not change: the inputs and their order (a UI file's `widgets_values` are
 positional), their types, widget defaults, the combo options the workflows may use, and the outputs at the
-indices links point to."""
+indices links point to.
+
+A workflow that needs a newer ComfyUI than the tested releases is checked against that release's hand-written
+node definitions (comfyui_0.38_nodes_from_source.json); where they define a core node the snapshots also have,
+they must keep what the other workflows rely on too."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import copy
 
 import pytest
 
-from comfyui_harness.workflow_format import core_node_defs, snapshot_versions
+from comfyui_harness.workflow_format import SOURCE_SNAPSHOTS, core_node_defs, snapshot_versions, source_node_defs
 
 
 def _combo(spec):
@@ -73,3 +77,14 @@ def test_a_change_a_workflow_would_meet_is_found():
         change(changed)
         found = relied_on_differences(base, changed)
         assert any(expected in f for f in found), (expected, found)
+
+
+@pytest.mark.parametrize("release", sorted(SOURCE_SNAPSHOTS))
+def test_hand_written_definitions_of_a_newer_release_keep_the_shared_core_nodes(release):
+    base, newer = core_node_defs(), source_node_defs(release)
+    shared = {name: base[name] for name in newer if name in base}
+    assert shared, "no core node in common: nothing ties these definitions to the tested releases"
+    assert relied_on_differences(shared, newer) == []
+    first = next(iter(base.values()))
+    for name, d in newer.items():   # written in the snapshots' own layout
+        assert set(d) == set(first), (name, sorted(set(d) ^ set(first)))

@@ -7,7 +7,8 @@ in a combo list, the wrong type), and then:
    applies before running a prompt) must flag every value outside the node's INPUT_TYPES; and
 2. a value that passes validation is what a node really receives: the workflow is executed in-process
    with the pack's node classes on the tiny models (ComfyUI's own loaders and CLIPTextEncode are
-   replaced by the tiny diffusers pipeline; the native KSampler chain is left out). Every run ends in
+   replaced by the tiny diffusers pipeline, ComfyUI 0.38's TextEncodeQwenImage21 by the tiny Qwen-Image 2.1
+   pipeline's prompt encoding; the native KSampler chain is left out). Every run ends in
    images that are all finite, or in a UserInputError -- never another exception, never NaN pixels.
 """
 
@@ -123,8 +124,10 @@ def standins(tiny_qwen3vl_dir, tiny_qwenimage_dir, tiny_qwenimage21_dir):
 
 
 def _for_family(api: dict, s: dict) -> dict:
-    """The stand-ins of the family the workflow's diffusers loader names (Qwen-Image 2.1 or 1.x)."""
-    names_21 = any(n["class_type"] == "LoadQwenImageDiffusers" and "2.1" in json.dumps(n["inputs"]) for n in api.values())
+    """The stand-ins of the family the workflow names (Qwen-Image 2.1 or 1.x): its diffusers loader's folder, or
+    ComfyUI's Qwen-Image 2.1 text-encode node."""
+    names_21 = any((n["class_type"] == "LoadQwenImageDiffusers" and "2.1" in json.dumps(n["inputs"]))
+                   or n["class_type"] == "TextEncodeQwenImage21" for n in api.values())
     return {**s, "pipe": s["pipe21"], "head": s["head21"]} if names_21 else s
 
 
@@ -170,6 +173,10 @@ def execute(api: dict, s: dict, mutated: str | None = None) -> list[torch.Tensor
             results[nid] = (torch.cat([inputs["image1"], inputs["image2"]]),)
         elif t == "CLIPTextEncode":
             results[nid] = N["QwenImageTextEncodeDiffusers"]().encode(s["pipe"], inputs["text"])
+        elif t == "TextEncodeQwenImage21":   # ComfyUI 0.38's node: (positive, negative, latent); no latent here
+            encode = N["QwenImageTextEncodeDiffusers"]().encode
+            results[nid] = (encode(s["pipe"], inputs["prompt"])[0], encode(s["pipe"], inputs["negative_prompt"])[0],
+                            None)
         elif t in ("SaveImage", "PreviewImage"):
             saved.append(inputs["images"])   # None when it came from the (absent) native chain
             results[nid] = ()

@@ -104,6 +104,27 @@ def test_quantized_and_partial_files_are_refused_with_the_reason(original, tmp_p
         sf.read_header(tmp_path / "bad.safetensors")
 
 
+@pytest.mark.parametrize("fmt,packed", [({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}, False),
+                                        ({"format": "asym_w4a8_int8"}, True)], ids=["int8_convrot", "w4a8"])
+def test_comfyuis_smaller_21_text_encoders_are_refused_naming_the_bf16_file(original, tmp_path, fmt, packed):
+    """Comfy-Org's Qwen-Image 2.1 text encoder also comes as int8_convrot and w4a8 files: int8 weights (two 4-bit
+    values per byte for w4a8) with a per-row weight_scale and a `.comfy_quant` entry per quantized layer. LoadQwen3VL
+    cannot read them (their rotation / packing is comfy_kitchen's): the error says so and names the bf16 file."""
+    sd = {k: v.contiguous() for k, v in original.state_dict().items() if k != "lm_head.weight"}
+    for k in [k for k in sd if ".layers.0." in k and k.endswith("proj.weight")] + ["model.visual.merger.linear_fc1.weight"]:
+        w = sd.pop(k)
+        cols = w.shape[1] // 2 if packed else w.shape[1]
+        base = k[: -len(".weight")]
+        sd[k] = torch.randint(-128, 127, (w.shape[0], cols), dtype=torch.int8)
+        sd[base + ".weight_scale"] = w.abs().amax(1, keepdim=True).float() / 127
+        sd[base + ".comfy_quant"] = torch.tensor(list(json.dumps(fmt).encode()), dtype=torch.uint8)
+    path = tmp_path / "qwen3vl_8b_quantized.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(UserInputError, match="quantized for ComfyUI") as err:
+        sf.load_single_file_model(path, torch.float32, TINY)
+    assert sf.BF16_FILE_21 == "qwen3vl_8b_bf16.safetensors" and sf.BF16_FILE_21 in str(err.value)
+
+
 def test_an_unreleased_vision_depth_needs_its_deepstack_layers(original, tmp_path):
     path = _single_file(original, tmp_path / "x.safetensors")
     with pytest.raises(UserInputError, match="2 blocks with 2 DeepStack"):

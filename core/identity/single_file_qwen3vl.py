@@ -20,7 +20,10 @@ No config, tokenizer or processor files come with it, so:
   comfy/text_encoders/qwen25_tokenizer, with the same ids for <|image_pad|> etc.).
 Weights: bf16/fp16/fp32 load as they are; plain float8 (e4m3fn/e5m2) and float8 with one per-tensor scale
 (`<name>.weight_scale` / `.scale_weight`) are widened to the load dtype; other quantized layouts (int8,
-nvfp4, `.comfy_quant` formats other than per-tensor float8, GGUF) are refused with the reason.
+nvfp4, `.comfy_quant` formats other than per-tensor float8, GGUF) are refused with the reason. That includes
+the smaller Qwen-Image 2.1 text encoders Comfy-Org ships beside qwen3vl_8b_bf16.safetensors: int8_convrot
+(`.comfy_quant` format int8_tensorwise with a rotation, int8 weights) and w4a8 (int8 storage); ComfyUI's
+QUANT_ALGOS in comfy/quant_ops.py name those layouts, and their rotation lives in the comfy_kitchen package.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_toke
 _SCALE_SUFFIXES = (".weight_scale", ".scale_weight")
 _FLOAT8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 _PLAIN = {"BF16", "F16", "F32"}
+# Qwen-Image 2.1's text encoder as Comfy-Org/Qwen-Image-2.1 ships it: the bf16 file is the one read here (its
+# int8_convrot and w4a8 files are ComfyUI-quantized layouts, refused with the reason).
+BF16_FILE_21 = "qwen3vl_8b_bf16.safetensors"
 
 
 def read_header(path: Path) -> dict:
@@ -145,7 +151,8 @@ def _check_quantization(header: dict, path: Path) -> None:
     if quant or odd:
         what = f"tensors of type {', '.join(odd)}" if odd else f"ComfyUI quantization metadata ({quant[0]})"
         raise UserInputError(f"{path.name} is quantized for ComfyUI ({what}); LoadQwen3VL reads bf16/fp16/fp32 and "
-                             "float8 files only. Use the bf16 (or fp8_e4m3fn) Qwen3-VL file, or the Hugging Face folder.")
+                             "float8 files only. Use the bf16 (or fp8_e4m3fn) Qwen3-VL file (for Qwen-Image 2.1: "
+                             f"{BF16_FILE_21}), or the Hugging Face folder.")
 
 
 def load_state_dict(path: Path, header: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -200,6 +207,7 @@ def load_single_file_model(path: Path, dtype: torch.dtype, overrides: Optional[d
     if not is_single_file_qwen3vl(header):
         raise UserInputError(f"{path.name} is not a Qwen3-VL file with its vision tower (no "
                              f"{DETECTION_KEYS[0]}); choose a Qwen3-VL text encoder such as qwen3vl_8b.safetensors.")
+    _check_quantization(header, path)   # before shapes are read: packed quantized weights have other shapes
     config = Qwen3VLConfig(**infer_config(header, overrides))
     state = load_state_dict(path, header, dtype)
     with torch.device("meta"):

@@ -7,8 +7,10 @@ description per graph, so a UI file and its twin can never disagree.
 tests/test_workflows.py checks that the committed files equal what this writes, and validates
 the files themselves (formats, node types, widget values, link types, UI == API twin).
 Widget inputs not named here take the node's default; model files are the official
-Comfy-Org/Qwen-Image_ComfyUI release names and the pack's folder names documented in README
-"## Workflows". Seeds are fixed (seed widgets carry "fixed").
+Comfy-Org/Qwen-Image_ComfyUI release names (Comfy-Org/Qwen-Image-2.1 for the native 2.1 workflow) and the
+pack's folder names documented in README "## Workflows" and docs/workflows.md. Seeds are fixed (seed widgets
+carry "fixed"). A workflow that needs a newer ComfyUI than the tested releases (NEEDS_COMFYUI) is built
+against that release's hand-written node definitions laid over the others (defs_for).
 """
 
 from __future__ import annotations
@@ -38,10 +40,23 @@ VAE = "qwen_image_vae.safetensors"
 # The template's 4-step Lightning LoRA for 2512 (LoraLoaderModelOnly, strength 1; KSampler 4 steps, CFG 1)
 LIGHTNING_LORA = "Qwen-Image-2512-Lightning-4steps-V1.0-fp32.safetensors"
 LIGHTNING_URL = f"https://huggingface.co/lightx2v/Qwen-Image-2512-Lightning/resolve/main/{LIGHTNING_LORA}"
+# Qwen-Image 2.1 for ComfyUI (>= 0.38): Comfy-Org/Qwen-Image-2.1 (no split_files/ folder), as ComfyUI's own 2.1
+# templates link them (Comfy-Org/workflow_templates: templates/image_qwen_image_2_1_t2i.json,
+# templates/image_qwen_image_2_1_image_edit.json). The templates load the int8_convrot files; the bf16 ones are
+# what the 2.1 workflow names (the bf16 text encoder is also a file LoadQwen3VL can read; int8_convrot is not).
+HF_21 = "https://huggingface.co/Comfy-Org/Qwen-Image-2.1/resolve/main"
+UNET_21 = "qwen_image_2.1_bf16.safetensors"
+UNET_21_INT8 = "qwen_image_2.1_int8_convrot.safetensors"
+TEXT_ENCODER_21 = "qwen3vl_8b_bf16.safetensors"
+TEXT_ENCODER_21_INT8 = "qwen3vl_8b_int8_convrot.safetensors"
+VAE_21 = "qwen_image_2.1_vae_bf16.safetensors"
 MODEL_LINKS = {UNET: ("diffusion_models", f"{HF}/diffusion_models/{UNET}"),
                TEXT_ENCODER: ("text_encoders", f"{HF}/text_encoders/{TEXT_ENCODER}"),
                VAE: ("vae", f"{HF}/vae/{VAE}"),
-               LIGHTNING_LORA: ("loras", LIGHTNING_URL)}
+               LIGHTNING_LORA: ("loras", LIGHTNING_URL),
+               UNET_21: ("diffusion_models", f"{HF_21}/diffusion_models/{UNET_21}"),
+               TEXT_ENCODER_21: ("text_encoders", f"{HF_21}/text_encoders/{TEXT_ENCODER_21}"),
+               VAE_21: ("vae", f"{HF_21}/vae/{VAE_21}")}
 # The pack's folders (README "Models: which files go where")
 QWEN3VL = "Qwen3-VL-2B-Instruct"          # models/qwen3_vl/Qwen3-VL-2B-Instruct/ (hub Qwen/Qwen3-VL-2B-Instruct)
 HEAD = "v1_head.safetensors"              # models/identity_heads/ (`qwen-identity train --out-dir runs/v1`)
@@ -76,7 +91,13 @@ WORKFLOW_FILES = {
     "qwen_identity_accelerated": "one image, QwenImageAccelerate + QwenImageTrueCFG before KSampler",
     "qwen_identity_personalize": "a personal head trained on your photos, then an α grid",
     "qwen_identity_21_references": "Qwen-Image 2.1 (diffusers): its reference images beside the head, one grid",
+    "qwen_identity_21_native": "Qwen-Image 2.1 (ComfyUI >= 0.38): TextEncodeQwenImage21 with the photos as references "
+                               "+ the head, KSampler",
 }
+# Workflows that need a newer ComfyUI than the tested releases: stem -> (release, the nodes only it has). They are
+# built and checked against that release's hand-written node definitions (workflow_format.SOURCE_SNAPSHOTS); a live
+# server without those nodes skips loading them, saying why (tests/test_comfyui_integration.py).
+NEEDS_COMFYUI = {"qwen_identity_21_native": ("0.38", ("TextEncodeQwenImage21",))}
 
 
 def _import_pack():
@@ -97,6 +118,17 @@ def node_defs() -> dict:
     from comfyui_harness.workflow_format import core_node_defs, pack_node_defs
 
     return {**core_node_defs(), **pack_node_defs()}
+
+
+def defs_for(stem: str, defs: dict | None = None) -> dict:
+    """The node definitions workflow `stem` is built and checked against: the tested releases' core nodes and the
+    pack's, with those of the newer release it needs (NEEDS_COMFYUI) laid over them."""
+    from comfyui_harness.workflow_format import source_node_defs
+
+    defs = node_defs() if defs is None else defs
+    if stem not in NEEDS_COMFYUI:
+        return defs
+    return {**defs, **source_node_defs(NEEDS_COMFYUI[stem][0])}
 
 
 def _models_property(name: str) -> dict:
@@ -476,6 +508,73 @@ def references_21(defs):
     return b.graph("qwen_identity_21_references")
 
 
+# ComfyUI's own Qwen-Image 2.1 templates (above): no ModelSamplingAuraFlow (the model's own sampling settings),
+# KSampler 25 steps, CFG 1 (guidance off: the negative prompt is not used), euler / simple; TextEncodeQwenImage21
+# at its default resolution 1024, its latent output (the first reference's aspect) as the KSampler's latent.
+STEPS_21_NATIVE, CFG_21_NATIVE, RESOLUTION_21 = 25, 1.0, 1024
+PROMPT_21 = "a portrait photo of the person in <image1> and <image2>, studio lighting, 85mm"
+
+NATIVE_21_NOTE = f"""## Needs ComfyUI 0.38 or newer
+`TextEncodeQwenImage21` (ComfyUI's Qwen-Image 2.1 text encoder node) first ships in ComfyUI 0.38. Older
+ComfyUIs show it as a missing node. This file is checked against ComfyUI 0.38's source files only: it has
+not been run in a ComfyUI that has the node.
+
+## Files this workflow needs
+**ComfyUI/models/** from [Comfy-Org/Qwen-Image-2.1](https://huggingface.co/Comfy-Org/Qwen-Image-2.1)
+- `diffusion_models/{UNET_21}` ([download]({HF_21}/diffusion_models/{UNET_21}); the smaller
+  `{UNET_21_INT8}` works the same: pick it in UNETLoader)
+- `text_encoders/{TEXT_ENCODER_21}` ([download]({HF_21}/text_encoders/{TEXT_ENCODER_21}); CLIPLoader type
+  `qwen_image`; the smaller `{TEXT_ENCODER_21_INT8}` works for CLIPLoader, but LoadQwen3VL cannot read it)
+- `vae/{VAE_21}` ([download]({HF_21}/vae/{VAE_21}))
+- `qwen3_vl/{QWEN3VL}/` (the whole [Qwen/{QWEN3VL}](https://huggingface.co/Qwen/{QWEN3VL}) folder)
+- `identity_heads/{HEAD_21}` (a Qwen-Image 2.1 head: `qwen-identity train --qwen-image-model Qwen/Qwen-Image-2.1`;
+  a 1.x head is refused)
+
+**ComfyUI/input/**: the example photos; replace them with photos of ONE person.
+"""
+
+
+def native_21(defs):
+    """Qwen-Image 2.1 in ComfyUI's own nodes (0.38+): the person's photos go to the features (-> head ->
+    InjectResidual on TextEncodeQwenImage21's positive) AND to TextEncodeQwenImage21 as 2.1 reference images."""
+    b = _Builder(defs)
+    feats, head = _identity(b, PHOTOS[:2])
+    loads = [n.id for n in b.nodes if n.type == "LoadImage"]
+    b.node_widgets(head, head_name=HEAD_21)
+    unet = b.add("UNETLoader", (0, 1000), size=(340, 90), properties=_models_property(UNET_21), unet_name=UNET_21)
+    clip = b.add("CLIPLoader", (0, 1130), size=(340, 110), properties=_models_property(TEXT_ENCODER_21),
+                 clip_name=TEXT_ENCODER_21, type="qwen_image")
+    vae = b.add("VAELoader", (0, 1280), size=(340, 60), properties=_models_property(VAE_21), vae_name=VAE_21)
+    te = b.add("TextEncodeQwenImage21", (380, 1000), size=(420, 420), title="Prompt + reference photos",
+               prompt=PROMPT_21, negative_prompt=NEGATIVE, resolution=RESOLUTION_21)
+    b.link(clip, 0, te, "clip")
+    b.link(vae, 0, te, "vae")
+    for k, photo in enumerate(loads, start=1):
+        b.link(photo, 0, te, f"images.image_{k}")
+    inj = _inject(b, te, head, feats, strength=1.0, start_at=0.0, end_at=1.0)
+    ks = b.add("KSampler", (1360, 300), size=(320, 270), seed=1234, steps=STEPS_21_NATIVE, cfg=CFG_21_NATIVE,
+               sampler_name="euler", scheduler="simple", denoise=1.0)
+    b.link(unet, 0, ks, "model")
+    b.link(inj, 0, ks, "positive")
+    b.link(te, 1, ks, "negative")
+    b.link(te, 2, ks, "latent_image")
+    dec = b.add("VAEDecode", (1720, 300), size=(200, 50))
+    b.link(ks, 0, dec, "samples")
+    b.link(vae, 0, dec, "vae")
+    save = b.add("SaveImage", (1960, 300), size=(400, 560), filename_prefix="qwen_identity/native_21")
+    b.link(dec, 0, save, "images")
+    b.note("## Qwen-Image 2.1 with ComfyUI's own nodes\nThe same photos go to the features (→ head → InjectResidual "
+           "on TextEncodeQwenImage21's `positive`) and to TextEncodeQwenImage21 as 2.1's own reference images "
+           "(`<image1>`, `<image2>` in the prompt; connect more LoadImage nodes to its free `image_N` socket, up to "
+           "10). With the VAE connected, the references' vision tokens leave the conditioning, so the head's "
+           "residual goes to the prompt's own tokens. The image takes the first reference's aspect (the node's "
+           "`latent` output) at about `resolution`² pixels. Settings of ComfyUI's own 2.1 templates: KSampler 25 "
+           "steps, CFG 1 (the negative prompt is not used), euler / simple; 2.1's own pipeline uses 40 steps. "
+           "Lower InjectResidual's `strength` when the references already carry the likeness.\n\n" + NATIVE_21_NOTE,
+           (980, -420), (600, 680))
+    return b.graph("qwen_identity_21_native")
+
+
 TRAIN_PROMPT = "a photo of a person"
 PERSONAL_HEAD = "my_person"               # saved as models/identity_heads/my_person.safetensors
 
@@ -536,7 +635,7 @@ BUILDERS = {"qwen_identity_alpha_grid": alpha_grid, "qwen_identity_native_ksampl
             "qwen_identity_diffusers": diffusers_single, "qwen_identity_multi_photo": multi_photo,
             "qwen_identity_two_people": two_people, "qwen_identity_lightning": lightning,
             "qwen_identity_accelerated": accelerated, "qwen_identity_personalize": personalize,
-            "qwen_identity_21_references": references_21}
+            "qwen_identity_21_references": references_21, "qwen_identity_21_native": native_21}
 
 
 def render_all() -> dict[Path, str]:
@@ -544,9 +643,10 @@ def render_all() -> dict[Path, str]:
     _import_pack()
     from comfyui_harness.workflow_format import to_api, to_ui
 
-    defs = node_defs()
+    base = node_defs()
     out = {}
     for stem, build in BUILDERS.items():
+        defs = defs_for(stem, base)
         graph = build(defs)
         out[WORKFLOWS / f"{stem}.json"] = json.dumps(to_ui(graph, defs), indent=1, ensure_ascii=False) + "\n"
         out[API_DIR / f"{stem}_api.json"] = json.dumps(to_api(graph, defs), indent=1, ensure_ascii=False) + "\n"

@@ -3,7 +3,16 @@
 Node definitions use ComfyUI's `/object_info` layout: `{"input": {"required": {name: [type, opts]},
 "optional": {...}}, "input_order": {...}, "output": [...], "output_name": [...]}`; `pack_node_defs()`
 converts the pack's own INPUT_TYPES/RETURN_TYPES into it, `core_node_defs()` reads the snapshot of the
-ComfyUI core nodes the workflows use (taken from ComfyUI 0.3.64's /object_info).
+ComfyUI core nodes the workflows use (taken from ComfyUI 0.3.64's /object_info), `source_node_defs()` the
+hand-written definitions of newer ComfyUI nodes no tested release has (read from that release's stored
+source files, cited in the file).
+
+Autogrow inputs (`COMFY_AUTOGROW_V3`, ComfyUI's V3 node API: a group of like sockets that grows as they are
+connected) stand in /object_info as ONE entry, `[COMFY_AUTOGROW_V3, {"template": {"input": {"required":
+{short: [TYPE, opts]}}, "names": [...] | "prefix": p, "max": n, "min": m}}]`; a prompt and a UI file address
+each member as `<input>.<name>` (`images.image_1`). `ordered_inputs()` yields those members in the group's
+place (the first `min` of a required template required, the others optional); a UI file lists the connected
+members and one free one after them, as the frontend keeps them.
 
 UI format (what Save/Export writes and drag-and-drop reads): `nodes` with `inputs` (sockets), `outputs`,
 `widgets_values` (the widget inputs in definition order, plus the frontend's extra widgets: a
@@ -26,6 +35,11 @@ from typing import Any, Iterator, Optional
 # checks that what the workflows rely on is the same in all of them.
 CORE_SNAPSHOT = Path(__file__).with_name("comfyui_core_nodes.json")
 CORE_SNAPSHOT_VERSION = "0.3.64"
+# Node definitions of ComfyUI releases that cannot run here, written by hand from their stored source
+# (each entry cites its file and commit): version -> file. Workflows that need such a release are checked
+# against these (tests/test_workflows.py), never against a live server.
+SOURCE_SNAPSHOTS = {"0.38": Path(__file__).with_name("comfyui_0.38_nodes_from_source.json")}
+AUTOGROW = "COMFY_AUTOGROW_V3"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
@@ -76,13 +90,51 @@ def core_node_defs(version: Optional[str] = None) -> dict:
     return {k: v for k, v in json.loads(snapshot_path(version).read_text()).items() if not k.startswith("_")}
 
 
+def source_node_defs(version: str) -> dict:
+    """The hand-written /object_info entries of ComfyUI `version`'s nodes (SOURCE_SNAPSHOTS)."""
+    return {k: v for k, v in json.loads(SOURCE_SNAPSHOTS[version].read_text()).items() if not k.startswith("_")}
+
+
+def autogrow_members(name: str, opts: dict, required: bool) -> list[tuple[str, Any, dict, bool]]:
+    """The sockets of the Autogrow input `name`: (`name.member`, type, options, required), in order.
+    ComfyUI's comfy_api Autogrow: a `names` template offers those names, a `prefix` one prefix0..prefix{max-1};
+    the first `min` are required when the input and its template input are."""
+    template = opts.get("template") or {}
+    inner = template.get("input") or {}
+    sec, specs = next(((s, v) for s in ("required", "optional") for v in [inner.get(s) or {}] if v), (None, {}))
+    if not specs:
+        raise ValueError(f"Autogrow input {name!r} has no template input")
+    short, spec = next(iter(specs.items()))
+    if "names" in template:
+        names = list(template["names"])
+    else:
+        names = [f"{template.get('prefix', short)}{i}" for i in range(int(template.get("max", 10)))]
+    low = int(template.get("min", 1))
+    opts_ = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return [(f"{name}.{n}", spec[0], opts_, required and sec == "required" and i < low) for i, n in enumerate(names)]
+
+
 def ordered_inputs(node_def: dict) -> Iterator[tuple[str, Any, dict, bool]]:
-    """(name, type, options, required) in the order ComfyUI shows them."""
+    """(name, type, options, required) in the order ComfyUI shows them; an Autogrow input as its members."""
     for sec in ("required", "optional"):
         specs = node_def.get("input", {}).get(sec, {})
         for name in node_def.get("input_order", {}).get(sec, list(specs)):
             spec = specs[name]
-            yield name, spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}), sec == "required"
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if spec[0] == AUTOGROW:
+                yield from autogrow_members(name, opts, sec == "required")
+            else:
+                yield name, spec[0], opts, sec == "required"
+
+
+def autogrow_group(node_def: dict, name: str) -> Optional[str]:
+    """The Autogrow input `name` (`images.image_1`) belongs to, or None."""
+    group = name.partition(".")[0]
+    for sec in ("required", "optional"):
+        spec = node_def.get("input", {}).get(sec, {}).get(group)
+        if spec is not None and spec[0] == AUTOGROW and "." in name:
+            return group
+    return None
 
 
 def is_widget(type_, opts: dict) -> bool:
@@ -200,7 +252,13 @@ def to_ui(graph: Graph, defs: dict) -> dict:
         inputs = []
         for name, type_, _ in socket_inputs(d):
             lid = link_of.get((n.id, name))
-            inputs.append({"name": name, "type": type_, "link": lid})
+            group = autogrow_group(d, name)
+            if group is not None:   # the frontend shows the connected members and one free one after them
+                if lid is None and not _group_reaches(n.id, group, name, d, link_of):
+                    continue
+                inputs.append({"name": name, "type": type_, "label": name.partition(".")[2], "link": lid})
+            else:
+                inputs.append({"name": name, "type": type_, "link": lid})
             if lid is not None:
                 links[lid - 1][4] = len(inputs) - 1
         for name, type_, opts, _ in ordered_inputs(d):  # widgets fed by a link become input sockets
@@ -234,6 +292,13 @@ def to_ui(graph: Graph, defs: dict) -> dict:
     return {"id": graph.uid, "revision": 0, "last_node_id": next_id - 1, "last_link_id": len(links),
             "nodes": ui_nodes, "links": links, "groups": [], "config": {},
             "extra": {"ds": fit_view(ui_nodes)}, "version": 0.4}
+
+
+def _group_reaches(node_id: int, group: str, name: str, d: dict, link_of: dict) -> bool:
+    """True when `name` comes right after the last connected member of its Autogrow group (or is the first)."""
+    members = [m for m, _, _ in socket_inputs(d) if autogrow_group(d, m) == group]
+    connected = [i for i, m in enumerate(members) if (node_id, m) in link_of]
+    return members.index(name) == (connected[-1] + 1 if connected else 0)
 
 
 def fit_view(ui_nodes: list, view=(1400, 860), margin: int = 20) -> dict:
