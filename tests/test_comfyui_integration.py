@@ -140,7 +140,8 @@ def _photos(input_dir: Path):
     views = [face, face.transpose(Image.Transpose.FLIP_LEFT_RIGHT), face.crop((16, 0, 256, 300))]
     for view, name in zip(views, bw.PHOTOS):
         view.save(input_dir / name)
-    # person A is written above (Grace Hopper); person B is another real person: the shipped example photo
+    # person A's name is written above (Grace Hopper); person B's name (the shipped Grace Hopper crop) gets another
+    # real person instead: the shipped example photo of Eileen Collins
     other = Image.open(ROOT / "example_photos" / bw.PHOTOS[1]).convert("RGB")
     for name in bw.PEOPLE_PHOTOS:
         if name not in bw.PHOTOS:
@@ -556,7 +557,7 @@ def test_empty_models_folder_names_every_missing_file(tmp_path):
 
 def test_a_fresh_comfyui_lists_the_example_photos_the_workflows_open_with(tmp_path):
     """First start with an empty input folder: the pack copies its example photos there, so LoadImage lists
-    every photo the workflows name (the two-people workflow's second person aside) and none shows missing."""
+    every photo the workflows name (both people of the two-people workflow included) and none shows missing."""
     from comfyui_harness.server import start
 
     require_comfyui()
@@ -564,8 +565,8 @@ def test_a_fresh_comfyui_lists_the_example_photos_the_workflows_open_with(tmp_pa
     srv = start(comfyui_dir(), packs={PACK_LINK: ROOT}, base_dir=base, env=_server_env(base))
     try:
         listed = srv.object_info["LoadImage"]["input"]["required"]["image"][0]
-        assert set(bw.PHOTOS) <= set(listed), listed
-        for name in bw.PHOTOS:
+        assert set(bw.SHIPPED_PHOTOS) <= set(listed), listed
+        for name in bw.SHIPPED_PHOTOS:
             assert (base / "input" / name).read_bytes() == (ROOT / "example_photos" / name).read_bytes()
     finally:
         srv.stop()

@@ -65,8 +65,11 @@ DIFFUSERS = "Qwen-Image"                  # models/diffusers/Qwen-Image/ (hub Qw
 # three crops of ONE public-domain NASA photograph: example_photos/SOURCES.md). Replace them with yours.
 PHOTOS = ["qwen_identity_eileen_collins_1.jpg", "qwen_identity_eileen_collins_2.jpg",
           "qwen_identity_eileen_collins_3.jpg"]
-# one photo of EACH of two people: the first is the example person; no second openly licensed person ships
-PEOPLE_PHOTOS = [PHOTOS[0], "person_b.png"]
+# one photo of EACH of two people: person A the example person above, person B a crop of the public-domain U.S. Navy
+# portrait of Grace Hopper that matplotlib ships (example_photos/SOURCES.md)
+PERSON_B_PHOTO = "qwen_identity_grace_hopper_1.jpg"
+PEOPLE_PHOTOS = [PHOTOS[0], PERSON_B_PHOTO]
+SHIPPED_PHOTOS = PHOTOS + [PERSON_B_PHOTO]   # every photo in example_photos/, each named by a workflow
 
 PROMPT = "a portrait photo of a person, studio lighting, 85mm"
 NEGATIVE = "blurry, low quality, deformed, watermark"
@@ -129,6 +132,12 @@ def defs_for(stem: str, defs: dict | None = None) -> dict:
     if stem not in NEEDS_COMFYUI:
         return defs
     return {**defs, **source_node_defs(NEEDS_COMFYUI[stem][0])}
+
+
+def _replace_once(text: str, old: str, new: str) -> str:
+    """`text` with `old` replaced by `new`; `old` must occur exactly once (a note never silently keeps old text)."""
+    assert text.count(old) == 1, old
+    return text.replace(old, new)
 
 
 def _models_property(name: str) -> dict:
@@ -396,10 +405,13 @@ def two_people(defs):
            "regions pick whose prediction is used where, so the prompt should place one person in each region. "
            "Keep TwoPersonRegions' width/height equal to the latent's. For a drawn layout choose layout `mask` "
            "and connect a MASK (white = person A). What the regions do and do not guarantee: "
-           "docs/multi-person.md.\n\n" + MODELS_NOTE.replace(
-               "replace them with photos of ONE person, different angles and light.",
-               f"person A is the example person (`{PEOPLE_PHOTOS[0]}`); put a photo of person B in as "
-               f"`{PEOPLE_PHOTOS[1]}` (no second example person ships)."),
+           "docs/multi-person.md.\n\n" + _replace_once(
+               MODELS_NOTE,
+               "the example photos (three crops of one public-domain NASA portrait, copied there when\n"
+               "the pack loads); replace them with photos of ONE person, different angles and light.",
+               f"the example photos, copied there when the pack loads: person A `{PEOPLE_PHOTOS[0]}` (a "
+               f"public-domain NASA portrait), person B `{PEOPLE_PHOTOS[1]}` (a public-domain U.S. Navy "
+               "portrait); pick a photo of each of your two people in the LoadImage dropdowns."),
            (980, -420), (560, 440))
     return b.graph("qwen_identity_two_people")
 
