@@ -36,6 +36,14 @@ def people(make_dataset):
     return ",".join(str(d) for d in make_dataset(identities=3, views=2, size=(40, 36)))
 
 
+@pytest.fixture(params=["qwen-image", "qwen-image-2.1"])
+def family_model(request, tiny_models):
+    """(family name, tiny diffusers folder) of each model family; the 2.1 folder is built only when asked for."""
+    if request.param == "qwen-image":
+        return request.param, tiny_models.qwen_image
+    return request.param, request.getfixturevalue("tiny_qwenimage21_dir")
+
+
 def test_denoise_trains_a_head_the_nodes_load(train, people, tmp_path):
     from qwen_identity.core.residual.head import load_head
 
@@ -70,7 +78,9 @@ def test_denoise_trains_a_head_the_nodes_load(train, people, tmp_path):
     assert out_cond[0][0].shape == (1, 5, 32)
 
 
-def test_reruns_are_byte_identical_and_resume_equals_uninterrupted(train, people, tmp_path, monkeypatch):
+def test_reruns_are_byte_identical_and_resume_equals_uninterrupted(train, people, tmp_path, monkeypatch, family_model):
+    family, model = family_model
+    train = functools.partial(train, qwen_image=model)
     assert train("--seed-dirs", people, out=tmp_path / "a", epochs=3)[0] == 0
     shutil.copytree(tmp_path / "a" / "cache", tmp_path / "b" / "cache")  # same caches, fresh run
     assert train("--seed-dirs", people, out=tmp_path / "b", epochs=3)[0] == 0
@@ -100,6 +110,7 @@ def test_reruns_are_byte_identical_and_resume_equals_uninterrupted(train, people
     a, c = load_head(head_path(tmp_path / "a")), \
         load_head(head_path(tmp_path / "c"))
     assert torch.equal(a.proj.weight, c.proj.weight) and torch.equal(a.proj.bias, c.proj.bias)
+    assert c.meta.family == family and float(c.proj.weight.detach().abs().sum()) > 0
     ma = json.loads((tmp_path / "a" / "metrics.json").read_text())["history"]
     mc = json.loads((tmp_path / "c" / "metrics.json").read_text())["history"]
     assert ma == mc
@@ -152,14 +163,6 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(train, make_dataset, tmp
     assert code == 2, err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "checkpoints").exists()
-
-
-@pytest.fixture(params=["qwen-image", "qwen-image-2.1"])
-def family_model(request, tiny_models):
-    """(family name, tiny diffusers folder) of each model family; the 2.1 folder is built only when asked for."""
-    if request.param == "qwen-image":
-        return request.param, tiny_models.qwen_image
-    return request.param, request.getfixturevalue("tiny_qwenimage21_dir")
 
 
 def test_fp8_storage_and_compiled_blocks_train_like_the_plain_run(train, people, tmp_path, monkeypatch, family_model):
