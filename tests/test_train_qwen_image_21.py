@@ -95,3 +95,49 @@ def test_sweep_compares_references_head_and_both(tiny_models, tiny_qwenimage21_d
     assert grid.size == tuple(meta["grid"]["grid_size"])
     code = main([*base, "--qwen-image-model", str(tiny_models.qwen_image), "--out-dir", str(tmp_path / "s1")])
     assert code == 2 and "takes no reference images" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_one_process_head_on_21(train, make_dataset, tmp_path, tiny_models, tiny_qwenimage21_dir,
+                                                         cli_env):
+    """`qwen-identity train --objective denoise` with the 2.1 model in two CPU processes started as torchrun /
+    `accelerate launch` start them (RANK, WORLD_SIZE, MASTER_* in the environment; Accelerate joins a gloo group):
+    latents, prompts and features sharded, each step's photos shared out, the head's gradients summed. The head
+    equals the one-process run's up to float summation order (tests/test_denoise_identity.py's `same_head`)."""
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    from qwen_identity.core.residual.head import load_head
+
+    people = ",".join(str(d) for d in make_dataset(identities=3, views=2, size=(40, 36)))
+    args = ["--seed-dirs", people, "--objective", "denoise", "--train-resolution", "32x32", "--batch-size", "2",
+            "--lr", "1e-2", "--val-fraction", "0.34", "--gain-pairs", "2"]
+    code, _, err = train(*args, out=tmp_path / "one")
+    assert code == 0, err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    argv = [sys.executable, "-m", "qwen_identity.cli", "train", "--qwen3-vl-model", str(tiny_models.qwen3vl),
+            "--qwen-image-model", str(tiny_qwenimage21_dir), "--epochs", "2", "--device", "cpu", "--crop", "center",
+            "--out-dir", str(tmp_path / "two"), *args]
+    procs = [subprocess.Popen(argv, env={**cli_env, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                         "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                         "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "p21"},
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for rank in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    for _, e, rc in results:
+        assert rc == 0, e[-4000:]
+    assert "head:" in results[0][0] and results[1][0] == ""   # one voice: rank 1 only computes (a group of two)
+    one, two = load_head(head_path(tmp_path / "one")), load_head(head_path(tmp_path / "two"))
+    assert two.meta.family == "qwen-image-2.1" and two.meta.hidden_size == 48
+    a, b = one.proj.weight.detach(), two.proj.weight.detach()
+    assert float(a.abs().sum()) > 0
+    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max()), float((a - b).abs().max() / a.abs().max())
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert m2["held_out_gain"]["photos"] == m1["held_out_gain"]["photos"] == 2
+    assert torch.allclose(torch.tensor(m1["history"]["train_loss"]), torch.tensor(m2["history"]["train_loss"]),
+                          rtol=1e-4)
