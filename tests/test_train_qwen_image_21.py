@@ -1,6 +1,8 @@
 """`qwen-identity train` with a Qwen-Image 2.1 `--qwen-image-model` (the tiny 2.1 pipeline): the caption and
 denoise objectives train heads at the 2.1 text width that record family qwen-image-2.1, the denoise head
-moves, the held-out gain is measured, and `eval --denoise-gain` refuses a 1.x head on the 2.1 model."""
+moves, the held-out gain is measured, and `eval --denoise-gain` refuses a 1.x head on the 2.1 model; two processes
+train the one-process head; `prepare`'s seed folders train a 2.1 head. (--fp8-storage, --compile and --resume on 2.1:
+tests/test_denoise_cli.py, parametrized over both families; tune --fp8-storage: tests/test_cli_tune.py.)"""
 
 import json
 
@@ -141,3 +143,29 @@ def test_two_processes_train_the_one_process_head_on_21(train, make_dataset, tmp
     assert m2["held_out_gain"]["photos"] == m1["held_out_gain"]["photos"] == 2
     assert torch.allclose(torch.tensor(m1["history"]["train_loss"]), torch.tensor(m2["history"]["train_loss"]),
                           rtol=1e-4)
+
+
+def test_prepare_then_train_on_21(train, tmp_path):
+    """`qwen-identity prepare` takes no model: the seed folders it writes (photos of other aspects, scaled by
+    --max-side) train a 2.1 head through --seed-dirs-file, each aspect in a bucket whose sides are multiples of
+    2.1's 32 pixels."""
+    from qwen_identity.core.residual.head import load_head
+    from qwen_identity.tiny_models.dataset import identity_photo
+
+    people = tmp_path / "people"
+    for person in range(3):
+        (people / f"p{person}").mkdir(parents=True)
+        for view, size in enumerate([(160, 128), (128, 192)]):
+            identity_photo(person, view, size).save(people / f"p{person}" / f"img_{view}.png")
+    assert main(["prepare", "--photos", str(people), "--out-dir", str(tmp_path / "data"), "--face-detector", "none",
+                 "--max-side", "160", "--caption", "a photo of a person"]) == 0
+    listing = tmp_path / "data" / "prepared_seed_dirs.txt"
+    assert len(listing.read_text().split()) == 3
+    code, _, err = train("--seed-dirs-file", str(listing), "--objective", "denoise", "--train-resolution", "96x96",
+                         "--batch-size", "2", "--lr", "1e-2", "--val-fraction", "0.34", "--gain-pairs", "2",
+                         out=tmp_path / "d", epochs=1)
+    assert code == 0, err
+    head = load_head(head_path(tmp_path / "d"))
+    assert head.meta.family == "qwen-image-2.1" and float(head.proj.weight.detach().abs().sum()) > 0
+    per_bucket = head.meta.training_args["photos_per_bucket"]
+    assert per_bucket == {"96x96": 3, "64x128": 3}, per_bucket   # 160x128 and 107x160 (--max-side 160)
