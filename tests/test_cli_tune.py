@@ -243,3 +243,39 @@ def test_the_same_command_tunes_a_qwen_image_21_head(tune, photos, tmp_path, tin
     head = load_head(out)
     assert head.meta.family == "qwen-image-2.1" and head.meta.target == "personal"
     assert head.meta.metrics["held_out_loss"] is not None
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "qwen-image-2.1"])
+def test_fp8_storage_tunes_like_the_plain_run(family, photos, tmp_path, tiny_models, run_cli, monkeypatch, request):
+    """--fp8-storage --gradient-checkpointing (the 24 GB settings) on both families: the transformer the loop
+    runs through holds fp8 weights as the family's loader stored them, the head records it, and it learns in
+    the plain run's direction (same caches, same init)."""
+    from qwen_identity.core.residual.head import load_head
+    from qwen_identity.training import denoise_pipeline
+
+    model = tiny_models.qwen_image if family == "qwen-image" else request.getfixturevalue("tiny_qwenimage21_dir")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))
+
+    def tune(out, *args):
+        return run_cli(["tune", str(photos), "--out", str(out), "--qwen3-vl-model", str(tiny_models.qwen3vl),
+                        "--qwen-image-model", str(model), *FAST, *args])
+
+    code, _, err = tune(tmp_path / "plain.safetensors")
+    assert code == 0, err
+    stored = []
+    real_prepare = denoise_pipeline.prepare_transformer
+    monkeypatch.setattr(denoise_pipeline, "prepare_transformer",
+                        lambda tr, *a, **kw: stored.append({p.dtype for p in tr.parameters()}) or real_prepare(tr, *a, **kw))
+    code, _, err = tune(tmp_path / "fp8.safetensors", "--fp8-storage", "--gradient-checkpointing")
+    assert code == 0, err
+    assert stored == [{torch.float8_e4m3fn, torch.float32}]
+    plain, fp8 = load_head(tmp_path / "plain.safetensors"), load_head(tmp_path / "fp8.safetensors")
+    assert fp8.meta.family == family and fp8.meta.target == "personal"
+    args = fp8.meta.training_args
+    assert args["fp8_storage"] is True and args["gradient_checkpointing"] is True
+    assert plain.meta.training_args["fp8_storage"] is False
+    assert fp8.meta.metrics["held_out_loss"] is not None
+    # the best head may be the initial (zero) one after 4 steps: compare the training losses, step by step
+    history = [json.loads((tmp_path / f"{n}.metrics.json").read_text())["loss_history"] for n in ("plain", "fp8")]
+    assert len(history[0]) == len(history[1]) == 4 and history[0] != history[1]   # fp8 weights: other numbers
+    assert all(abs(a - b) <= 0.05 * abs(a) for a, b in zip(*history)), history

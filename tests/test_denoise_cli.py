@@ -4,6 +4,7 @@ mid-run checkpoint equals an uninterrupted run; caches keyed by model/resolution
 inputs of issue 12 (one photo per person, small photos, no face with face weighting, a text-width
 mismatch, 24 GB options) are clear errors that write nothing."""
 
+import functools
 import json
 import shutil
 
@@ -33,6 +34,14 @@ def train(tiny_models, run_cli):
 @pytest.fixture
 def people(make_dataset):
     return ",".join(str(d) for d in make_dataset(identities=3, views=2, size=(40, 36)))
+
+
+@pytest.fixture(params=["qwen-image", "qwen-image-2.1"])
+def family_model(request, tiny_models):
+    """(family name, tiny diffusers folder) of each model family; the 2.1 folder is built only when asked for."""
+    if request.param == "qwen-image":
+        return request.param, tiny_models.qwen_image
+    return request.param, request.getfixturevalue("tiny_qwenimage21_dir")
 
 
 def test_denoise_trains_a_head_the_nodes_load(train, people, tmp_path):
@@ -69,7 +78,9 @@ def test_denoise_trains_a_head_the_nodes_load(train, people, tmp_path):
     assert out_cond[0][0].shape == (1, 5, 32)
 
 
-def test_reruns_are_byte_identical_and_resume_equals_uninterrupted(train, people, tmp_path, monkeypatch):
+def test_reruns_are_byte_identical_and_resume_equals_uninterrupted(train, people, tmp_path, monkeypatch, family_model):
+    family, model = family_model
+    train = functools.partial(train, qwen_image=model)
     assert train("--seed-dirs", people, out=tmp_path / "a", epochs=3)[0] == 0
     shutil.copytree(tmp_path / "a" / "cache", tmp_path / "b" / "cache")  # same caches, fresh run
     assert train("--seed-dirs", people, out=tmp_path / "b", epochs=3)[0] == 0
@@ -99,6 +110,7 @@ def test_reruns_are_byte_identical_and_resume_equals_uninterrupted(train, people
     a, c = load_head(head_path(tmp_path / "a")), \
         load_head(head_path(tmp_path / "c"))
     assert torch.equal(a.proj.weight, c.proj.weight) and torch.equal(a.proj.bias, c.proj.bias)
+    assert c.meta.family == family and float(c.proj.weight.detach().abs().sum()) > 0
     ma = json.loads((tmp_path / "a" / "metrics.json").read_text())["history"]
     mc = json.loads((tmp_path / "c" / "metrics.json").read_text())["history"]
     assert ma == mc
@@ -153,20 +165,29 @@ def test_bad_input_is_a_clear_error_that_writes_nothing(train, make_dataset, tmp
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_fp8_storage_and_compiled_blocks_train_like_the_plain_run(train, people, tmp_path, monkeypatch):
+def test_fp8_storage_and_compiled_blocks_train_like_the_plain_run(train, people, tmp_path, monkeypatch, family_model):
     """--fp8-storage trains on the CPU (layerwise casting, float32 compute) and is recorded; --compile runs
     the same code path as on a GPU with the aot_eager backend (inductor is CUDA only) and gives the plain
-    run's head up to float reassociation."""
+    run's head up to float reassociation. Both families, through the family adapter's transformer."""
     from qwen_identity.core.residual.head import load_head
     from qwen_identity.training import denoise_pipeline
 
+    family, model = family_model
+    train = functools.partial(train, qwen_image=model)
     head_of = lambda d: load_head(head_path(d))  # noqa: E731
     assert train("--seed-dirs", people, out=tmp_path / "plain", epochs=1)[0] == 0
     plain = head_of(tmp_path / "plain").proj.weight.detach()
+    assert head_of(tmp_path / "plain").meta.family == family
+    stored = []   # the weight dtypes of the transformer the run trains through (loaded fp8 by the family)
+    real_prepare = denoise_pipeline.prepare_transformer
+    monkeypatch.setattr(denoise_pipeline, "prepare_transformer",
+                        lambda tr, *a, **kw: stored.append({p.dtype for p in tr.parameters()}) or real_prepare(tr, *a, **kw))
     code, _, err = train("--seed-dirs", people, "--fp8-storage", out=tmp_path / "fp8", epochs=1)
+    monkeypatch.setattr(denoise_pipeline, "prepare_transformer", real_prepare)
     assert code == 0, err
+    assert stored == [{torch.float8_e4m3fn, torch.float32}]   # fp8 storage; norms and embeddings as computed
     fp8 = head_of(tmp_path / "fp8")
-    assert fp8.meta.training_args["fp8_storage"] is True
+    assert fp8.meta.training_args["fp8_storage"] is True and fp8.meta.family == family
     # a different (quantised) transformer, the same direction of learning: 1 epoch of Adam from the same init
     cos = torch.nn.functional.cosine_similarity(fp8.proj.weight.detach().flatten(), plain.flatten(), dim=0)
     assert float(cos) > 0.9, float(cos)
@@ -179,11 +200,15 @@ def test_fp8_storage_and_compiled_blocks_train_like_the_plain_run(train, people,
     # the CUDA check passes (recorded), and the blocks compile with aot_eager instead of inductor
     monkeypatch.setattr(denoise_pipeline, "check_compile", lambda device, backend: calls.append(("check", backend)))
     monkeypatch.setattr(denoise_pipeline, "compile_for_training",
-                        lambda tr, device, backend: calls.append(("compile", backend)) or original(tr, backend="aot_eager"))
+                        lambda tr, device, backend: calls.append(("compile", backend, tr)) or original(tr, backend="aot_eager"))
+    torch._dynamo.utils.counters.clear()
     code, _, err = train("--seed-dirs", people, "--compile", out=tmp_path / "c", epochs=1)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     assert code == 0, err
-    assert calls == [("check", "inductor"), ("compile", "inductor")]
+    assert [c[:2] for c in calls] == [("check", "inductor"), ("compile", "inductor")]
+    blocks = calls[1][2].transformer_blocks   # every block compiled (fullgraph), and the training ran them so
+    assert all(b._compiled_call_impl is not None for b in blocks) and graphs >= 1
     compiled = head_of(tmp_path / "c")
     assert "fp8_storage" not in compiled.meta.training_args  # compile changes no result: not part of the run
     assert torch.allclose(compiled.proj.weight.detach(), plain, rtol=1e-3, atol=1e-5)

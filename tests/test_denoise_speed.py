@@ -1,6 +1,6 @@
 """The denoise training step's speed options on a tiny Qwen-Image transformer (CPU): regional compile
 (through the same function as on the GPU, with the aot_eager backend) gives the uncompiled loss and
-gradients, also through gradient checkpointing's recompute; an all-ones prompt mask is dropped without
+gradients, also through gradient checkpointing's recompute (on Qwen-Image 2.1's too); an all-ones prompt mask is dropped without
 changing the loss while a padded batch keeps it; fp8 weight storage (diffusers layerwise casting)
 backpropagates into the conditioning."""
 
@@ -120,3 +120,32 @@ def test_fp8_storage_backpropagates_into_the_conditioning(compute):
     # e4m3 keeps 3 mantissa bits (weights off by up to ~6 %): measured rel 0.061-0.062, cos 0.998 (fp32 and
     # bf16 compute); the bounds leave 4x room and still fail a wrong-dtype or detached gradient
     assert rel < 0.25 and cos > 0.97, (rel, cos)
+
+
+def test_compiled_checkpointed_step_equals_the_uncompiled_step_on_21(tiny_qwenimage21_dir):
+    """Qwen-Image 2.1's transformer through its family's Denoiser: compiled blocks (aot_eager) with gradient
+    checkpointing, inside training_rope (2.1's own RoPE module swapped too), give the uncompiled velocity and
+    prompt gradient."""
+    from qwen_identity.core.families import detect_family
+
+    family = detect_family(tiny_qwenimage21_dir)
+
+    def step(compiled):
+        tr = freeze_transformer(family.load_transformer(tiny_qwenimage21_dir, "cpu", torch.float32), True)
+        if compiled:
+            assert compile_for_training(tr, "cpu", backend="aot_eager") is True
+        g = torch.Generator().manual_seed(1)
+        x_t, sig = torch.randn(2, 8, 4, 2, generator=g), torch.tensor([0.3, 0.7])
+        embeds = torch.randn(2, 5, 48, generator=g, requires_grad=True)
+        with training_rope(compiled):
+            v = family.denoiser(tr)(x_t, sig, embeds, torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+            v.square().mean().backward()
+        return v.detach(), embeds.grad
+
+    torch._dynamo.reset()
+    ref_v, ref_grad = step(False)
+    v, grad = step(True)
+    torch._dynamo.reset()
+    assert ref_grad.abs().sum() > 0
+    assert torch.allclose(v, ref_v, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(grad, ref_grad, rtol=1e-3, atol=1e-6)

@@ -231,9 +231,15 @@ def test_capturable_text_lengths_matches_diffusers(bundle):
     assert mod.compute_text_seq_len_from_mask is not None and "text_lengths" not in repr(mod.compute_text_seq_len_from_mask)
 
 
-def test_rope_real_equals_diffusers_complex_rope():
-    from diffusers.models.transformers import transformer_qwenimage as mod
+@pytest.mark.parametrize("family", ["qwen-image", "qwen-image-2.1"])
+def test_rope_real_equals_diffusers_complex_rope(family):
+    """real_rope() swaps the complex RoPE of every family's transformer module (each has its own copy)."""
+    import importlib
 
+    from qwen_identity.core.families import family_named
+
+    (name,) = family_named(family).rope_modules
+    mod = importlib.import_module(name)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 7, 3, 16, generator=g).to(torch.bfloat16)
     freqs = torch.polar(torch.ones(7, 8), torch.randn(7, 8, generator=g))

@@ -1,6 +1,8 @@
 """`qwen-identity train` with a Qwen-Image 2.1 `--qwen-image-model` (the tiny 2.1 pipeline): the caption and
 denoise objectives train heads at the 2.1 text width that record family qwen-image-2.1, the denoise head
-moves, the held-out gain is measured, and `eval --denoise-gain` refuses a 1.x head on the 2.1 model."""
+moves, the held-out gain is measured, and `eval --denoise-gain` refuses a 1.x head on the 2.1 model; two processes
+train the one-process head; `prepare`'s seed folders train a 2.1 head. (--fp8-storage, --compile and --resume on 2.1:
+tests/test_denoise_cli.py, parametrized over both families; tune --fp8-storage: tests/test_cli_tune.py.)"""
 
 import json
 
@@ -95,3 +97,75 @@ def test_sweep_compares_references_head_and_both(tiny_models, tiny_qwenimage21_d
     assert grid.size == tuple(meta["grid"]["grid_size"])
     code = main([*base, "--qwen-image-model", str(tiny_models.qwen_image), "--out-dir", str(tmp_path / "s1")])
     assert code == 2 and "takes no reference images" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_one_process_head_on_21(train, make_dataset, tmp_path, tiny_models, tiny_qwenimage21_dir,
+                                                         cli_env):
+    """`qwen-identity train --objective denoise` with the 2.1 model in two CPU processes started as torchrun /
+    `accelerate launch` start them (RANK, WORLD_SIZE, MASTER_* in the environment; Accelerate joins a gloo group):
+    latents, prompts and features sharded, each step's photos shared out, the head's gradients summed. The head
+    equals the one-process run's up to float summation order (tests/test_denoise_identity.py's `same_head`)."""
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    from qwen_identity.core.residual.head import load_head
+
+    people = ",".join(str(d) for d in make_dataset(identities=3, views=2, size=(40, 36)))
+    args = ["--seed-dirs", people, "--objective", "denoise", "--train-resolution", "32x32", "--batch-size", "2",
+            "--lr", "1e-2", "--val-fraction", "0.34", "--gain-pairs", "2"]
+    code, _, err = train(*args, out=tmp_path / "one")
+    assert code == 0, err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    argv = [sys.executable, "-m", "qwen_identity.cli", "train", "--qwen3-vl-model", str(tiny_models.qwen3vl),
+            "--qwen-image-model", str(tiny_qwenimage21_dir), "--epochs", "2", "--device", "cpu", "--crop", "center",
+            "--out-dir", str(tmp_path / "two"), *args]
+    procs = [subprocess.Popen(argv, env={**cli_env, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                         "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                         "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "p21"},
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for rank in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    for _, e, rc in results:
+        assert rc == 0, e[-4000:]
+    assert "head:" in results[0][0] and results[1][0] == ""   # one voice: rank 1 only computes (a group of two)
+    one, two = load_head(head_path(tmp_path / "one")), load_head(head_path(tmp_path / "two"))
+    assert two.meta.family == "qwen-image-2.1" and two.meta.hidden_size == 48
+    a, b = one.proj.weight.detach(), two.proj.weight.detach()
+    assert float(a.abs().sum()) > 0
+    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max()), float((a - b).abs().max() / a.abs().max())
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert m2["held_out_gain"]["photos"] == m1["held_out_gain"]["photos"] == 2
+    assert torch.allclose(torch.tensor(m1["history"]["train_loss"]), torch.tensor(m2["history"]["train_loss"]),
+                          rtol=1e-4)
+
+
+def test_prepare_then_train_on_21(train, tmp_path):
+    """`qwen-identity prepare` takes no model: the seed folders it writes (photos of other aspects, scaled by
+    --max-side) train a 2.1 head through --seed-dirs-file, each aspect in a bucket whose sides are multiples of
+    2.1's 32 pixels."""
+    from qwen_identity.core.residual.head import load_head
+    from qwen_identity.tiny_models.dataset import identity_photo
+
+    people = tmp_path / "people"
+    for person in range(3):
+        (people / f"p{person}").mkdir(parents=True)
+        for view, size in enumerate([(160, 128), (128, 192)]):
+            identity_photo(person, view, size).save(people / f"p{person}" / f"img_{view}.png")
+    assert main(["prepare", "--photos", str(people), "--out-dir", str(tmp_path / "data"), "--face-detector", "none",
+                 "--max-side", "160", "--caption", "a photo of a person"]) == 0
+    listing = tmp_path / "data" / "prepared_seed_dirs.txt"
+    assert len(listing.read_text().split()) == 3
+    code, _, err = train("--seed-dirs-file", str(listing), "--objective", "denoise", "--train-resolution", "96x96",
+                         "--batch-size", "2", "--lr", "1e-2", "--val-fraction", "0.34", "--gain-pairs", "2",
+                         out=tmp_path / "d", epochs=1)
+    assert code == 0, err
+    head = load_head(head_path(tmp_path / "d"))
+    assert head.meta.family == "qwen-image-2.1" and float(head.proj.weight.detach().abs().sum()) > 0
+    per_bucket = head.meta.training_args["photos_per_bucket"]
+    assert per_bucket == {"96x96": 3, "64x128": 3}, per_bucket   # 160x128 and 107x160 (--max-side 160)

@@ -90,6 +90,8 @@ class ModelFamily:
     comfy_latent_formats: tuple[str, ...] = ()   # ComfyUI latent_format class names
     state_dict_markers: tuple[str, ...] = ()     # keys (suffixes) only this family's transformer has
     comfy_text_width_keys: tuple[str, ...] = ()  # ComfyUI model objects whose first dim is the text width H
+    rope_modules: tuple[str, ...] = ()   # diffusers modules whose `apply_rotary_emb_qwen` (complex RoPE) the
+                                         # transformer calls: compiled forwards swap it for real arithmetic
 
     # latents
     latent_channels: int = 0

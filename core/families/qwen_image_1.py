@@ -65,6 +65,7 @@ class QwenImage1(ModelFamily):
     # the dual-stream MMDiT's text stream (2.1 is single-stream and has no txt_mlp)
     state_dict_markers = ("transformer_blocks.0.txt_mlp.net.0.proj.weight", "txt_norm.weight")
     comfy_text_width_keys = ("diffusion_model.txt_norm.weight",)
+    rope_modules = ("diffusers.models.transformers.transformer_qwenimage",)
     latent_channels = 16
     vae_scale_factor = 8
     patch_size = 2

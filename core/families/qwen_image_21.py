@@ -81,6 +81,7 @@ class QwenImage21(ModelFamily):
     comfy_latent_formats = ("QwenImage21",)
     state_dict_markers = ("txt_in.text_norm.weight",)
     comfy_text_width_keys = ("diffusion_model.txt_in.text_norm.weight",)
+    rope_modules = ("diffusers.models.transformers.transformer_qwenimage21",)
     latent_channels = 64
     vae_scale_factor = 16
     patch_size = 1

@@ -49,24 +49,32 @@ _ORIGINAL_ROPE = None
 
 @contextlib.contextmanager
 def real_rope():
-    """Compiled forwards: diffusers' Qwen-Image attention applies RoPE through `rope_real` (same function,
-    real arithmetic). A module-level swap with a stable function, so compiled code is not re-traced."""
+    """Compiled forwards: diffusers' attention applies RoPE through `rope_real` (same function, real
+    arithmetic), in the module of every model family's transformer (`ModelFamily.rope_modules`: Qwen-Image's
+    and Qwen-Image 2.1's each have their own copy of `apply_rotary_emb_qwen`). A module-level swap with a
+    stable function, so compiled code is not re-traced; each module is restored on the way out."""
     global _ORIGINAL_ROPE
-    try:
-        from diffusers.models.transformers import transformer_qwenimage as qwen_module
-    except ImportError:  # pragma: no cover - other diffusers layouts
-        yield
-        return
-    current = getattr(qwen_module, "apply_rotary_emb_qwen", None)
-    if current is None or current is rope_real:
-        yield
-        return
-    _ORIGINAL_ROPE = current
-    qwen_module.apply_rotary_emb_qwen = rope_real
+    import importlib
+
+    from ..families import FAMILIES
+
+    swapped = []
+    for name in dict.fromkeys(m for family in FAMILIES for m in family.rope_modules):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # pragma: no cover - other diffusers layouts
+            continue
+        current = getattr(module, "apply_rotary_emb_qwen", None)
+        if current is None or current is rope_real:   # none here, or an outer real_rope() holds it
+            continue
+        _ORIGINAL_ROPE = current   # the use_real=True path; every family's copy is diffusers' same function
+        module.apply_rotary_emb_qwen = rope_real
+        swapped.append((module, current))
     try:
         yield
     finally:
-        qwen_module.apply_rotary_emb_qwen = current
+        for module, original in swapped:
+            module.apply_rotary_emb_qwen = original
 
 
 class GraphedForward:
