@@ -5,7 +5,9 @@ The benchmark lives beside the pack, not inside it: `bench/` is not part of the 
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +23,7 @@ def import_pack(name: str = "qwen_identity"):
     for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
         del sys.modules[key]  # another copy (e.g. an installed one) must not shadow this checkout
     link_root = Path(tempfile.mkdtemp(prefix="qwen_identity_bench_"))
+    atexit.register(shutil.rmtree, link_root, True)   # removed when the process ends
     (link_root / name).symlink_to(ROOT, target_is_directory=True)
     sys.path.insert(0, str(link_root))
     importlib.invalidate_caches()

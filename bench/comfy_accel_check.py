@@ -27,8 +27,10 @@ Random weights: speed and memory depend on the shapes only. Figures are one run 
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -212,6 +214,7 @@ def mode_full(b: Bench, cs, node_classes) -> None:
 
     backend = "inductor" if b.cuda else "aot_eager"
     lora_dir = Path(tempfile.mkdtemp(prefix="accel_loras_"))
+    atexit.register(shutil.rmtree, lora_dir, True)   # removed when the process ends
     folder_paths.add_model_folder_path("loras", str(lora_dir))
     acc_cls = node_classes["QwenImageAccelerate"]
     for wd in b.args.dtypes.split(","):
@@ -336,6 +339,7 @@ def mode_card24(b: Bench, cs, node_classes) -> None:
     from qwen_identity.core.residual.head import ResidualHead
 
     work = Path(tempfile.mkdtemp(prefix="accel_card24_"))
+    atexit.register(shutil.rmtree, work, True)   # removed when the process ends
     lora_dir = work / "loras"
     lora_dir.mkdir()
     folder_paths.add_model_folder_path("loras", str(lora_dir))

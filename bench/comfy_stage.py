@@ -29,6 +29,7 @@ written after each one. The diffusers pipeline of earlier stages is released fir
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib
 import json
@@ -269,6 +270,7 @@ def _stage_comfy(b) -> dict:
     res["accelerate"] = dict(backend=backend, mode="default", dynamic="auto")
     rec = Recorder(b, res)
     lora_dir = Path(tempfile.mkdtemp(prefix="qwen_identity_bench_loras_"))
+    atexit.register(shutil.rmtree, lora_dir, True)   # removed when the process ends
     folder_paths.add_model_folder_path("loras", str(lora_dir))
     x = inputs(b)
     for i, wd in enumerate(dtypes):
@@ -484,6 +486,7 @@ def torch_compile_model_subprocess(b, limit_s: float) -> dict:
     compile that does not finish cannot eat the GPU call. The child builds the same model and samples one
     image twice (first call = compile)."""
     out = Path(tempfile.mkdtemp(prefix="qwen_identity_tcm_")) / "tcm.json"
+    atexit.register(shutil.rmtree, out.parent, True)   # removed when the process ends
     cmd = [sys.executable, str(Path(__file__).resolve()), "--torch-compile-model", "--out", str(out),
            "--comfyui-dir", str(b.args.comfyui_dir or os.environ.get("COMFYUI_DIR", "")), "--device", str(b.device),
            "--height", str(b.height), "--width", str(b.width), "--steps", str(b.steps)] + (["--tiny"] if b.tiny else [])
