@@ -121,11 +121,11 @@ class PersonalTuningBench:
         if not self.args.out:
             return
         self.results["total_s"] = round(self.elapsed(), 2)
+        from qwen_identity.core.files.atomic import atomic_write_text
+
         path = Path(self.args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1, default=str))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.results, indent=1, default=str))
 
     def sync(self):
         if self.cuda:

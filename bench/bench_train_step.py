@@ -181,10 +181,9 @@ class TrainBench:
             return
         self.results["total_s"] = round(self.elapsed(), 1)
         self.summarize()
-        path = Path(self.args.out)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1, default=str))
-        os.replace(tmp, path)
+        from qwen_identity.core.files.atomic import atomic_write_text
+
+        atomic_write_text(Path(self.args.out), json.dumps(self.results, indent=1, default=str))
 
     def sync(self):
         if self.cuda:
