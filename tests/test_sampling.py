@@ -273,6 +273,11 @@ def test_fp8_weight_storage_samples_close_to_full_precision(tiny_qwenimage_dir):
     full = load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", dtype="fp32")
     fp8 = load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", dtype="fp32", fp8_storage=True)
     assert fp8.fp8_storage and fp8.pipeline.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    # loaded straight into fp8 storage (never whole in the compute dtype): the same weights as casting after loading
+    cast = load_qwen_image_pipeline(str(tiny_qwenimage_dir), device="cpu", dtype="fp32").pipeline.transformer
+    cast.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    for (name, p), (_, q) in zip(fp8.pipeline.transformer.named_parameters(), cast.named_parameters()):
+        assert p.dtype == q.dtype and torch.equal(p.float(), q.float()), name
     pos, neg = encode_text(full, "a portrait photo"), encode_text(full, "blurry")
     a = sample(full, pos, neg, [7], steps=2, width=32, height=32).images
     b = sample(fp8, pos, neg, [7], steps=2, width=32, height=32).images

@@ -214,13 +214,13 @@ class ModelFamily:
         return Denoiser(self, transformer)
 
     # ------------------------------------------------------------------ pipeline
-    def load_pipeline(self, folder: Path, dtype):
+    def load_pipeline(self, folder: Path, dtype, **components):
         """The stock diffusers pipeline of this family from a folder (`pipeline_classes[0]`, safetensors only:
-        no pickles)."""
+        no pickles); `components` (e.g. `transformer=`) are used instead of loading those from the folder."""
         import diffusers
 
         pipeline_cls = getattr(diffusers, self.pipeline_classes[0])
-        return pipeline_cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
+        return pipeline_cls.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, **components)
 
     def pipeline_text_stack(self, pipe) -> tuple[Any, Any]:
         """(text_encoder, tokenizer or processor) of a loaded pipeline, as `encode_prompts` takes them."""

@@ -112,7 +112,8 @@ def load_qwen_image_pipeline(source: str, device: str | torch.device = "auto", d
     blocks (and the text encoder's layers) from pinned CPU memory with CUDA-stream prefetch, 2.3 GiB peak
     for the transformer, no precision loss; `fp8_storage=True` keeps the transformer's weights in
     float8_e4m3fn and computes in `dtype` (diffusers layerwise casting): half the memory, some precision
-    lost (twice the bf16 noise in the final latents)."""
+    lost (twice the bf16 noise in the final latents); the weights are read into fp8 one tensor at a time, so
+    loading needs no more CPU memory than the fp8 model."""
     from ..runtime.devices import resolve_device, resolve_dtype
     from ..runtime.model_sources import read_config, resolve_model_dir
 
@@ -133,14 +134,15 @@ def load_qwen_image_pipeline(source: str, device: str | torch.device = "auto", d
         raise UserInputError(f"{folder} holds a {cls or 'non-pipeline'} folder, not a {known} (its "
                              f"model_index.json must name one of them): point at Qwen/Qwen-Image's or "
                              "Qwen/Qwen-Image-2.1's folder.")
-    try:
-        pipe = family.load_pipeline(folder, dt)  # safetensors only: no pickles
+    try:   # safetensors only: no pickles. fp8: the transformer is read tensor by tensor into fp8 storage, so
+        # its bf16 weights are never whole in memory (38 GiB for Qwen-Image)
+        components = ({"transformer": family.load_transformer(folder, "cpu", dt, torch.float8_e4m3fn)}
+                      if fp8_storage else {})
+        pipe = family.load_pipeline(folder, dt, **components)
     except (OSError, ValueError, KeyError) as e:
         raise UserInputError(f"cannot load the Qwen-Image pipeline from {folder} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); the folder is incomplete or damaged.") from None
     pipe.set_progress_bar_config(disable=True)
-    if fp8_storage:
-        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dt)
     if offload == "group":
         from diffusers.hooks import apply_group_offloading
 
