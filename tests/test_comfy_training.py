@@ -22,6 +22,7 @@ from qwen_identity.core.errors import ModelMismatchError, UserInputError
 from qwen_identity.nodes import comfy_training as ct
 
 from comfyui_harness.env import import_comfy_in_process, require_comfyui
+from comfyui_harness.stand_ins import NotQwenModel
 
 H = 3584
 VELOCITY_RTOL = 1e-4      # float32, the same weights; what differs is the order of float operations
@@ -192,37 +193,13 @@ def test_encode_photos_is_the_samplers_latent_space(comfy_model):
         assert not torch.allclose(lat[i:i + 1], raw[:, :, 0], atol=1e-3)    # the normalisation did something
 
 
-class _SD15Model:
-    """Stands for comfy.model_base.BaseModel of another family."""
-
-    @staticmethod
-    def apply_model(*a, **k):
-        raise AssertionError("must not be called")
-
-
-class _NotQwen:
-    """A ComfyUI-like MODEL of another family (an SD1.5 latent format, no Qwen-Image text input)."""
-
-    model = _SD15Model()
-
-    def clone(self):
-        return self
-
-    def get_model_object(self, name):
-        if name == "latent_format":
-            import comfy.latent_formats
-
-            return comfy.latent_formats.SD15()
-        raise AttributeError(name)
-
-
 def test_a_model_that_is_not_qwen_image_is_refused(comfy_model):
-    with pytest.raises(ModelMismatchError, match="_SD15Model model \\(latent format SD15\\), not Qwen-Image.*UNETLoader"):
-        ct.check_qwen_image_model(_NotQwen())
+    with pytest.raises(ModelMismatchError, match="SD15Model model \\(latent format SD15\\), not Qwen-Image.*UNETLoader"):
+        ct.check_qwen_image_model(NotQwenModel())
     with pytest.raises(UserInputError, match="not a ComfyUI diffusion model"):
         ct.check_qwen_image_model("model")
     with pytest.raises(ModelMismatchError, match="not Qwen-Image"):
-        with ct.training_denoiser(_NotQwen()):
+        with ct.training_denoiser(NotQwenModel()):
             pass
 
 

@@ -24,6 +24,7 @@ from qwen_identity.core.runtime.model_folders import set_folder_lookup
 from qwen_identity.nodes import tune_nodes as tn
 
 from comfyui_harness.env import import_comfy_in_process, require_comfyui
+from comfyui_harness.stand_ins import NotQwenModel
 
 H = 3584
 RESOLUTION = "64x64"
@@ -234,30 +235,6 @@ def test_cancel_keeps_the_best_head_so_far_and_ends_the_prompt(comfy_parts, head
     assert [p.name for p in heads_dir.iterdir()] == ["cut.safetensors"]
 
 
-class _SD15Model:
-    """Stands for comfy.model_base.BaseModel of another family."""
-
-    @staticmethod
-    def apply_model(*a, **k):
-        raise AssertionError("must not be called")
-
-
-class _NotQwen:
-    """A ComfyUI-like MODEL of another family (an SD1.5 latent format, no Qwen-Image text input)."""
-
-    model = _SD15Model()
-
-    def clone(self):
-        return self
-
-    def get_model_object(self, name):
-        if name == "latent_format":
-            import comfy.latent_formats
-
-            return comfy.latent_formats.SD15()
-        raise AttributeError(name)
-
-
 def test_bad_inputs_say_the_fix_and_write_nothing(comfy_parts, heads_dir):
     import comfy.model_management as mm
 
@@ -266,7 +243,7 @@ def test_bad_inputs_say_the_fix_and_write_nothing(comfy_parts, heads_dir):
         (dict(photos=empty), UserInputError, "empty"),
         (dict(steps=0), UserInputError, "steps must be at least 1"),
         (dict(save_name="../elsewhere"), UserInputError, "plain file name"),
-        (dict(model=_NotQwen()), ModelMismatchError, "not Qwen-Image"),
+        (dict(model=NotQwenModel()), ModelMismatchError, "not Qwen-Image"),
         (dict(conditioning=_cond(width=64)), ModelMismatchError, "64 wide.*3584 wide"),
         (dict(init_head=ResidualHead(comfy_parts[2].feature_dim, 1, 64)), ModelMismatchError,
          "64 wide.*3584 wide"),
