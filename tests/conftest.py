@@ -124,14 +124,12 @@ def cli_env() -> dict:
 
 @pytest.fixture
 def one_thread():
-    """torch on one CPU thread for the test (CLI training runs on the tiny models: the machine's cores are
-    shared, and one thread keeps runs byte-identical); the previous count restored after."""
-    import torch
+    """torch on one CPU thread for the test (torch_threads.one_torch_thread; modules whose module-scoped
+    fixtures train use it at module scope)."""
+    from torch_threads import one_torch_thread
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ import torch
 
 from planted_claims import HELD_OUT_PEOPLE, SEEDS, VIEWS, measured
 from planted_identity import D, H, PlantedWorld, train_product_head
+from torch_threads import one_torch_thread
 
 from qwen_identity.core.residual.head import ResidualHead
 from qwen_identity.training.denoise import DenoiseLoopConfig, head_gain, train_denoise
@@ -51,12 +52,9 @@ CAPTION_FIT = 0.25
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny steps are too small for threads; one thread avoids contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread():   # at module scope: the module's fixtures that train run on one thread too
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,13 @@ from qwen_identity.core.tuning import PersonalData, TuneOptions, tune_head
 from qwen_identity.core.tuning.objective import denoiser_losses, position_weights
 
 from personal_plant import D, H, World, denoiser, tiny_transformer
+from torch_threads import one_torch_thread
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread():   # at module scope: the module's fixtures that train run on one thread too
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

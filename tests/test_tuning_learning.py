@@ -23,13 +23,13 @@ tested on the pre-chosen seeds 0-2 and stated as "usually", not "always", in doc
 """
 
 import pytest
-import torch
 
 from qwen_identity.core.residual.head import ResidualHead
 from qwen_identity.core.tuning import TuneOptions, tune_head
 from qwen_identity.training.denoise import DenoiseLoopConfig, train_denoise
 
 from personal_plant import D, H, World, denoiser, tiny_transformer
+from torch_threads import one_torch_thread
 
 SEEDS = (0, 1, 2)
 GAP = 0.04
@@ -38,11 +38,9 @@ SPEEDUP = 0.75
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread():   # at module scope: the module's fixtures that train run on one thread too
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
