@@ -34,6 +34,24 @@ class Identity:
         return [load_image(p) for p in self.photos[:limit]]
 
 
+def readable_photos(paths: Sequence[Path], warn: Callable[[str], None],
+                    first_only: bool = False) -> tuple[list[Path], list[str]]:
+    """The photos among `paths` that decode (each one that does not is skipped with a warning naming it) and
+    their sha256; `first_only`: stop at the first readable one."""
+    photos, hashes = [], []
+    for photo in paths:
+        try:
+            load_image(photo)
+        except UserInputError as e:
+            warn(f"skipping unreadable photo {photo}: {e}")
+            continue
+        photos.append(photo)
+        hashes.append(file_sha256(photo))
+        if first_only:
+            break
+    return photos, hashes
+
+
 def load_identities(paths: Sequence[Path], single_view: bool = False,
                     warn: Callable[[str], None] | None = None,
                     progress: Callable[[int, int], None] | None = None) -> list[Identity]:
@@ -44,17 +62,7 @@ def load_identities(paths: Sequence[Path], single_view: bool = False,
     seed_dirs = [load_seed_dir(p, single_view=False) for p in paths]  # errors for missing/empty dirs first
     identities: list[Identity] = []
     for i, sd in enumerate(seed_dirs):
-        photos, hashes = [], []
-        for photo in sd.photos:
-            try:
-                load_image(photo)
-            except UserInputError as e:
-                warn(f"skipping unreadable photo {photo}: {e}")
-                continue
-            photos.append(photo)
-            hashes.append(file_sha256(photo))
-            if single_view:
-                break
+        photos, hashes = readable_photos(sd.photos, warn, first_only=single_view)
         if progress:
             progress(i + 1, len(seed_dirs))
         if not photos:

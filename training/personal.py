@@ -36,7 +36,7 @@ from ..core.residual.head import check_head_family, check_head_features, load_he
 from ..core.residual.model_card import card_path, save_head_with_card
 from ..core.tuning import PersonalData, TuneOptions, tune_head
 from ..version import __version__
-from .data import Identity
+from .data import Identity, readable_photos
 from .pipeline import TrainConfig
 
 DEFAULT_PROMPT = "a photo of a person"
@@ -108,7 +108,6 @@ def validate(run: PersonalRun) -> None:
 def read_photos(folder: Path, warn: Callable[[str], None], what: str = "PHOTO_DIR") -> tuple[list[Path], list[str]]:
     """The readable photos of a folder (natural order) and their sha256; unreadable ones are skipped with a
     warning; none readable is an error. Nothing is modified."""
-    from ..core.files.images import load_image
     from ..core.identity.prepare import IMAGE_SUFFIXES
     from ..core.identity.seed_dirs import natural_key
 
@@ -120,15 +119,7 @@ def read_photos(folder: Path, warn: Callable[[str], None], what: str = "PHOTO_DI
     if not files:
         raise UserInputError(f"no photos in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}): put 3 to 20 photos "
                              "of the person there.")
-    photos, hashes = [], []
-    for p in files:
-        try:
-            load_image(p)
-        except UserInputError as e:
-            warn(f"skipping unreadable photo {p}: {e}")
-            continue
-        photos.append(p)
-        hashes.append(file_sha256(p))
+    photos, hashes = readable_photos(files, warn)
     if not photos:
         raise UserInputError(f"none of the {len(files)} photo(s) in {folder} could be read: re-save them as PNG or JPEG.")
     return photos, hashes
